@@ -1,0 +1,1 @@
+"""deltalign: RLHF where every stage trains only delta parameters on one frozen backbone."""

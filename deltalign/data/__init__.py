@@ -1,0 +1,1 @@
+"""Data: formats and validation, tokenisation with completion-only labels, low-padding batching."""

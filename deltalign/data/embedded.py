@@ -1,0 +1,316 @@
+"""The embedded, license-clean alignment set: verifiable instruction following (like IFEval / Tulu 3 RLVR).
+
+Every prompt is a simple factual question plus one checkable constraint stated in plain English, e.g.
+``"What is the capital of France? Answer in all lowercase letters."``. The facts are small hand-written banks
+in this file (capitals, colours, animal sounds, opposites, arithmetic, plurals, day/month order, basic
+science); nothing is downloaded. Constraint wording and checking live in :mod:`deltalign.rewards.checker`.
+
+The *chosen* response is the correct answer formatted to satisfy the constraint with one fixed, short pattern
+per kind (so a 135M model can learn it); the *rejected* response answers the same question but breaks the
+constraint: half the time the natural answer sentence, otherwise a near miss (sentence case instead of
+lowercase, a missing "!" in the ending phrase, one bullet too many, the wrong JSON key, ...). Every row is
+verified with the checker while it is generated (chosen scores 1, rejected 0).
+
+Facts are split into train and eval by question (stratified by topic, 20% eval), so eval questions are
+unseen; kinds are cycled, so every kind appears in every split. Generation depends only on ``seed`` (seeded
+``random.Random`` over lists in a fixed order), never on hash randomisation or set order.
+
+Usage: ``python -m deltalign.data.embedded OUT_DIR [--seed S] [--n-train N] [--n-eval N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from pathlib import Path
+from typing import NamedTuple
+
+from deltalign.rewards.checker import KINDS, check, describe
+
+SPLITS = ("sft_train", "sft_eval", "pref_train", "pref_eval")
+EVAL_FRACTION = 0.2
+
+
+class Fact(NamedTuple):
+    question: str
+    answer: str  # natural one-sentence answer, contains upper- and lowercase letters
+    short: str  # the bare answer, e.g. "Paris"
+    topic: str
+
+
+# ------------------------------------------------------------------------------------------------ fact banks
+_CAPITALS = ("France:Paris Germany:Berlin Italy:Rome Spain:Madrid Portugal:Lisbon Japan:Tokyo China:Beijing "
+             "Russia:Moscow Egypt:Cairo Canada:Ottawa Australia:Canberra Greece:Athens Ireland:Dublin Norway:Oslo "
+             "Sweden:Stockholm Finland:Helsinki Denmark:Copenhagen Poland:Warsaw Austria:Vienna Hungary:Budapest "
+             "Kenya:Nairobi Peru:Lima Argentina:Buenos_Aires Mexico:Mexico_City Thailand:Bangkok "
+             "South_Korea:Seoul India:New_Delhi Turkey:Ankara Belgium:Brussels the_Netherlands:Amsterdam "
+             "Cuba:Havana Chile:Santiago")
+_COLOURS = [("grass", "green"), ("a ripe banana", "yellow"), ("fresh snow", "white"), ("coal", "black"),
+            ("a ripe tomato", "red"), ("the sky on a clear day", "blue"), ("a lemon", "yellow"), ("milk", "white"),
+            ("a carrot", "orange"), ("a strawberry", "red"), ("milk chocolate", "brown"), ("a crow", "black"),
+            ("a pumpkin", "orange"), ("an emerald", "green"), ("a flamingo", "pink"), ("a blueberry", "blue"),
+            ("a lime", "green")]
+_SOUNDS = ("cow:moo dog:woof cat:meow duck:quack sheep:baa pig:oink owl:hoot horse:neigh lion:roar snake:hiss "
+           "bee:buzz frog:croak mouse:squeak donkey:hee-haw")
+_OPPOSITES = ("hot:cold big:small up:down fast:slow happy:sad light:dark open:closed tall:short full:empty "
+              "early:late wet:dry hard:soft loud:quiet rich:poor strong:weak left:right push:pull thick:thin "
+              "clean:dirty first:last")
+_PLURALS = ("mouse:mice child:children foot:feet tooth:teeth man:men woman:women goose:geese person:people "
+            "box:boxes baby:babies leaf:leaves knife:knives wolf:wolves sheep:sheep city:cities bus:buses "
+            "cactus:cacti ox:oxen potato:potatoes half:halves")
+_PLUS = [(2, 3), (4, 5), (7, 5), (6, 8), (9, 9), (12, 7), (15, 5), (20, 13), (11, 11), (8, 14)]
+_MINUS = [(9, 4), (10, 3), (15, 6), (20, 8), (7, 2), (18, 9), (30, 12), (14, 7), (25, 5), (16, 11)]
+_TIMES = [(6, 3), (4, 4), (7, 2), (5, 9), (3, 8), (10, 10), (2, 12), (9, 6), (8, 7), (11, 3)]
+_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+_MONTHS = ("January February March April May June July August September October November December").split()
+_SCIENCE = [  # question | natural answer | short answer
+    "How many legs does a spider have?|A spider has eight legs.|eight",
+    "How many legs does an insect have?|An insect has six legs.|six",
+    "What gas do plants take in from the air?|Plants take in carbon dioxide from the air.|carbon dioxide",
+    "What gas do humans need to breathe?|Humans need oxygen to breathe.|oxygen",
+    "At what temperature does water freeze in Celsius?|Water freezes at zero degrees Celsius.|zero degrees",
+    "At what temperature does water boil in Celsius?|Water boils at 100 degrees Celsius.|100 degrees",
+    "What is the closest star to Earth?|The closest star to Earth is the Sun.|the Sun",
+    "Which planet is known as the Red Planet?|Mars is known as the Red Planet.|Mars",
+    "What is the largest planet in our solar system?|The largest planet in our solar system is Jupiter.|Jupiter",
+    "What force pulls objects toward the ground?|Gravity pulls objects toward the ground.|gravity",
+    "What is frozen water called?|Frozen water is called ice.|ice",
+    "How many days are in a week?|A week has seven days.|seven",
+    "How many months are in a year?|A year has twelve months.|twelve",
+    "How many hours are in a day?|A day has twenty-four hours.|twenty-four",
+    "How many minutes are in an hour?|An hour has sixty minutes.|sixty",
+    "What organ pumps blood around the body?|The heart pumps blood around the body.|the heart",
+    "What do bees make?|Bees make honey.|honey",
+    "What is the chemical formula for water?|The chemical formula for water is H2O.|H2O",
+    "What planet do we live on?|We live on planet Earth.|Earth",
+    "Which season comes after winter?|Spring comes after winter.|spring",
+    "How many sides does a triangle have?|A triangle has three sides.|three",
+    "How many sides does a square have?|A square has four sides.|four",
+    "What is the largest ocean on Earth?|The Pacific is the largest ocean on Earth.|the Pacific",
+    "What do caterpillars turn into?|Caterpillars turn into butterflies.|butterflies",
+    "What part of a plant takes in water from the soil?|The roots take in water from the soil.|the roots",
+    "How many continents are there?|There are seven continents.|seven",
+]
+
+
+def _pairs(bank: str) -> list[tuple[str, str]]:
+    return [tuple(x.replace("_", " ") for x in item.split(":")) for item in bank.split()]
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def facts() -> list[Fact]:
+    """All facts, in a fixed order (197 of them)."""
+    out = [Fact(f"What is the capital of {c}?", f"The capital of {c} is {city}.", city, "geography")
+           for c, city in _pairs(_CAPITALS)]
+    out += [Fact(f"What colour is {t}?", f"{_cap(t)} is {col}.", col, "colours") for t, col in _COLOURS]
+    out += [Fact(f"What sound does a {a} make?", f"A {a} says {s}.", s, "animals") for a, s in _pairs(_SOUNDS)]
+    out += [Fact(f"What is the opposite of {a}?", f"The opposite of {a} is {b}.", b, "words")
+            for a, b in _pairs(_OPPOSITES)]
+    out += [Fact(f"What is the plural of {a}?", f"The plural of {a} is {b}.", b, "words") for a, b in _pairs(_PLURALS)]
+    out += [Fact(f"What is {a} plus {b}?", f"The sum of {a} and {b} is {a + b}.", str(a + b), "maths") for a, b in _PLUS]
+    out += [Fact(f"What is {a} minus {b}?", f"The difference between {a} and {b} is {a - b}.", str(a - b), "maths")
+            for a, b in _MINUS]
+    out += [Fact(f"What is {a} times {b}?", f"The product of {a} and {b} is {a * b}.", str(a * b), "maths")
+            for a, b in _TIMES]
+    for unit, names in (("day", _DAYS), ("month", _MONTHS)):
+        for i, x in enumerate(names):
+            nxt, prev = names[(i + 1) % len(names)], names[i - 1]
+            out.append(Fact(f"What {unit} comes after {x}?", f"The {unit} after {x} is {nxt}.", nxt, "calendar"))
+            out.append(Fact(f"What {unit} comes before {x}?", f"The {unit} before {x} is {prev}.", prev, "calendar"))
+    out += [Fact(q, a, s, "science") for q, a, s in (line.split("|") for line in _SCIENCE)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ constraints
+_PHRASES = ["Hope this helps!", "That is all.", "Have a nice day!", "Thank you for asking.", "Any other questions?"]
+_KEYWORDS = {"fact": "That is a fact.", "true": "This is true.", "simple": "It is simple.", "know": "Now you know.",
+             "sure": "I am sure.", "easy": "That was easy.", "learn": "Happy to help you learn."}
+_STARTS = {"Sure": "Sure! ", "Okay": "Okay! ", "Certainly": "Certainly! ", "Hello": "Hello! ", "Answer": "Answer: ",
+           "Fact": "Fact: ", "Great": "Great question! "}
+_JSON_KEYS = ["answer", "response", "result", "reply"]
+_STOP = {"the", "and", "for", "from", "are", "has", "our", "there", "what", "which", "does", "how"}
+
+
+def _bullets(f: Fact, k: int, mark: str = "- ") -> str:
+    lines = [f"Answer: {f.short}", f"In a sentence: {f.answer}", f"Topic: {f.topic}", "Difficulty: easy",
+             "Checked: yes"]
+    return "\n".join(mark + line for line in lines[:k])
+
+
+def _options(kind: str, f: Fact) -> list[dict]:
+    """Every constraint of ``kind`` usable with ``f``: chosen passes and the natural answer fails."""
+    words = f.answer.split()
+    if kind in ("lowercase", "uppercase"):
+        cands = [{"kind": kind}]
+    elif kind == "max_words":
+        cands = [{"kind": kind, "n": n} for n in range(2, len(words) + 1)]
+    elif kind == "end_phrase":
+        cands = [{"kind": kind, "phrase": p} for p in _PHRASES]
+    elif kind == "include_keyword":
+        cands = [{"kind": kind, "keyword": w} for w in _KEYWORDS]
+    elif kind == "forbidden_word":
+        seen = []  # content words of the answer, in order, without duplicates
+        for w in (w.strip(".,!?") for w in words):
+            if w.isalpha() and len(w) >= 3 and w.lower() not in _STOP and w.lower() not in [s.lower() for s in seen]:
+                seen.append(w)
+        cands = [{"kind": kind, "word": w} for w in seen]
+    elif kind == "bullets":
+        cands = [{"kind": kind, "k": k} for k in (2, 3, 4)]
+    elif kind == "json_key":
+        cands = [{"kind": kind, "key": key} for key in _JSON_KEYS]
+    elif kind == "start_word":
+        cands = [{"kind": kind, "word": w} for w in _STARTS]
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return [c for c in cands if check(c, _chosen(c, f)) == 1.0 and check(c, f.answer) == 0.0]
+
+
+def _chosen(c: dict, f: Fact) -> str:
+    """The correct answer formatted to satisfy ``c`` (one fixed pattern per kind)."""
+    kind = c["kind"]
+    if kind == "lowercase":
+        return f.answer.lower()
+    if kind == "uppercase":
+        return f.answer.upper()
+    if kind in ("max_words", "forbidden_word"):
+        return _cap(f.short) + "."
+    if kind == "end_phrase":
+        return f"{f.answer} {c['phrase']}"
+    if kind == "include_keyword":
+        return f"{f.answer} {_KEYWORDS[c['keyword']]}"
+    if kind == "bullets":
+        return _bullets(f, c["k"])
+    if kind == "json_key":
+        return json.dumps({c["key"]: f.answer})
+    return _STARTS[c["word"]] + f.answer  # start_word
+
+
+def _near_misses(c: dict, f: Fact) -> list[str]:
+    """Responses that answer correctly and almost satisfy ``c`` (filtered by the checker afterwards)."""
+    kind, a, words = c["kind"], f.answer, f.answer.split()
+    if kind == "lowercase":
+        return [_cap(a.lower()), a[:1].lower() + a[1:]]
+    if kind == "uppercase":
+        return [" ".join(words[:-1]).upper() + " " + words[-1], a.title()]
+    if kind == "max_words":
+        return [f"The answer is {f.short}."]
+    if kind == "end_phrase":
+        p = c["phrase"]
+        return [f"{a} {p[:-1]}", f"{a} {p} Goodbye.", f"{a} {p.lower()}"]
+    if kind == "include_keyword":
+        return [f"{a} {s}" for w, s in _KEYWORDS.items() if w != c["keyword"]]
+    if kind == "forbidden_word":
+        return [f"{_cap(c['word'])}: {_cap(f.short)}."]
+    if kind == "bullets":
+        k = c["k"]
+        return [_bullets(f, k + 1), _bullets(f, k - 1), _bullets(f, k, mark="* ")]
+    if kind == "json_key":
+        other = _JSON_KEYS[(_JSON_KEYS.index(c["key"]) + 1) % len(_JSON_KEYS)]
+        good = json.dumps({c["key"]: a})
+        return [json.dumps({other: a}), f"```json\n{good}\n```", good.replace('"', "'")]
+    return [_STARTS[w] + a for w in _STARTS if w != c["word"]]  # start_word
+
+
+def _item(kind: str, f: Fact, options: list[dict], rng: random.Random) -> dict:
+    """One example: prompt, chosen, rejected and constraint, verified with the checker."""
+    c = rng.choice(options)
+    chosen = _chosen(c, f)
+    near = [r for r in _near_misses(c, f) if r.strip() and check(c, r) == 0.0]
+    rejected = rng.choice(near) if near and rng.random() < 0.5 else f.answer
+    if check(c, chosen) != 1.0 or check(c, rejected) != 0.0:  # cannot happen for the banks above
+        raise RuntimeError(f"embedded data bug: {f.question!r} {c!r}")
+    return {"prompt": f"{f.question} {describe(c)}", "chosen": chosen, "rejected": rejected, "constraint": c}
+
+
+def _split_facts(all_facts: list[Fact], rng: random.Random) -> tuple[list[Fact], list[Fact]]:
+    """Split by question, stratified by topic: about EVAL_FRACTION of each topic goes to eval."""
+    train, held = [], []
+    topics = list(dict.fromkeys(f.topic for f in all_facts))  # first-appearance order
+    for topic in topics:
+        group = [f for f in all_facts if f.topic == topic]
+        idx = list(range(len(group)))
+        rng.shuffle(idx)
+        n_eval = max(1, round(len(group) * EVAL_FRACTION))
+        eval_idx = set(idx[:n_eval])
+        held += [g for i, g in enumerate(group) if i in eval_idx]
+        train += [g for i, g in enumerate(group) if i not in eval_idx]
+    return train, held
+
+
+def _draw(pool: list[Fact], n: int, rng: random.Random) -> list[dict]:
+    """``n`` items cycling through the kinds; (question, kind) pairs repeat only once a kind's pool is used up."""
+    per_kind = []
+    for kind in KINDS:
+        usable = [(f, opts) for f in pool if (opts := _options(kind, f))]
+        if n and not usable:
+            raise RuntimeError(f"embedded data bug: no question supports constraint kind {kind!r}")
+        rng.shuffle(usable)
+        per_kind.append((kind, usable))
+    items = []
+    for i in range(n):
+        kind, usable = per_kind[i % len(per_kind)]
+        f, opts = usable[(i // len(per_kind)) % len(usable)]
+        items.append(_item(kind, f, opts, rng))
+    rng.shuffle(items)
+    return items
+
+
+def _sft(it: dict) -> dict:
+    return {"messages": [{"role": "user", "content": it["prompt"]}, {"role": "assistant", "content": it["chosen"]}],
+            "constraint": it["constraint"]}
+
+
+def _pref(it: dict) -> dict:
+    return {"prompt": [{"role": "user", "content": it["prompt"]}],
+            "chosen": [{"role": "assistant", "content": it["chosen"]}],
+            "rejected": [{"role": "assistant", "content": it["rejected"]}], "constraint": it["constraint"]}
+
+
+def generate(seed: int = 0, n_train: int = 600, n_eval: int = 100) -> dict[str, list[dict]]:
+    """The four splits (see :data:`SPLITS`); pure and deterministic for a given ``seed``."""
+    if n_train < 0 or n_eval < 0:
+        raise ValueError("n_train and n_eval must be >= 0")
+    train, held = _split_facts(facts(), random.Random(seed * 8))
+    streams = {split: random.Random(seed * 8 + 1 + i) for i, split in enumerate(SPLITS)}
+    return {
+        "sft_train": [_sft(it) for it in _draw(train, n_train, streams["sft_train"])],
+        "sft_eval": [_sft(it) for it in _draw(held, n_eval, streams["sft_eval"])],
+        "pref_train": [_pref(it) for it in _draw(train, n_train, streams["pref_train"])],
+        "pref_eval": [_pref(it) for it in _draw(held, n_eval, streams["pref_eval"])],
+    }
+
+
+def write(out_dir, seed: int = 0, n_train: int = 600, n_eval: int = 100) -> None:
+    """Write ``<split>.jsonl`` for every split into ``out_dir``, each atomically (temp file + os.replace)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, rows in generate(seed, n_train, n_eval).items():
+        tmp = out / f".{split}.jsonl.tmp-{os.getpid()}"  # same dir, so os.replace is atomic; umask applies
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            os.replace(tmp, out / f"{split}.jsonl")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: ``python -m deltalign.data.embedded OUT_DIR [--seed S] [--n-train N] [--n-eval N]``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=600)
+    ap.add_argument("--n-eval", type=int, default=100)
+    args = ap.parse_args(argv)
+    write(args.out_dir, args.seed, args.n_train, args.n_eval)
+    print(f"wrote {', '.join(f'{s}.jsonl' for s in SPLITS)} to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Rewards: the deterministic constraint checker (verifiable rewards) and reward-model helpers."""
