@@ -269,16 +269,25 @@ class Backbone(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-def response_logprobs(backbone, model, batch: dict) -> torch.Tensor:
-    """Sum of log p(label) over the labelled (response) tokens of each row, computing LM logits only there.
+def labelled_logits(backbone, model, batch: dict):
+    """LM logits only at positions that predict a label: ``(logits [N, V], targets [N], rows [N])``.
 
     ``model`` is the (possibly accelerate-prepared) callable wrapping ``backbone``. ``batch['labels']`` is aligned
-    with ``input_ids`` (-100 on prompt and pad); position t predicts label t+1.
+    with ``input_ids`` (-100 on prompt and pad); position t predicts label t+1. Skipping the LM head on prompt
+    and pad positions saves most of its cost (vocab x hidden per token).
     """
     hidden = model(batch["input_ids"], batch["attention_mask"])
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    logits = backbone.lm_logits(hidden[:, :-1][mask])
-    token_lp = torch.log_softmax(logits, dim=-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
-    return torch.zeros(labels.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
+    return backbone.lm_logits(hidden[:, :-1][mask]), labels[mask], rows
+
+
+def response_logprobs(backbone, model, batch: dict) -> torch.Tensor:
+    """Sum of log p(label) over each row's labelled (response) tokens: shape [B]."""
+    from deltalign.losses import token_logprobs
+
+    logits, targets, rows = labelled_logits(backbone, model, batch)
+    token_lp = token_logprobs(logits, targets)
+    n_rows = batch["labels"].shape[0]
+    return torch.zeros(n_rows, dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)

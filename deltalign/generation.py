@@ -1,0 +1,174 @@
+"""Batched generation from the backbone with whichever adapter is active, and the checker evaluation.
+
+:func:`generate` takes prompt token ids and returns response token ids: left-padded batches (prompts sorted by
+length to waste less padding, results returned in the input order), KV cache on, ``torch.no_grad()``, the model
+in eval mode for the call (each module's train/eval flag is restored afterwards). A response ends right after
+its first stop token (the tokenizer's eos and, if different, the chat template's end-of-turn token, e.g.
+``<|im_end|>``) and contains no padding. The pad token is never generated (it is suppressed), so a pad id in a
+batch is always padding. Sampling draws from the plain temperature/top-p distribution (no top-k), seeded by
+``seed`` without touching the caller's RNG state; ``temperature == 0`` is greedy.
+
+Adapters are chosen by the caller: ``with backbone.using(name): generate(...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from deltalign.data.tokenize import tokenize_prompt
+from deltalign.rewards.checker import score_batch
+
+_MARK = "\u2063deltalign-end-of-turn\u2063"  # unlikely text, used to find what a template appends after a turn
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 48
+    """Maximum number of tokens generated per response (the stop token counts)."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this total probability (1 = all; sampling only)."""
+    batch_size: int = 16
+    """Prompts per generation batch."""
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise ValueError(f"generation.temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generation.top_p must be in (0, 1] (got {self.top_p})")
+        if self.batch_size < 1:
+            raise ValueError(f"generation.batch_size must be >= 1 (got {self.batch_size})")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The eos id, plus the chat template's end-of-turn token if the template has one and it differs."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}], tokenize=False)
+        except Exception:  # templates with unusual role rules: eos alone
+            text = ""
+        if _MARK in text:
+            tail = tokenizer(text.rsplit(_MARK, 1)[1], add_special_tokens=False)["input_ids"]
+            special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+            if tail and tail[0] in special and tail[0] not in stops:
+                stops.append(tail[0])
+    if not stops:
+        raise ValueError("the tokenizer has no eos token and its chat template no end-of-turn token")
+    return stops
+
+
+def _hf_config(tokenizer, cfg: GenerationConfig, stops: list[int]):
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    sample = cfg.temperature > 0
+    extra = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) if sample else {}  # top_k=0: no top-k
+    return HFGenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, do_sample=sample, use_cache=True, num_beams=1,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, suppress_tokens=[tokenizer.pad_token_id], **extra,
+    )
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Eval mode for the block, then each module's own training flag back (not one flag for the whole tree)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed: int = 0) -> list[list[int]]:
+    """Response ids for each prompt (in input order), ending with the stop token if one was generated."""
+    cfg.validate()
+    if not prompt_ids:
+        return []
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("generate: empty prompt (every prompt needs at least one token)")
+    tok, model = backbone.tokenizer, backbone.model
+    stops = stop_token_ids(tok)
+    hf_cfg = _hf_config(tok, cfg, stops)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # longest first: OOM shows early
+    out: list[list[int] | None] = [None] * len(prompt_ids)
+    with torch.no_grad(), _eval_mode(model), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            width = max(len(prompt_ids[i]) for i in idx)
+            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                n = len(prompt_ids[i])
+                ids[row, width - n:] = torch.tensor(prompt_ids[i], dtype=torch.long)
+                mask[row, width - n:] = 1
+            seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=hf_cfg)
+            for row, i in enumerate(idx):
+                out[i] = _cut(seqs[row, width:].tolist(), stops)
+    return out  # type: ignore[return-value]
+
+
+def _cut(ids: list[int], stops: list[int]) -> list[int]:
+    """Keep tokens up to and including the first stop token (what follows is padding)."""
+    for k, t in enumerate(ids):
+        if t in stops:
+            return ids[:k + 1]
+    return ids
+
+
+def decode(backbone, ids: list[list[int]]) -> list[str]:
+    """Response texts: special tokens skipped, surrounding whitespace stripped."""
+    return [s.strip() for s in backbone.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def _user_text(prompt) -> str:
+    """The last user message of a chat prompt, or the plain prompt string."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def _adapter_context(backbone, adapter: str | None):
+    if not backbone.adapters:
+        if adapter is not None:
+            raise ValueError(f"adapter {adapter!r} requested but the backbone has no adapters")
+        return contextlib.nullcontext()
+    if adapter is not None and adapter not in backbone.adapters:
+        raise ValueError(f"unknown adapter {adapter!r}; attached: {backbone.adapters}")
+    return backbone.using(adapter)
+
+
+def checker_eval(backbone, examples: list, cfg: GenerationConfig, adapter: str | None = None,
+                 seed: int = 0) -> dict:
+    """Generate for each example's prompt with ``adapter`` (``None``: base, adapters off) and score by the checker.
+
+    Returns ``checker_score`` (mean), ``n``, ``mean_response_tokens``, ``samples`` (first 5 ``{prompt,
+    response, score}``) and ``scores`` (per example, in order).
+    """
+    if not examples:
+        raise ValueError("checker_eval: no examples")
+    tok = backbone.tokenizer
+    prompt_ids = [tokenize_prompt(ex.prompt, tok, ex.conversational) for ex in examples]
+    with _adapter_context(backbone, adapter):
+        ids = generate(backbone, prompt_ids, cfg, seed=seed)
+    responses = decode(backbone, ids)
+    users = [_user_text(ex.prompt) for ex in examples]
+    scores = score_batch(users, responses)
+    return {
+        "checker_score": sum(scores) / len(scores),
+        "n": len(examples),
+        "mean_response_tokens": sum(len(r) for r in ids) / len(ids),
+        "samples": [{"prompt": p, "response": r, "score": s} for p, r, s in list(zip(users, responses, scores))[:5]],
+        "scores": scores,
+    }

@@ -1,0 +1,1 @@
+"""The pipeline: typed configuration, run directories, the stage graph and the command line."""

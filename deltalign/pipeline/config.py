@@ -1,0 +1,268 @@
+"""Typed configuration: dataclass defaults <- YAML (with ``include:``) <- ``--set section.key=value`` overrides.
+
+Each section (``run``, ``model``, one per stage) is a dataclass with defaults and attribute docstrings (PEP 257).
+:func:`load` builds one instance per section, checking every key and value against the declared types; a typo
+fails with its dotted key, its source and a suggestion. Precedence, lowest first: defaults, ``base`` YAML, ``path``
+YAML (each file after the files it includes, relative to itself), overrides in order. Mappings deep-merge; lists and
+scalars replace. :func:`dump_yaml` of the result loads back to the same configs.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import difflib
+import functools
+import hashlib
+import inspect
+import json
+import textwrap
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+SET = "--set"  # the source named in errors about command-line overrides
+NONE = type(None)
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the declared dataclasses (the message says which, and where from)."""
+
+
+# --- declared types ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _fields(cls) -> dict[str, object]:
+    """Init field name -> resolved type (``from __future__ import annotations`` leaves strings in ``Field.type``)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls) if f.init}
+
+
+def _is_dc(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _unknown(kind: str, key: str, valid: list[str], where: str) -> ConfigError:
+    """The error for an unknown key; suggests an abbreviation match (learning_rate ~ lr) or the closest spelling."""
+    def initials(k):
+        return "".join(w[:1] for w in k.rsplit(".", 1)[-1].split("_"))
+    leaf = key.rsplit(".", 1)[-1]
+    close = [v for v in valid if initials(key) == v.rsplit(".", 1)[-1] or initials(v) == leaf]
+    close = close or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(valid)}"
+    return ConfigError(f"unknown {kind} {key!r} in {where}; {hint}")
+
+
+def _coerce(tp, v, key: str, where: str):
+    """``v`` converted to the declared type ``tp``, or a ConfigError naming ``key`` and ``where``.
+
+    YAML 1.1 reads ``1e-4`` as a string, so numeric fields accept numeric strings; ints accept whole floats; bools
+    accept only booleans; ``X | None`` accepts null; unions try their arms in order (an exact type match first).
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any or tp is object:
+        return v
+    if origin in (typing.Union, types.UnionType):
+        if v is None and NONE in args:
+            return None
+        for arm in sorted((a for a in args if a is not NONE), key=lambda a: type(v) is not a):
+            with contextlib.suppress(ConfigError):
+                return _coerce(arm, v, key, where)
+    elif origin is typing.Literal:
+        if v in args:
+            return v
+    elif (origin or tp) in (list, tuple) and isinstance(v, (list, tuple)):
+        item = args[0] if args else typing.Any
+        out = [_coerce(item, x, f"{key}[{i}]", where) for i, x in enumerate(v)]
+        return tuple(out) if (origin or tp) is tuple else out
+    elif (origin or tp) is dict and isinstance(v, dict):
+        kt, vt = args or (typing.Any, typing.Any)
+        return {_coerce(kt, k, key, where): _coerce(vt, x, f"{key}.{k}", where) for k, x in v.items()}
+    elif tp is bool:
+        if isinstance(v, bool):
+            return v
+    elif tp is int:
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            with contextlib.suppress(ValueError, OverflowError):  # "1e3" and 1000.0 are whole numbers too
+                n = int(v) if isinstance(v, int) or str(v).strip().lstrip("+-").isdigit() else float(v)
+                if n == int(n):
+                    return int(n)
+    elif tp is float:
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            with contextlib.suppress(ValueError):
+                return float(v)
+    elif tp is str:
+        if isinstance(v, str) or isinstance(v, (int, float)) and not isinstance(v, bool):
+            return str(v)
+    elif isinstance(tp, type) and origin is None and isinstance(v, (tp, str)):
+        with contextlib.suppress(Exception):  # other classes: Path, an Enum by value, ...
+            return v if isinstance(v, tp) else tp(v)
+    name = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+    raise ConfigError(f"{key}: expected {name}, got {v!r} (in {where})")
+
+
+def _check(cls, d, where: str, prefix: str) -> dict:
+    """Validate a partial nested mapping for ``cls`` (known keys, coerced values) and return the coerced copy."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of {cls.__name__} settings, got {d!r} (in {where})")
+    known, out = _fields(cls), {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in known:
+            raise _unknown("key", key, [f"{prefix}.{n}" if prefix else n for n in field_docs(cls)], where)
+        out[k] = _check(known[k], v, where, key) if _is_dc(known[k]) else _coerce(known[k], v, key, where)
+    return out
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# --- dict <-> dataclass -----------------------------------------------------------------------------------------
+
+def to_dict(obj):
+    """A dataclass (or a dict/list of them) as plain nested dicts, lists and scalars: JSON- and YAML-able."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj
+
+
+def from_dict(cls, d: dict, where: str = "<dict>", prefix: str = ""):
+    """Build ``cls`` from a (partial) nested mapping, validated as in :func:`load`; missing fields keep defaults.
+
+    A partial nested section is merged over the parent's default for that field (its ``default_factory``), not over
+    the nested class's own defaults. ``where`` and ``prefix`` only label error messages.
+    """
+    d, kw = _check(cls, d, where, prefix), {}
+    for f in dataclasses.fields(cls):
+        if f.name in d:
+            tp, v = _fields(cls)[f.name], d[f.name]
+            if _is_dc(tp):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                base = {} if default is dataclasses.MISSING or default is None else to_dict(default)
+                v = from_dict(tp, _deep_merge(base, v), where, f"{prefix}.{f.name}" if prefix else f.name)
+            kw[f.name] = v
+    return cls(**kw)
+
+
+def dump_yaml(configs: dict) -> str:
+    """The resolved ``{section: instance}`` configs as YAML, in field order (what a run directory records)."""
+    return yaml.safe_dump(to_dict(configs), sort_keys=False, allow_unicode=True)
+
+
+def hash_config(obj) -> str:
+    """sha256 hex digest of the canonical JSON (sorted keys) of ``to_dict(obj)``."""
+    blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+
+def _read(path: Path, chain: tuple = ()) -> list[tuple[str, dict]]:
+    """(source, sections) layers of one YAML file: what it includes (recursively, in order), then itself."""
+    if path.resolve() in chain:
+        raise ConfigError(f"include cycle: {' -> '.join(map(str, chain + (path.resolve(),)))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    inc = data.pop("include", None)
+    layers = []
+    for rel in [inc] if isinstance(inc, str) else inc or []:
+        layers += _read(path.parent / rel, chain + (path.resolve(),))
+    return layers + [(str(path), data)]
+
+
+def _override(sections: dict[str, type], item: str) -> dict:
+    """``"sft.adapter.r=8"`` -> ``{"sft": {"adapter": {"r": 8}}}``. The value is YAML, except that a plain ``str``
+    field keeps the raw text (so ``run.name=0123`` or ``=yes`` stay strings; ``null`` still means None)."""
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"{SET} expects section.key=value, got {item!r}")
+    tp = sections.get(parts[0])
+    for p in parts[1:]:
+        tp = _fields(tp).get(p) if _is_dc(tp) else None
+    if (tp is str or set(typing.get_args(tp)) == {str, NONE}) and raw not in ("null", "~"):
+        value = raw
+    else:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse {raw!r} (in {SET}): {e}") from e
+    for p in reversed(parts):
+        value = {p: value}
+    return value
+
+
+def load(sections: dict[str, type], path: str | None = None, overrides: list[str] = (),
+         base: str | None = None) -> dict[str, object]:
+    """One instance per section: defaults, then ``base`` YAML, then ``path`` YAML (after its includes), then the
+    ``section.key=value`` overrides. Unknown sections/keys and ill-typed values raise :class:`ConfigError`."""
+    layers = [layer for p in (base, path) if p is not None for layer in _read(Path(p))]
+    layers += [(SET, _override(sections, o)) for o in overrides]
+    merged: dict[str, dict] = {name: {} for name in sections}
+    for where, layer in layers:
+        for name, body in layer.items():
+            if name not in sections:
+                raise _unknown("section", str(name), list(sections), where)
+            if body is not None:  # an empty section ("dpo:") keeps the defaults
+                merged[name] = _deep_merge(merged[name], _check(sections[name], body, where, name))
+    return {name: from_dict(cls, merged[name], path or "defaults", name) for name, cls in sections.items()}
+
+
+# --- documentation -----------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _own_docs(cls) -> dict[str, str]:
+    """Attribute docstrings written in ``cls``'s own body (empty if its source is unavailable)."""
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    except (OSError, TypeError, SyntaxError, IndexError, AttributeError):
+        return {}
+    return {node.target.id: inspect.cleandoc(nxt.value.value) for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)}
+
+
+def field_docs(cls, prefix: str = "") -> dict[str, str]:
+    """Dotted field name -> attribute docstring ("" if none), inherited ones (across the MRO) and nested included."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        docs.update(_own_docs(klass))
+    out = {}
+    for name, tp in _fields(cls).items():
+        out[prefix + name] = docs.get(name, "")
+        if _is_dc(tp):
+            out.update(field_docs(tp, f"{prefix}{name}."))
+    return out
+
+
+def help_text(section: str, cls) -> str:
+    """Readable settings list for ``--help``: ``  sft.lr = 0.0002   Peak learning rate ...`` (defaults shown)."""
+    try:
+        inst = cls()
+    except TypeError:  # required fields: no defaults to show
+        inst = None
+    rows = []
+    for name, doc in field_docs(cls).items():
+        tp = functools.reduce(lambda c, n: _fields(c)[n], name.split("."), cls)
+        left = f"  {section}.{name}"
+        if inst is not None and not _is_dc(tp):
+            v = to_dict(functools.reduce(getattr, name.split("."), inst))
+            left += " = " + (v if isinstance(v, str) and v else json.dumps(v))
+        rows.append((left, " ".join(doc.replace("``", "").split())))
+    width = min(max((len(left) for left, _ in rows), default=0), 44)
+    return "\n".join([f"{section}:"] + [f"{left:<{width}}   {doc}".rstrip() for left, doc in rows])

@@ -1,0 +1,143 @@
+"""SFT: supervised fine-tuning of a fresh LoRA/QLoRA (or DoRA/IA3) adapter named ``sft`` on the frozen base.
+
+Sections: 1. load the backbone and attach the adapter; 2. data; 3. baseline evaluation; 4. the training loop;
+5. final evaluation and save. Outputs in ``out_dir``: the adapter in PEFT format, ``metrics.jsonl``, ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deltalign import atomic
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, labelled_logits
+from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batch
+from deltalign.data.formats import load_rows, sft_examples
+from deltalign.data.tokenize import tokenize_all, tokenize_sft
+from deltalign.engine import Engine, TrainConfig
+from deltalign.generation import GenerationConfig, checker_eval
+from deltalign.losses import sft_loss_sum
+
+NAME = "sft"
+
+
+@dataclass
+class Config(TrainConfig):
+    data: str = "embedded:sft_train"
+    """Training data: a .json/.jsonl/.parquet file, ``embedded:<split>``, or a `datasets` id."""
+    eval_data: str = "embedded:sft_eval"
+    """Held-out data in the same shapes ('' to skip held-out evaluation)."""
+    split: str = "train"
+    """Split to read when ``data`` is a `datasets` id."""
+    max_length: int = 256
+    """Maximum tokens per example (prompt + completion)."""
+    truncation: str = "completion"
+    """Too-long examples: ``completion`` (cut the completion), ``drop`` or ``error``."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The delta to train."""
+    eval_batch_size: int = 16
+    """Rows per batch for held-out loss."""
+    eval_checker: bool = True
+    """Generate on held-out prompts and score them with the embedded checker (base and after training)."""
+    eval_limit: int = 0
+    """Use at most this many held-out examples for generation (0: all)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Decoding for held-out generations."""
+
+
+def batch_of(items: list[dict], idx: list[int], pad_id: int, device) -> dict:
+    b = pad_batch([items[i]["input_ids"] for i in idx], pad_id, labels=[items[i]["labels"] for i in idx])
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+
+
+@torch.no_grad()
+def heldout_loss(backbone, model, items: list[dict], batch_size: int, device) -> float:
+    """Mean token cross-entropy on held-out completions."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    pad = backbone.tokenizer.pad_token_id
+    for idx in length_grouped_batches([len(x["input_ids"]) for x in items], batch_size, 0, 0, shuffle=False):
+        logits, targets, _ = labelled_logits(backbone, model, batch_of(items, idx, pad, device))
+        loss_sum, n = sft_loss_sum(logits, targets)
+        total, count = total + float(loss_sum), count + int(n)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, Path] | None = None) -> dict:
+    out_dir = Path(out_dir)
+    engine = Engine(cfg, out_dir)
+
+    # 1. load: the frozen base once, one fresh trainable adapter
+    backbone = Backbone.load(model_cfg)
+    torch.manual_seed(cfg.seed)
+    backbone.add_adapter(NAME, cfg.adapter, trainable=True)
+    tok = backbone.tokenizer
+
+    # 2. data
+    train_ex = sft_examples(load_rows(cfg.data, cfg.split), cfg.data)
+    train, dropped = tokenize_all(train_ex, tokenize_sft, tok, cfg.max_length, cfg.data, cfg.truncation)
+    eval_ex = sft_examples(load_rows(cfg.eval_data, "test"), cfg.eval_data) if cfg.eval_data else []
+    heldout, _ = tokenize_all(eval_ex, tokenize_sft, tok, cfg.max_length, cfg.eval_data, "completion")
+    lengths = [len(x["input_ids"]) for x in train]
+
+    def batches(epoch: int) -> list[list[int]]:
+        return length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+
+    n_steps = engine.total_steps(len(batches(0)))
+    model = engine.prepare(backbone, n_steps)
+    engine.log({"train_examples": len(train), "dropped": dropped, "heldout_examples": len(heldout),
+                "trainable_params": sum(p.numel() for p in backbone.trainable_parameters()), "steps": n_steps},
+               kind="setup")
+
+    # 3. baseline: the base model (adapters off) on held-out data, measured once (kept across a resume)
+    evals: dict = {}
+    gen_examples = eval_ex[: cfg.eval_limit or None]
+    base_file = out_dir / "eval_base.json"
+    if base_file.exists():
+        evals["base"] = json.loads(base_file.read_text())
+    elif engine.is_main:
+        with backbone.using(None):
+            evals["base"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size,
+                                                          engine.device) if heldout else None}
+            if cfg.eval_checker and gen_examples:
+                evals["base"] |= _checker(backbone, gen_examples, cfg, None)
+        engine.log(evals["base"], kind="eval_base")
+        atomic.write_json(base_file, evals["base"])
+
+    # 4. loop
+    model.train()
+    pads = PadCounter()
+    for step, micro in engine.steps(batches):
+        micro = [batch_of(train, idx, tok.pad_token_id, engine.device) for idx in micro]
+        total = engine.global_sum(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro))
+        loss_total = 0.0
+        for mb in engine.accumulate(micro):
+            pads.add(mb["n_tokens"], mb["n_pad"])
+            logits, targets, _ = labelled_logits(backbone, model, mb)
+            loss_sum, _ = sft_loss_sum(logits, targets)
+            engine.backward(loss_sum, total)
+            loss_total += loss_sum.item()
+        engine.step({"loss": loss_total / max(total / engine.world, 1), "pad_share": pads.share})
+
+    # 5. evaluate and save
+    if engine.is_main:
+        evals["sft"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size, engine.device)
+                        if heldout else None, "pad_share": pads.share}
+        if cfg.eval_checker and gen_examples:
+            evals["sft"] |= _checker(backbone, gen_examples, cfg, NAME)
+        engine.log(evals["sft"], kind="eval")
+        backbone.save_adapter(NAME, out_dir)
+        atomic.write_json(out_dir / "eval.json", evals)
+    engine.finish()
+    return evals
+
+
+def _checker(backbone, examples, cfg: Config, adapter: str | None) -> dict:
+    res = checker_eval(backbone, examples, cfg.generation, adapter)
+    return {"checker_score": res["checker_score"], "mean_response_tokens": res["mean_response_tokens"],
+            "samples": res["samples"][:3]}

@@ -1,0 +1,44 @@
+"""Shared fixtures: the tiny random Llama + byte-level tokenizer (built on the fly, no network)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.chdir(ROOT)  # models/tiny-llama and data/embedded are repo-relative
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_backbone():
+    from deltalign.backbone import Backbone, ModelConfig
+
+    torch.manual_seed(0)
+    return Backbone.load(ModelConfig(path="tiny"))
+
+
+@pytest.fixture
+def batch(tiny_backbone):
+    """Two right-padded rows with labels on the last tokens only."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 250, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def run_cli(args, env=None, check=True):
+    """Run `python -m deltalign ...` in a subprocess (as a user would)."""
+    import subprocess
+
+    e = dict(os.environ, **(env or {}))
+    p = subprocess.run([sys.executable, "-m", "deltalign", *args], cwd=ROOT, env=e, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
+    return p

@@ -1,0 +1,151 @@
+"""Generation on the tiny random Llama, sharpened so greedy outputs depend on the prompt and stop at varied lengths."""
+
+import copy
+
+import pytest
+import torch
+
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.data.formats import PrefExample, SFTExample
+from deltalign.data.tokenize import tokenize_prompt
+from deltalign.generation import GenerationConfig, checker_eval, decode, generate, stop_token_ids
+from deltalign.rewards.checker import describe
+
+TEXTS = ["hi", "hello there friend", "a", "what is the capital of france?", "x" * 30, "Answer in lowercase.",
+         "tell me a joke", "ok"]
+
+
+def sharp_backbone() -> Backbone:
+    """The tiny backbone with larger random weights (prompt-dependent greedy output) and a boosted eos row
+    (greedy responses end with eos after a few tokens for most of TEXTS, not all)."""
+    b = Backbone.load(ModelConfig(path="tiny"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in b.model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        b.model.get_input_embeddings().weight[b.tokenizer.eos_token_id] *= 3  # tied: also the eos logit row
+    return b
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return sharp_backbone()
+
+
+def prompts(b, texts=TEXTS):
+    return [tokenize_prompt([{"role": "user", "content": t}], b.tokenizer, True) for t in texts]
+
+
+def test_batched_matches_one_by_one_in_input_order(bb):
+    ids = prompts(bb)
+    assert len({len(p) for p in ids}) > 4  # lengths differ: sorting and padding really happen
+    cfg = GenerationConfig(max_new_tokens=24, batch_size=3)
+    batched = generate(bb, ids, cfg)
+    single = [generate(bb, [p], cfg)[0] for p in ids]
+    assert batched == single
+    assert len({tuple(r) for r in batched}) > 4  # outputs depend on the prompt, so order is really checked
+    assert generate(bb, ids[::-1], cfg) == batched[::-1]
+
+
+def test_left_padding_matches_unpadded(bb):
+    short, long = prompts(bb, ["hi", "x" * 40])
+    cfg = GenerationConfig(max_new_tokens=16)
+    assert generate(bb, [short, long], cfg)[0] == generate(bb, [short], cfg)[0]
+
+
+def test_stops_at_eos_and_has_no_pad(bb):
+    tok = bb.tokenizer
+    assert tok.pad_token_id != tok.eos_token_id
+    cfg = GenerationConfig(max_new_tokens=24, batch_size=8)
+    out = generate(bb, prompts(bb), cfg)
+    ended = [r for r in out if r[-1] == tok.eos_token_id]
+    assert ended and len(ended) < len(out)  # both kinds present in one batch: finished rows got padded
+    for r in out:
+        assert tok.pad_token_id not in r
+        assert tok.eos_token_id not in r[:-1]
+        if r[-1] != tok.eos_token_id:
+            assert len(r) == cfg.max_new_tokens
+
+
+@pytest.mark.parametrize("m", [1, 3, 7])
+def test_max_new_tokens(bb, m):
+    out = generate(bb, prompts(bb), GenerationConfig(max_new_tokens=m, temperature=1.0), seed=3)
+    assert all(1 <= len(r) <= m for r in out)
+    assert any(len(r) == m for r in out)
+
+
+def test_sampling_is_seeded_and_leaves_caller_rng_alone(bb):
+    ids, cfg = prompts(bb), GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, batch_size=4)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = generate(bb, ids, cfg, seed=1)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert generate(bb, ids, cfg, seed=1) == a
+    assert generate(bb, ids, cfg, seed=2) != a
+    assert generate(bb, ids, GenerationConfig(max_new_tokens=12), seed=1) != a  # greedy is not sampling
+
+
+def test_eval_mode_during_generation_and_restored():
+    b = sharp_backbone()
+    b.model.train()
+    b.model.model.layers[0].eval()  # a mixed state must come back exactly
+    seen = []
+    hook = b.model.model.layers[1].register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    generate(b, prompts(b, ["hi"]), GenerationConfig(max_new_tokens=3))
+    hook.remove()
+    assert seen and not any(seen)
+    assert b.model.training and b.model.model.layers[1].training and not b.model.model.layers[0].training
+
+
+def test_stop_tokens_include_end_of_turn_when_eos_differs(bb):
+    tok = copy.deepcopy(bb.tokenizer)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert stop_token_ids(tok) == [im_end]
+    tok.eos_token = "<|im_start|>"  # an eos that is not the template's end-of-turn
+    assert stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|im_start|>"), im_end]
+
+
+def test_decode_skips_specials_and_strips(bb):
+    tok = bb.tokenizer
+    ids = tok("  hello ", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert decode(bb, [ids]) == ["hello"]
+
+
+def examples():
+    constraints = [{"kind": "lowercase"}, {"kind": "max_words", "n": 30}, {"kind": "start_word", "word": "Yes"},
+                   {"kind": "forbidden_word", "word": "cat"}, {"kind": "uppercase"}, {"kind": "max_words", "n": 5}]
+    exs = [PrefExample([{"role": "user", "content": f"Q{i}? {describe(c)}"}], "a", "b", True)
+           for i, c in enumerate(constraints)]
+    exs.append(SFTExample([{"role": "user", "content": "Say hi. Answer in all lowercase letters."}], "hi", True))
+    return exs
+
+
+def test_checker_eval_shape(bb):
+    exs = examples()
+    res = checker_eval(bb, exs, GenerationConfig(max_new_tokens=16))
+    assert res["n"] == len(exs) == len(res["scores"])
+    assert 0.0 <= res["checker_score"] <= 1.0
+    assert res["checker_score"] == pytest.approx(sum(res["scores"]) / len(exs))
+    assert all(s in (0.0, 1.0) for s in res["scores"])
+    assert 0 < res["mean_response_tokens"] <= 16
+    assert len(res["samples"]) == 5 and res["samples"][0]["prompt"] == exs[0].prompt[-1]["content"]
+    assert any(r["score"] == 1.0 for r in res["samples"])  # forbidden_word / max_words pass on non-empty text
+
+
+def test_checker_eval_adapter_none_disables_adapters():
+    exs, cfg = examples(), GenerationConfig(max_new_tokens=16)
+    base = checker_eval(sharp_backbone(), exs, cfg, adapter=None)  # no adapters at all: just the base
+    b = sharp_backbone()
+    b.add_adapter("policy", AdapterConfig(r=4, dropout=0.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in b.adapter_parameters("policy").values():
+            p.copy_(torch.randn(p.shape, generator=g) * 2.0)  # lora_A and lora_B: a large delta
+    tuned = checker_eval(b, exs, cfg, adapter="policy")
+    assert tuned["samples"] != base["samples"]  # the adapter really changes the output
+    assert checker_eval(b, exs, cfg, adapter=None)["samples"] == base["samples"]
+    assert b.active == "policy"
+    assert checker_eval(b, exs, cfg, adapter="policy")["samples"] == tuned["samples"]  # re-enabled afterwards
+    with pytest.raises(ValueError):
+        checker_eval(b, exs, cfg, adapter="nope")
