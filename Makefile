@@ -8,7 +8,7 @@ CONFIG  ?= configs/default.yaml
 RUN     ?=
 SET     ?=
 ARGS     = --config $(CONFIG) $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
-STAGES  := sft
+STAGES  := sft dpo
 
 .PHONY: install model test demo help $(STAGES)
 

@@ -195,6 +195,9 @@ class Backbone(nn.Module):
     def using(self, name: str | None):
         """Run a block with adapter ``name`` active (``None``: all adapters off), then restore the previous one."""
         previous = self.active
+        if name is None and not self.adapters:
+            yield
+            return
         if name is None:
             with self.model.disable_adapter():
                 yield

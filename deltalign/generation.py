@@ -171,4 +171,5 @@ def checker_eval(backbone, examples: list, cfg: GenerationConfig, adapter: str |
         "mean_response_tokens": sum(len(r) for r in ids) / len(ids),
         "samples": [{"prompt": p, "response": r, "score": s} for p, r, s in list(zip(users, responses, scores))[:5]],
         "scores": scores,
+        "response_ids": ids,
     }

@@ -32,12 +32,16 @@ class Stage:
     name: str
     module: str
     needs: Callable[[object], list[str]] = field(default=lambda cfg: [])
-    """Upstream stages this stage reads, given its config."""
+    """Upstream stages this stage reads, given its config (run first if missing; part of the content hash)."""
+    uses: tuple[str, ...] = ()
+    """Stages whose finished output is passed along if present, for evaluation only (not run, not hashed)."""
 
 
 # The literal graph, in execution order. Later stages plug in here.
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("sft", "deltalign.stages.sft"),
+    Stage("dpo", "deltalign.stages.dpo", needs=lambda c: ["sft"] if "sft" in (c.reference, c.init) else [],
+          uses=("rm",)),
 ]}
 
 
@@ -109,6 +113,8 @@ class Pipeline:
                            self.log)
             self.log(f"[deltalign] {name}: running ({h[:12]}) -> {sd.path}")
             upstream = {u: StageDir(self.run_dir, u).path for u in STAGES[name].needs(self.cfgs[name])}
+            upstream |= {u: StageDir(self.run_dir, u).path for u in STAGES[name].uses
+                         if StageDir(self.run_dir, u).manifest() is not None}
             t0 = time.time()
             metrics = stage_module(name).run(self.cfgs[name], self.cfgs["model"], sd.path, upstream)
             if is_main_process():

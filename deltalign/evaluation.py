@@ -1,0 +1,65 @@
+"""Held-out comparison of policies that live as adapters on one backbone: checker score, KL, reward-model score.
+
+Each policy generates for the held-out prompts (greedy by default). For every policy the report gives the
+embedded checker's score, the mean response length, the KL to the reference estimated on the policy's own
+responses (mean over prompts of log pi(y|x) - log pi_ref(y|x), summed over response tokens; exact in
+expectation under sampling, a diagnostic under greedy decoding), and, when a reward-model run is given, the
+reward model's mean raw score of those responses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from deltalign.backbone import response_logprobs
+from deltalign.data.batching import pad_batch
+from deltalign.data.tokenize import tokenize_prompt
+from deltalign.generation import GenerationConfig, checker_eval
+
+
+@torch.no_grad()
+def sequence_logprobs(backbone, prompt_ids: list[list[int]], response_ids: list[list[int]], adapter: str | None,
+                      batch_size: int = 16) -> torch.Tensor:
+    """Summed log-prob of each response given its prompt, under ``adapter`` (None: adapters off)."""
+    out = []
+    with backbone.using(adapter):
+        for i in range(0, len(prompt_ids), batch_size):
+            ps, rs = prompt_ids[i:i + batch_size], response_ids[i:i + batch_size]
+            batch = pad_batch([p + r for p, r in zip(ps, rs)], backbone.tokenizer.pad_token_id,
+                              labels=[[-100] * len(p) + r for p, r in zip(ps, rs)])
+            out.append(response_logprobs(backbone, backbone, batch))
+    return torch.cat(out)
+
+
+def policy_report(backbone, examples: list, gen_cfg: GenerationConfig, policies: dict[str, str | None],
+                  reference: str | None, rm_dir: str | Path | None = None, checker: bool = True) -> dict:
+    """``policies`` maps a label (e.g. ``sft``, ``dpo``) to its adapter name (None: the base with adapters off)."""
+    if not examples or not checker:
+        return {}
+    was_training = backbone.training
+    backbone.eval()
+    rm = None
+    if rm_dir is not None and Path(rm_dir, "manifest.json").exists():
+        from deltalign.rewards.model import RewardModel
+
+        rm = RewardModel.load(backbone, rm_dir)
+    prompt_ids = [tokenize_prompt(ex.prompt, backbone.tokenizer, ex.conversational) for ex in examples]
+    report = {}
+    for label, adapter in policies.items():
+        res = checker_eval(backbone, examples, gen_cfg, adapter)
+        row = {"checker_score": res["checker_score"], "n": res["n"],
+               "mean_response_tokens": res["mean_response_tokens"], "samples": res["samples"][:3]}
+        if adapter != reference:
+            lp = sequence_logprobs(backbone, prompt_ids, res["response_ids"], adapter)
+            ref = sequence_logprobs(backbone, prompt_ids, res["response_ids"], reference)
+            row["kl_to_reference"] = float((lp - ref).mean())
+        else:
+            row["kl_to_reference"] = 0.0
+        if rm is not None:
+            responses = [s for s in backbone.tokenizer.batch_decode(res["response_ids"], skip_special_tokens=True)]
+            row["rm_score"] = float(rm.score([ex.prompt for ex in examples], responses).mean())
+        report[label] = row
+    backbone.train(was_training)
+    return report

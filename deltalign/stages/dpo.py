@@ -1,0 +1,199 @@
+"""DPO: preference optimisation of a policy adapter ``dpo`` against a frozen reference, on one backbone.
+
+Reference: once an SFT adapter exists it is the reference, loaded frozen (``reference: sft``); the policy starts
+as a separate trainable copy of the same weights, so at step 0 policy == reference and the sigmoid loss is ln 2.
+Only with ``reference: base`` (no SFT run) is the reference the bare backbone with adapters off.
+
+Reference log-probabilities are computed once per example before training and cached in the run directory under
+a key that hashes the reference weights and the tokenised data, so a resumed or repeated run reuses them.
+
+Sections: 1. load; 2. data; 3. reference log-probs; 4. loop; 5. evaluate (checker, KL, reward model) and save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deltalign import atomic
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, response_logprobs
+from deltalign.data.batching import length_grouped_batches, pair_batch
+from deltalign.data.formats import load_rows, preference_examples
+from deltalign.data.tokenize import tokenize_all, tokenize_pair
+from deltalign.engine import Engine, TrainConfig
+from deltalign.generation import GenerationConfig
+from deltalign.losses import dpo_sigmoid_loss, ipo_loss, simpo_loss
+from deltalign.evaluation import policy_report
+
+NAME = "dpo"
+REFERENCE = "ref"
+
+
+@dataclass
+class Config(TrainConfig):
+    data: str = "embedded:pref_train"
+    """Preference pairs: prompt/chosen/rejected (plain or conversational) or HH-style rows."""
+    eval_data: str = "embedded:pref_eval"
+    """Held-out pairs: prompts for generation, pairs for held-out reward accuracy ('' to skip)."""
+    split: str = "train"
+    """Split to read when ``data`` is a `datasets` id."""
+    max_length: int = 256
+    """Maximum tokens of prompt + response."""
+    truncation: str = "completion"
+    """Too-long pairs: ``completion`` (cut the responses), ``drop`` or ``error``."""
+    loss: str = "sigmoid"
+    """``sigmoid`` (DPO, Rafailov et al. 2023), ``ipo`` (Azar et al. 2023) or ``simpo`` (reference-free)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint (0.1 everywhere: TRL, OpenRLHF, LLaMA-Factory). SimPO uses ~2."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: assumed share of flipped labels (sigmoid loss only)."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin."""
+    reference: str = "sft"
+    """``sft``: the SFT adapter, frozen (right once SFT ran); ``base``: the backbone with adapters off."""
+    init: str = "sft"
+    """Policy start: ``sft`` (a trainable copy of the SFT adapter) or ``fresh`` (a new adapter)."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The delta to train when ``init: fresh``."""
+    cache_reference: bool = True
+    """Compute reference log-probs once and cache them; false: recompute them every step."""
+    eval_checker: bool = True
+    """After training: generate on held-out prompts and score with the checker (policy vs reference)."""
+    eval_limit: int = 0
+    """Use at most this many held-out prompts for generation (0: all)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Decoding for held-out generations."""
+
+    def __post_init__(self):
+        for key, value, allowed in [("loss", self.loss, ("sigmoid", "ipo", "simpo")),
+                                    ("reference", self.reference, ("sft", "base")),
+                                    ("init", self.init, ("sft", "fresh"))]:
+            if value not in allowed:
+                raise ValueError(f"dpo.{key} must be one of {allowed} (got {value!r})")
+
+
+def pair_loss(cfg: Config, pol: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor):
+    """Per-pair loss and implicit rewards. ``pol``/``ref``/``lengths`` hold chosen rows then rejected rows."""
+    n = pol.shape[0] // 2
+    if cfg.loss == "sigmoid":
+        return dpo_sigmoid_loss(pol[:n], pol[n:], ref[:n], ref[n:], cfg.beta, cfg.label_smoothing)
+    if cfg.loss == "ipo":
+        return ipo_loss(pol[:n], pol[n:], ref[:n], ref[n:], cfg.beta)
+    return simpo_loss(pol[:n], pol[n:], lengths[:n], lengths[n:], cfg.beta, cfg.simpo_gamma)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def reference_logprobs(backbone, model, pairs: list[dict], batch_size: int, device) -> torch.Tensor:
+    """Summed response log-probs under the reference for every pair: [N, 2] (chosen, rejected)."""
+    out = torch.zeros(len(pairs), 2)
+    was_training = model.training
+    model.eval()
+    with backbone.using(REFERENCE if REFERENCE in backbone.adapters else None):
+        for idx in length_grouped_batches([len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs],
+                                          batch_size, 0, 0, shuffle=False):
+            lp = response_logprobs(backbone, model, to_device(pair_batch([pairs[i] for i in idx],
+                                                                         backbone.tokenizer.pad_token_id), device))
+            out[idx] = lp.view(2, -1).T.cpu()
+    model.train(was_training)
+    return out
+
+
+def cache_key(backbone, pairs: list[dict]) -> str:
+    """Hash of the reference weights and the tokenised pairs."""
+    h = hashlib.sha256()
+    ref = backbone.adapter_parameters(REFERENCE) if REFERENCE in backbone.adapters else {}
+    for name in sorted(ref):
+        h.update(name.encode())
+        h.update(ref[name].detach().cpu().numpy().tobytes())
+    h.update(json.dumps([[p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]] for p in pairs]).encode())
+    return h.hexdigest()[:16]
+
+
+def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, Path] | None = None) -> dict:
+    out_dir, upstream = Path(out_dir), upstream or {}
+    engine = Engine(cfg, out_dir)
+
+    # 1. load: one backbone; the reference frozen, the policy a separate trainable copy
+    backbone = Backbone.load(model_cfg)
+    if cfg.reference == "sft":
+        backbone.load_adapter(REFERENCE, upstream["sft"], trainable=False)
+    if cfg.init == "sft":
+        backbone.load_adapter(NAME, upstream["sft"], trainable=True)
+    else:
+        torch.manual_seed(cfg.seed)
+        backbone.add_adapter(NAME, cfg.adapter, trainable=True)
+    backbone.activate(NAME)
+    tok = backbone.tokenizer
+
+    # 2. data
+    train_ex = preference_examples(load_rows(cfg.data, cfg.split), cfg.data)
+    train, dropped = tokenize_all(train_ex, tokenize_pair, tok, cfg.max_length, cfg.data, cfg.truncation)
+    eval_ex = preference_examples(load_rows(cfg.eval_data, "test"), cfg.eval_data) if cfg.eval_data else []
+    lengths = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in train]
+
+    def batches(epoch: int) -> list[list[int]]:
+        return length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+
+    model = engine.prepare(backbone, engine.total_steps(len(batches(0))))
+    engine.log({"train_pairs": len(train), "dropped": dropped, "steps": engine.n_steps,
+                "reference": cfg.reference, "init": cfg.init}, kind="setup")
+
+    # 3. reference log-probs: once per example, cached by content (SimPO needs none)
+    ref_all = None
+    if cfg.loss != "simpo" and cfg.cache_reference:
+        cache = out_dir / f"ref_logprobs-{cache_key(backbone, train)}.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        if cache.exists():
+            ref_all = load_file(str(cache))["logprobs"]
+        else:
+            ref_all = reference_logprobs(backbone, model, train, cfg.batch_size * 2, engine.device)
+            if engine.is_main:
+                save_file({"logprobs": ref_all}, str(cache))
+
+    # 4. loop
+    model.train()
+    for step, micro in engine.steps(batches):
+        total = engine.global_sum(sum(len(idx) for idx in micro))
+        sums = {"loss": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0, "accuracy": 0.0}
+        for idx in engine.accumulate(micro):
+            mb = to_device(pair_batch([train[i] for i in idx], tok.pad_token_id), engine.device)
+            policy = response_logprobs(backbone, model, mb)
+            if ref_all is not None:
+                ref = torch.cat([ref_all[idx, 0], ref_all[idx, 1]]).to(policy)
+            elif cfg.loss == "simpo":
+                ref = torch.zeros_like(policy)
+            else:
+                ref = reference_logprobs(backbone, model, [train[i] for i in idx], len(idx), engine.device)
+                ref = torch.cat([ref[:, 0], ref[:, 1]]).to(policy)
+            loss, r_c, r_r = pair_loss(cfg, policy, ref, mb["response_lengths"].to(policy))
+            engine.backward(loss.sum(), total)
+            sums["loss"] += loss.sum().item()
+            sums["reward_chosen"] += r_c.sum().item()
+            sums["reward_rejected"] += r_r.sum().item()
+            sums["accuracy"] += (r_c > r_r).float().sum().item()
+        local = total / engine.world
+        metrics = {k: v / local for k, v in sums.items()}
+        engine.step(metrics | {"margin": metrics["reward_chosen"] - metrics["reward_rejected"]})
+
+    # 5. evaluate the policy against its reference on held-out prompts, then save
+    metrics: dict = {}
+    if engine.is_main:
+        reference = REFERENCE if cfg.reference == "sft" else None
+        metrics = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
+                                {"reference": reference, NAME: NAME}, reference=reference,
+                                rm_dir=upstream.get("rm"), checker=cfg.eval_checker)
+        engine.log({f"{label}/{k}": v for label, row in metrics.items() for k, v in row.items()
+                    if isinstance(v, (int, float))}, kind="eval")
+        backbone.save_adapter(NAME, out_dir)
+        atomic.write_json(out_dir / "eval.json", metrics)
+    engine.finish()
+    return metrics

@@ -1,0 +1,181 @@
+"""RM: a Bradley-Terry reward model as adapter ``rm`` + scalar head ``rm`` on the frozen base.
+
+The adapter starts from the SFT adapter (a trainable COPY loaded from the sft run folder, which is only read) or
+fresh on the base; the head is new. A response's score is the head value at the last non-pad token of
+prompt + response. Sections: 1. load; 2. data; 3. evaluation before training; 4. the training loop;
+5. evaluation, reward statistics and save. Outputs in ``out_dir``: the adapter in PEFT format, ``head.safetensors``,
+``reward_stats.json`` (mean/std of training-response scores, for PPO's normalisation), ``metrics.jsonl``,
+``eval.json``. Load the result with :class:`deltalign.rewards.model.RewardModel`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deltalign import atomic
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.data.batching import PadCounter, length_grouped_batches, pair_batch
+from deltalign.data.formats import load_rows, preference_examples
+from deltalign.data.tokenize import tokenize_all, tokenize_pair
+from deltalign.engine import Engine, TrainConfig
+from deltalign.losses import bradley_terry_loss
+from deltalign.rewards.model import HEAD_FILE, STATS_FILE, last_token_values
+
+NAME = "rm"
+INITS = ("sft", "fresh")
+
+
+@dataclass
+class Config(TrainConfig):
+    lr: float = 1e-4
+    """Peak learning rate (AdamW). 1e-4 is the usual LoRA reward-model rate (1e-5 for full fine-tuning), 1 epoch."""
+    data: str = "embedded:pref_train"
+    """Training pairs: a .json/.jsonl/.parquet file, ``embedded:<split>``, or a `datasets` id."""
+    eval_data: str = "embedded:pref_eval"
+    """Held-out pairs in the same shapes ('' to skip held-out evaluation)."""
+    split: str = "train"
+    """Split to read when ``data`` is a `datasets` id."""
+    max_length: int = 256
+    """Maximum tokens of prompt + each response."""
+    truncation: str = "completion"
+    """Too-long pairs: ``completion`` (cut the responses), ``drop`` or ``error``."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The delta to train when ``init`` is ``fresh`` (with ``sft`` the SFT adapter's own config is kept)."""
+    init: str = "sft"
+    """``sft``: start from a trainable copy of the SFT adapter (the sft folder is only read); ``fresh``: a new one."""
+    margin: bool = True
+    """Subtract a ``margin`` column (when the data has one) inside the loss: -logsigmoid(r_c - r_r - m)."""
+    magnitude_coef: float = 0.0
+    """Penalty c * (r_c + r_r)^2 that keeps rewards centred near 0 (0: off; 0.01 is TRL's usual value)."""
+    eval_batch_size: int = 16
+    """Pairs per batch for held-out evaluation and the reward statistics."""
+
+
+def batch_of(items: list[dict], idx: list[int], pad_id: int, device) -> dict:
+    b = pair_batch([items[i] for i in idx], pad_id)
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+
+
+def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected scores [B] from one forward over the 2B rows (head value at the last non-pad token)."""
+    values = model(batch["input_ids"], batch["attention_mask"], head=NAME)
+    r = last_token_values(values, batch["attention_mask"])
+    b = r.shape[0] // 2
+    return r[:b], r[b:]
+
+
+@torch.no_grad()
+def score_all(model, items: list[dict], batch_size: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected scores of every pair (in a length-sorted order; both sides stay aligned)."""
+    was_training = model.training
+    model.eval()
+    rc, rr = [], []
+    lengths = [len(x["prompt_ids"]) + max(len(x["chosen_ids"]), len(x["rejected_ids"])) for x in items]
+    for idx in length_grouped_batches(lengths, batch_size, 0, 0, shuffle=False):
+        c, r = pair_scores(model, batch_of(items, idx, pad_id, device))
+        rc.append(c.float().cpu())
+        rr.append(r.float().cpu())
+    model.train(was_training)
+    return torch.cat(rc), torch.cat(rr)
+
+
+def summary(rc: torch.Tensor, rr: torch.Tensor) -> dict:
+    """Held-out accuracy, mean chosen/rejected reward, mean reward gap and plain Bradley-Terry loss."""
+    loss, m = bradley_terry_loss(rc, rr)
+    return {"accuracy": float(m["accuracy"]), "chosen_reward": float(rc.mean()), "rejected_reward": float(rr.mean()),
+            "margin": float(m["margin"]), "loss": float(loss.mean())}
+
+
+def heldout(model, items, cfg: Config, pad_id: int, device) -> dict | None:
+    return summary(*score_all(model, items, cfg.eval_batch_size, pad_id, device)) if items else None
+
+
+def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, Path] | None = None) -> dict:
+    out_dir = Path(out_dir)
+    if cfg.init not in INITS:
+        raise ValueError(f"rm.init must be one of {INITS} (got {cfg.init!r})")
+    sft_dir = Path((upstream or {}).get("sft", "")) if cfg.init == "sft" else None
+    if sft_dir is not None and not (sft_dir / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"rm.init is 'sft' but no finished sft adapter was found in {str(sft_dir)!r}")
+    engine = Engine(cfg, out_dir)
+
+    # 1. load: the frozen base once; a trainable adapter (a copy of SFT's, or fresh) and a trainable head,
+    #    both before engine.prepare (DeepSpeed builds its optimizer groups there)
+    backbone = Backbone.load(model_cfg)
+    torch.manual_seed(cfg.seed)
+    if sft_dir is not None:
+        backbone.load_adapter(NAME, sft_dir, trainable=True)
+    else:
+        backbone.add_adapter(NAME, cfg.adapter, trainable=True)
+    backbone.add_head(NAME, trainable=True)
+    pad = backbone.tokenizer.pad_token_id
+
+    # 2. data
+    train_ex = preference_examples(load_rows(cfg.data, cfg.split), cfg.data)
+    train, dropped = tokenize_all(train_ex, tokenize_pair, backbone.tokenizer, cfg.max_length, cfg.data,
+                                  cfg.truncation)
+    eval_ex = preference_examples(load_rows(cfg.eval_data, "test"), cfg.eval_data) if cfg.eval_data else []
+    held, _ = tokenize_all(eval_ex, tokenize_pair, backbone.tokenizer, cfg.max_length, cfg.eval_data, "completion")
+    if not cfg.margin:
+        for x in train:
+            x["margin"] = None
+    lengths = [len(x["prompt_ids"]) + max(len(x["chosen_ids"]), len(x["rejected_ids"])) for x in train]
+
+    def batches(epoch: int) -> list[list[int]]:
+        return length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+
+    n_steps = engine.total_steps(len(batches(0)))
+    model = engine.prepare(backbone, n_steps)
+    engine.log({"train_pairs": len(train), "dropped": dropped, "heldout_pairs": len(held), "init": cfg.init,
+                "trainable_params": sum(p.numel() for p in backbone.trainable_parameters()), "steps": n_steps},
+               kind="setup")
+
+    # 3. before training: the initial adapter (SFT copy or base) with the fresh head; kept across a resume
+    evals: dict = {"init": cfg.init}
+    before_file = out_dir / "eval_before.json"
+    if before_file.exists():
+        evals["before"] = json.loads(before_file.read_text())
+    elif engine.is_main:
+        evals["before"] = heldout(model, held, cfg, pad, engine.device)
+        engine.log(evals["before"] or {}, kind="eval_before")
+        atomic.write_json(before_file, evals["before"])
+
+    # 4. loop: chosen and rejected in one forward; per-pair loss summed, normalised over the step's pairs
+    model.train()
+    pads = PadCounter()
+    for step, micro in engine.steps(batches):
+        micro = [batch_of(train, idx, pad, engine.device) for idx in micro]
+        total = engine.global_sum(sum(mb["input_ids"].shape[0] // 2 for mb in micro))
+        sums = dict.fromkeys(("loss", "accuracy", "chosen_reward", "rejected_reward", "margin"), 0.0)
+        n = 0
+        for mb in engine.accumulate(micro):
+            pads.add(mb["n_tokens"], mb["n_pad"])
+            r_c, r_r = pair_scores(model, mb)
+            loss, _ = bradley_terry_loss(r_c, r_r, mb.get("margin"), cfg.magnitude_coef)
+            engine.backward(loss.sum(), total)
+            d = (r_c - r_r).detach()
+            for k, v in (("loss", loss.detach()), ("accuracy", (d > 0).float()), ("chosen_reward", r_c.detach()),
+                         ("rejected_reward", r_r.detach()), ("margin", d)):
+                sums[k] += float(v.sum())
+            n += d.numel()
+        engine.step({k: v / max(n, 1) for k, v in sums.items()} | {"pad_share": pads.share})
+
+    # 5. evaluate, measure the reward scale on the training responses, save
+    if engine.is_main:
+        evals["after"] = heldout(model, held, cfg, pad, engine.device)
+        engine.log(evals["after"] or {}, kind="eval")
+        rc, rr = score_all(model, train, cfg.eval_batch_size, pad, engine.device)
+        scores = torch.cat([rc, rr])
+        evals["reward_stats"] = {"mean": float(scores.mean()), "std": float(scores.std(correction=0)),
+                                 "n": scores.numel()}
+        engine.log(evals["reward_stats"], kind="reward_stats")
+        backbone.save_adapter(NAME, out_dir)
+        backbone.save_head(NAME, out_dir / HEAD_FILE)
+        atomic.write_json(out_dir / STATS_FILE, evals["reward_stats"])
+        atomic.write_json(out_dir / "eval.json", evals)
+    engine.finish()
+    return evals
