@@ -8,7 +8,7 @@ CONFIG  ?= configs/default.yaml
 RUN     ?=
 SET     ?=
 ARGS     = --config $(CONFIG) $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
-STAGES  := sft dpo
+STAGES  := sft rm dpo
 
 .PHONY: install model test demo help $(STAGES)
 

@@ -66,6 +66,8 @@ def test_dpo_trains_only_the_policy_and_caches_reference(tmp_path, sft_dir):
     sft_w, dpo_w = load_file(str(sft_dir / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
     assert sft_w.keys() == dpo_w.keys()
     assert any(not torch.equal(sft_w[k], dpo_w[k]) for k in sft_w)
+    held = json.loads((out / "eval.json").read_text())["heldout_pairs"]
+    assert held["n"] == 100 and 0.0 <= held["reward_accuracy"] <= 1.0
     caches = list(out.glob("ref_logprobs-*.safetensors"))
     assert len(caches) == 1
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -78,8 +80,10 @@ def test_dpo_trains_only_the_policy_and_caches_reference(tmp_path, sft_dir):
     ex = preference_examples(load_rows("embedded:pref_train"), "embedded:pref_train")
     items, _ = tokenize_all(ex, tokenize_pair, bb.tokenizer, 256, "embedded:pref_train")
     assert caches[0].name == f"ref_logprobs-{dpo.cache_key(bb, items)}.safetensors"
-    fresh = dpo.reference_logprobs(bb, bb, items[:6], 4, "cpu")
-    torch.testing.assert_close(cached[:6], fresh, atol=1e-5, rtol=1e-5)
+    used = [i for i in range(len(items)) if not torch.isnan(cached[i, 0])]
+    assert len(used) == 3 * 4  # computed once for each pair the 3 steps of 4 pairs touched, nothing else
+    fresh = dpo.pair_logprobs(bb, bb, [items[i] for i in used], 4, "cpu", "ref")
+    torch.testing.assert_close(cached[used], fresh, atol=1e-5, rtol=1e-5)
 
 
 def test_cached_and_recomputed_reference_give_the_same_training(tmp_path, sft_dir):

@@ -181,6 +181,7 @@ def test_score_is_the_head_value_at_the_last_non_pad_token(tiny_backbone):
         values = bb(right["input_ids"], right["attention_mask"], head="rm")
     assert not torch.allclose(values[0, -1], alone[0], atol=1e-4)  # the pad position would give another score
     # the stage's pair forward: chosen (short) and rejected (long) in one right-padded batch of 2 rows
+    assert long[:len(short) - 3] == short[:-3]  # same prompt (and first response byte)
     item = {"prompt_ids": short[:-3], "chosen_ids": short[-3:], "rejected_ids": long[len(short) - 3:]}
     batch = pair_batch([item], bb.tokenizer.pad_token_id)
     with torch.no_grad(), bb.using("rm"):

@@ -40,6 +40,7 @@ class Stage:
 # The literal graph, in execution order. Later stages plug in here.
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("sft", "deltalign.stages.sft"),
+    Stage("rm", "deltalign.stages.rm", needs=lambda c: ["sft"] if c.init == "sft" else []),
     Stage("dpo", "deltalign.stages.dpo", needs=lambda c: ["sft"] if "sft" in (c.reference, c.init) else [],
           uses=("rm",)),
 ]}

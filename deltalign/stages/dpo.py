@@ -53,6 +53,9 @@ class Config(TrainConfig):
     """Conservative DPO: assumed share of flipped labels (sigmoid loss only)."""
     simpo_gamma: float = 0.5
     """SimPO target reward margin."""
+    nll_weight: float = 0.0
+    """Add this times the chosen response's mean token NLL (RPO, Pang et al. 2024; TRL's ``rpo_alpha``): keeps the
+    chosen likelihood, end-of-turn token included, from collapsing while the margin grows."""
     reference: str = "sft"
     """``sft``: the SFT adapter, frozen (right once SFT ran); ``base``: the backbone with adapters off."""
     init: str = "sft"
@@ -90,13 +93,17 @@ def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def reference_of(backbone) -> str | None:
+    return REFERENCE if REFERENCE in backbone.adapters else None
+
+
 @torch.no_grad()
-def reference_logprobs(backbone, model, pairs: list[dict], batch_size: int, device) -> torch.Tensor:
-    """Summed response log-probs under the reference for every pair: [N, 2] (chosen, rejected)."""
+def pair_logprobs(backbone, model, pairs: list[dict], batch_size: int, device, adapter: str | None) -> torch.Tensor:
+    """Summed response log-probs under ``adapter`` (None: adapters off) for every pair: [N, 2] (chosen, rejected)."""
     out = torch.zeros(len(pairs), 2)
     was_training = model.training
     model.eval()
-    with backbone.using(REFERENCE if REFERENCE in backbone.adapters else None):
+    with backbone.using(adapter):
         for idx in length_grouped_batches([len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs],
                                           batch_size, 0, 0, shuffle=False):
             lp = response_logprobs(backbone, model, to_device(pair_batch([pairs[i] for i in idx],
@@ -115,6 +122,44 @@ def cache_key(backbone, pairs: list[dict]) -> str:
         h.update(ref[name].detach().cpu().numpy().tobytes())
     h.update(json.dumps([[p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]] for p in pairs]).encode())
     return h.hexdigest()[:16]
+
+
+class ReferenceCache:
+    """Reference log-probs [N, 2] per training pair, filled on first use and saved atomically after each step.
+
+    Disabled (``cache_reference: false``), every request is recomputed and nothing is stored.
+    """
+
+    def __init__(self, path: Path, n: int, enabled: bool):
+        from safetensors.torch import load_file
+
+        self.path, self.enabled, self.dirty = path, enabled, False
+        self.values = load_file(str(path))["logprobs"] if enabled and path.exists() else torch.full((n, 2), float("nan"))
+
+    def get(self, idx: list[int], compute) -> torch.Tensor:
+        todo = [i for i in idx if not self.enabled or torch.isnan(self.values[i, 0])]
+        if todo:
+            self.values[todo] = compute(todo).to(self.values)
+            self.dirty = True
+        return self.values[idx]
+
+    def save(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.enabled and self.dirty:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            save_file({"logprobs": self.values}, str(tmp))
+            tmp.replace(self.path)
+            self.dirty = False
+
+
+def heldout_pairs(backbone, model, examples: list, cfg: Config, device) -> dict:
+    """Implicit-reward accuracy and margin of the trained policy on held-out preference pairs."""
+    pairs, _ = tokenize_all(examples, tokenize_pair, backbone.tokenizer, cfg.max_length, cfg.eval_data, "completion")
+    pol = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, NAME)
+    ref = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, reference_of(backbone))
+    margin = cfg.beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
+    return {"reward_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()), "n": len(pairs)}
 
 
 def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, Path] | None = None) -> dict:
@@ -146,42 +191,39 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     engine.log({"train_pairs": len(train), "dropped": dropped, "steps": engine.n_steps,
                 "reference": cfg.reference, "init": cfg.init}, kind="setup")
 
-    # 3. reference log-probs: once per example, cached by content (SimPO needs none)
-    ref_all = None
-    if cfg.loss != "simpo" and cfg.cache_reference:
-        cache = out_dir / f"ref_logprobs-{cache_key(backbone, train)}.safetensors"
-        from safetensors.torch import load_file, save_file
+    # 3. reference log-probs: computed once per example on first use, kept in the run dir by content key
+    cache = ReferenceCache(out_dir / f"ref_logprobs-{cache_key(backbone, train)}.safetensors", len(train),
+                           enabled=cfg.cache_reference and engine.is_main)
 
-        if cache.exists():
-            ref_all = load_file(str(cache))["logprobs"]
-        else:
-            ref_all = reference_logprobs(backbone, model, train, cfg.batch_size * 2, engine.device)
-            if engine.is_main:
-                save_file({"logprobs": ref_all}, str(cache))
+    def reference(idx: list[int]) -> torch.Tensor:
+        if cfg.loss == "simpo":
+            return torch.zeros(len(idx), 2)
+        return cache.get(idx, lambda todo: pair_logprobs(backbone, model, [train[i] for i in todo], len(todo),
+                                                          engine.device, reference_of(backbone)))
 
     # 4. loop
     model.train()
     for step, micro in engine.steps(batches):
         total = engine.global_sum(sum(len(idx) for idx in micro))
-        sums = {"loss": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0, "accuracy": 0.0}
+        sums = {"loss": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0, "accuracy": 0.0, "nll_chosen": 0.0}
         for idx in engine.accumulate(micro):
             mb = to_device(pair_batch([train[i] for i in idx], tok.pad_token_id), engine.device)
+            ref = reference(idx)
             policy = response_logprobs(backbone, model, mb)
-            if ref_all is not None:
-                ref = torch.cat([ref_all[idx, 0], ref_all[idx, 1]]).to(policy)
-            elif cfg.loss == "simpo":
-                ref = torch.zeros_like(policy)
-            else:
-                ref = reference_logprobs(backbone, model, [train[i] for i in idx], len(idx), engine.device)
-                ref = torch.cat([ref[:, 0], ref[:, 1]]).to(policy)
-            loss, r_c, r_r = pair_loss(cfg, policy, ref, mb["response_lengths"].to(policy))
+            ref = torch.cat([ref[:, 0], ref[:, 1]]).to(policy)
+            lengths = mb["response_lengths"].to(policy)
+            loss, r_c, r_r = pair_loss(cfg, policy, ref, lengths)
+            nll = -policy[: len(idx)] / lengths[: len(idx)]
+            loss = loss + cfg.nll_weight * nll if cfg.nll_weight else loss
             engine.backward(loss.sum(), total)
+            sums["nll_chosen"] += nll.sum().item()
             sums["loss"] += loss.sum().item()
             sums["reward_chosen"] += r_c.sum().item()
             sums["reward_rejected"] += r_r.sum().item()
             sums["accuracy"] += (r_c > r_r).float().sum().item()
         local = total / engine.world
         metrics = {k: v / local for k, v in sums.items()}
+        cache.save()
         engine.step(metrics | {"margin": metrics["reward_chosen"] - metrics["reward_rejected"]})
 
     # 5. evaluate the policy against its reference on held-out prompts, then save
@@ -191,6 +233,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         metrics = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
                                 {"reference": reference, NAME: NAME}, reference=reference,
                                 rm_dir=upstream.get("rm"), checker=cfg.eval_checker)
+        if eval_ex:
+            metrics["heldout_pairs"] = heldout_pairs(backbone, model, eval_ex, cfg, engine.device)
         engine.log({f"{label}/{k}": v for label, row in metrics.items() for k, v in row.items()
                     if isinstance(v, (int, float))}, kind="eval")
         backbone.save_adapter(NAME, out_dir)

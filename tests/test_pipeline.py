@@ -1,0 +1,60 @@
+"""The stage graph: order, running only what is missing upstream, passing the RM to DPO's evaluation; the CLI."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from deltalign.pipeline import config as configs
+from deltalign.pipeline.cli import main
+from deltalign.pipeline.graph import Pipeline, sections
+
+
+def tiny(*overrides):
+    return configs.load(sections(), "configs/tiny.yaml", list(overrides))
+
+
+def test_plan_adds_missing_upstream_in_graph_order():
+    assert Pipeline(tiny()).plan(["dpo"]) == ["sft", "dpo"]
+    assert Pipeline(tiny()).plan(["dpo", "sft", "rm"]) == ["sft", "rm", "dpo"]
+    assert Pipeline(tiny("rm.init=fresh", "dpo.reference=base", "dpo.init=fresh")).plan(["rm", "dpo"]) == ["rm", "dpo"]
+
+
+def test_sft_rm_dpo_in_order_with_reward_model_scores(tmp_path):
+    run = tmp_path / "run"
+    out = Pipeline(tiny("dpo.max_steps=2"), run).run(["sft", "rm", "dpo"])
+    assert list(out) == ["sft", "rm", "dpo"]
+    for stage in ("sft", "rm", "dpo"):
+        m = json.loads((run / stage / "manifest.json").read_text())
+        assert m["status"] == "done"
+    dpo_m = json.loads((run / "dpo" / "manifest.json").read_text())
+    sft_m = json.loads((run / "sft" / "manifest.json").read_text())
+    assert dpo_m["inputs"]["upstream"] == {"sft": sft_m["hash"]}
+    report = json.loads((run / "dpo" / "eval.json").read_text())
+    assert {"reference", "dpo"} <= report.keys()
+    assert "rm_score" in report["dpo"] and "rm_score" in report["reference"]
+    assert (run / "rm" / "head.safetensors").exists()
+    # a changed SFT config makes SFT and DPO stale; RM with init=sft too
+    p = Pipeline(tiny("dpo.max_steps=2", "sft.lr=1e-3"), run)
+    assert all(p.hash(s) != json.loads((run / s / "manifest.json").read_text())["hash"] for s in ("sft", "rm", "dpo"))
+
+
+def test_cli_help_lists_settings_and_rejects_unknown_keys(capsys):
+    assert main(["run", "dpo", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "dpo.beta = 0.1" in text and "dpo.reference = sft" in text and "model.quantization" in text
+    assert main(["run", "sft", "--config", "configs/tiny.yaml", "--set", "sft.learning_rate=1"]) == 2
+    err = capsys.readouterr().err
+    assert "sft.learning_rate" in err and "sft.lr" in err
+
+
+def test_cli_bad_data_names_file_row_and_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "yo"}]}) + "\n"
+                   + json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "   "}]}) + "\n")
+    p = run_cli(["run", "sft", "--config", "configs/tiny.yaml", "--set", f"sft.data={bad}",
+                 "--run-dir", str(tmp_path / "r")], check=False)
+    assert p.returncode == 2
+    assert "bad.jsonl" in p.stderr and "row 1" in p.stderr and "content" in p.stderr
