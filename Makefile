@@ -10,7 +10,7 @@ SET     ?=
 ARGS     = --config $(CONFIG) $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
 STAGES  := sft rm dpo
 
-.PHONY: install model test demo help $(STAGES)
+.PHONY: install model test eval help $(STAGES)
 
 help:
 	@echo "make install | model | test | $(STAGES)   (CONFIG=... RUN=... SET='k=v ...')"
@@ -36,3 +36,7 @@ test: $(STAMP) $(MODEL)
 # One target per stage; `make sft rm dpo` runs them in order, each skipping if already up to date.
 $(STAGES): $(STAMP) $(MODEL)
 	$(PY) -m deltalign run $@ $(ARGS)
+
+# Held-out comparison of base / sft / dpo (those that ran), with reward-model scores when an rm run exists.
+eval: $(STAMP) $(MODEL)
+	$(PY) -m deltalign eval $(ARGS)

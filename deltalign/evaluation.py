@@ -63,3 +63,36 @@ def policy_report(backbone, examples: list, gen_cfg: GenerationConfig, policies:
         report[label] = row
     backbone.train(was_training)
     return report
+
+
+POLICY_STAGES = ("sft", "dpo", "ppo")
+
+
+def compare_run(run_dir: str | Path, model_cfg, eval_data: str, gen_cfg: GenerationConfig, limit: int = 0) -> dict:
+    """The base and every finished policy stage of a run, on one backbone, against the SFT reference."""
+    from deltalign import atomic
+    from deltalign.backbone import Backbone
+    from deltalign.data.formats import load_rows, preference_examples
+
+    run_dir = Path(run_dir)
+    backbone = Backbone.load(model_cfg)
+    policies: dict[str, str | None] = {"base": None}
+    for stage in POLICY_STAGES:
+        if (run_dir / stage / "manifest.json").exists():
+            backbone.load_adapter(stage, run_dir / stage, trainable=False)
+            policies[stage] = stage
+    reference = "sft" if "sft" in policies else None
+    examples = preference_examples(load_rows(eval_data, "test"), eval_data)[: limit or None]
+    report = policy_report(backbone, examples, gen_cfg, policies, reference, rm_dir=run_dir / "rm")
+    atomic.write_json(run_dir / "eval_table.json", report)
+    return report
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| policy | checker score | reward-model score | KL to SFT | mean response tokens |",
+             "|---|---|---|---|---|"]
+    for label, row in report.items():
+        rm = f"{row['rm_score']:.3f}" if "rm_score" in row else "—"
+        lines.append(f"| {label} | {row['checker_score']:.2f} | {rm} | {row['kl_to_reference']:.3f} | "
+                     f"{row['mean_response_tokens']:.1f} |")
+    return "\n".join(lines)

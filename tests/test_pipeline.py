@@ -58,3 +58,13 @@ def test_cli_bad_data_names_file_row_and_field(tmp_path):
                  "--run-dir", str(tmp_path / "r")], check=False)
     assert p.returncode == 2
     assert "bad.jsonl" in p.stderr and "row 1" in p.stderr and "content" in p.stderr
+
+
+def test_eval_compares_every_finished_policy(tmp_path, capsys):
+    run = tmp_path / "run"
+    Pipeline(tiny("dpo.max_steps=2", "dpo.eval_checker=false"), run).run(["sft", "rm", "dpo"])
+    assert main(["eval", "--config", "configs/tiny.yaml", "--run-dir", str(run), "--limit", "4"]) == 0
+    table = json.loads((run / "eval_table.json").read_text())
+    assert set(table) == {"base", "sft", "dpo"}
+    assert table["sft"]["kl_to_reference"] == 0.0 and all("rm_score" in r for r in table.values())
+    assert "| dpo |" in capsys.readouterr().out

@@ -36,11 +36,25 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="rerun the named stages even if up to date "
                                                         "(the previous output is kept under .history/)")
     r.add_argument("-h", "--help", action="store_true", help="show the settings of the named stages")
+    e = sub.add_parser("eval", help="compare base and every finished policy of a run on held-out prompts")
+    e.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
+    e.add_argument("--limit", type=int, default=0, help="use at most this many held-out prompts (0: all)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "eval":
+        from deltalign.evaluation import compare_run, markdown_table
+
+        cfgs = configs.load(sections(), args.config, args.overrides)
+        run_dir = Pipeline(cfgs, args.run_dir).run_dir
+        dpo = cfgs["dpo"]
+        print(markdown_table(compare_run(run_dir, cfgs["model"], dpo.eval_data, dpo.generation, args.limit)))
+        print(f"written to {run_dir / 'eval_table.json'}")
+        return 0
     if args.command == "run":
         unknown = [s for s in args.stages if s not in STAGES]
         if unknown:

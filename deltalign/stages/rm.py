@@ -53,6 +53,8 @@ class Config(TrainConfig):
     """Penalty c * (r_c + r_r)^2 that keeps rewards centred near 0 (0: off; 0.01 is TRL's usual value)."""
     eval_batch_size: int = 16
     """Pairs per batch for held-out evaluation and the reward statistics."""
+    stats_pairs: int = 200
+    """Training pairs scored after training for the reward mean/std that PPO normalises with (0: all)."""
 
 
 def batch_of(items: list[dict], idx: list[int], pad_id: int, device) -> dict:
@@ -168,7 +170,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     if engine.is_main:
         evals["after"] = heldout(model, held, cfg, pad, engine.device)
         engine.log(evals["after"] or {}, kind="eval")
-        rc, rr = score_all(model, train, cfg.eval_batch_size, pad, engine.device)
+        rc, rr = score_all(model, train[: cfg.stats_pairs or None], cfg.eval_batch_size, pad, engine.device)
         scores = torch.cat([rc, rr])
         evals["reward_stats"] = {"mean": float(scores.mean()), "std": float(scores.std(correction=0)),
                                  "n": scores.numel()}
