@@ -7,13 +7,19 @@ MODEL   := models/SmolLM2-135M-Instruct/.complete
 CONFIG  ?= configs/default.yaml
 RUN     ?=
 SET     ?=
+# Multi-process: ACCELERATE=configs/accelerate/zero3.yaml NPROC=2 launches the stages with `accelerate launch`.
+ACCELERATE ?=
+NPROC   ?=
+LAUNCH   = $(if $(ACCELERATE)$(NPROC),.venv/bin/accelerate launch $(if $(ACCELERATE),--config_file $(ACCELERATE)) \
+           $(if $(NPROC),--num_processes $(NPROC)) -m deltalign,$(PY) -m deltalign)
 ARGS     = --config $(CONFIG) $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
-STAGES  := sft rm dpo
+STAGES  := sft rm dpo ppo
 
-.PHONY: install model test eval help $(STAGES)
+.PHONY: install model test eval export demo help $(STAGES)
 
 help:
-	@echo "make install | model | test | $(STAGES)   (CONFIG=... RUN=... SET='k=v ...')"
+	@echo "make install | model | test | $(STAGES) | eval | export   (CONFIG=... RUN=... SET='k=v ...')"
+	@echo "look at a policy: $(PY) -m deltalign generate --from {base,sft,dpo,ppo,export,DIR} --prompt 'TEXT' [--run-dir RUN]"
 
 install: $(STAMP)
 
@@ -35,8 +41,40 @@ test: $(STAMP) $(MODEL)
 
 # One target per stage; `make sft rm dpo` runs them in order, each skipping if already up to date.
 $(STAGES): $(STAMP) $(MODEL)
-	$(PY) -m deltalign run $@ $(ARGS)
+	$(LAUNCH) run $@ $(ARGS)
 
-# Held-out comparison of base / sft / dpo (those that ran), with reward-model scores when an rm run exists.
+# Held-out comparison of base / sft / dpo (those that ran), with reward-model scores when an rm run exists;
+# also writes <run>/plots/<stage>.png training curves.
 eval: $(STAMP) $(MODEL)
 	$(PY) -m deltalign eval $(ARGS)
+
+# The whole job on the embedded default, then the held-out table and where the exported model is.
+DEMO_ARGS = --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),configs/demo.yaml) \
+            $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
+demo: $(STAMP) $(MODEL)
+	$(PY) -m deltalign run sft rm dpo export $(DEMO_ARGS)
+	$(PY) -m deltalign eval $(DEMO_ARGS)
+
+# Merge the last finished policy (ppo, else dpo, else sft; SET=export.policy=sft to choose) and the reward model
+# into standalone HF model directories in <run>/export/ (re-exports when a stage changed). Then try it:
+#   python -m deltalign generate --from export --prompt "..." [--run-dir RUN]
+export: $(STAMP) $(MODEL)
+	$(PY) -m deltalign export $(ARGS)
+
+# Benchmark against TRL (bench/): TRL lives only in .bench-venv, built from bench/requirements.txt, never in
+# deltalign's dependencies. `make bench` = medians of 3 alternating fresh runs per side; `make bench QUICK=1` =
+# one run each, fewer steps (development). Results: bench/results/<date>-<time>[-quick].md and .json.
+QUICK       ?=
+BENCH_STAMP := .bench-venv/.installed
+
+.PHONY: bench
+
+$(BENCH_STAMP): bench/requirements.txt
+	python3 -m venv .bench-venv
+	.bench-venv/bin/python -m pip install -q --upgrade pip
+	.bench-venv/bin/python -m pip install -q torch==2.13.0
+	.bench-venv/bin/python -m pip install -q -r bench/requirements.txt
+	touch $@
+
+bench: $(STAMP) $(MODEL) $(BENCH_STAMP)
+	$(PY) bench/run.py $(if $(filter 1 yes true,$(QUICK)),--quick)

@@ -19,6 +19,22 @@ more tokens weighs more, exactly as if the step were one big batch.
 Checkpoints hold only what trains (adapter and head tensors, in safetensors), the optimizer and scheduler, the
 RNG state, the step and any extra state a stage registers. They are written to a temp dir and renamed, so a kill
 at any moment leaves the previous checkpoint intact; a new run in the same directory resumes from the last one.
+
+Under DeepSpeed (``accelerate launch --config_file configs/accelerate/zero{2,3}.yaml``) the same stage code runs
+unchanged, with these differences handled here:
+
+* accumulation: DeepSpeed's own gradient-accumulation scaling is switched off (``gradient_accumulation_steps`` is
+  forced to 1 and ``backward(scale_wrt_gas=False)``) and the boundary is the caller's
+  (``managed_gradient_accumulation: false``): every ``backward`` only accumulates, DeepSpeed's ``step()`` in
+  :meth:`update` reduces and updates, so any number of backward calls per update works (PPO: policy + critic) and
+  the effective loss is exactly the single-process one (``loss_sum / total`` over the whole step; DeepSpeed
+  averages over ranks like DDP);
+* clipping is DeepSpeed's (``gradient_clipping`` = ``max_grad_norm``); ``grad_norm`` is its pre-clip global norm;
+* ZeRO-3 shards every parameter, the frozen base included: code that runs on rank 0 only (evaluation,
+  generation, saving) must sit inside ``with engine.gathered():``, which every rank enters; inside, each rank
+  holds the full weights and ZeRO-3's module hooks are off (no collective in a forward);
+* checkpoints add DeepSpeed's own per-rank optimizer shards (``ds/``; frozen parameters excluded) — the only
+  files a rank other than 0 writes; everything else is written by rank 0.
 """
 
 from __future__ import annotations
@@ -81,6 +97,21 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _skip_deepspeed_shm_build() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op at start-up (minutes on a 2-core machine, and
+    a C++ toolchain needed); without it DeepSpeed falls back to plain torch.distributed (gloo), which is what we
+    use anyway. Set DELTALIGN_DS_SHM=1 to let DeepSpeed build and use it."""
+    if os.environ.get("DELTALIGN_DS_SHM", "0") == "1":
+        return
+    import importlib
+
+    try:  # not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports `torch`, which that would bind
+        ds_torch = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        return
+    ds_torch.build_shm_op = lambda: None
+
+
 class Engine:
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, quiet: bool = False):
         from accelerate import Accelerator
@@ -93,7 +124,11 @@ class Engine:
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
         # On CPU, accelerate leaves the backend unset and each launched process would think it is alone.
         handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
+            _skip_deepspeed_shm_build()
         self.accelerator = Accelerator(kwargs_handlers=handlers)
+        self.ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        self.zero_stage = int(self.ds_plugin.zero_stage) if self.ds_plugin is not None else 0
         self.quiet = quiet or not self.is_main
         self.step_no = 0
         self.extra_state: dict[str, tuple[Callable[[], dict], Callable[[dict], None]]] = {}
@@ -117,6 +152,10 @@ class Engine:
     def device(self):
         return self.accelerator.device
 
+    @property
+    def deepspeed(self) -> bool:
+        return self.ds_plugin is not None
+
     def total_steps(self, n_micro_batches: int) -> int:
         """Optimizer steps for the configured epochs (or max_steps)."""
         if self.cfg.max_steps > 0:
@@ -124,24 +163,81 @@ class Engine:
         per_epoch = math.ceil(n_micro_batches / (self.cfg.grad_accum * self.world))
         return max(1, math.ceil(per_epoch * self.cfg.epochs))
 
-    def prepare(self, backbone, n_steps: int):
+    def prepare(self, backbone, n_steps: int, updates_per_step: int = 1):
         """Build AdamW over the parameters that train now, the schedule, and hand all to accelerate.
 
         Everything a stage trains must be trainable before this call (DeepSpeed builds its groups here).
+        ``updates_per_step``: optimizer updates inside one step (PPO: epochs x minibatches per rollout); the
+        schedule runs over ``n_steps * updates_per_step`` updates.
         """
         self.backbone = backbone
         self.n_steps = n_steps
+        n_updates = n_steps * updates_per_step
         params = [p for p in backbone.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("nothing to train: no parameter requires grad")
         self.param_names = [n for n, p in backbone.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        warmup = max(1, int(self.cfg.warmup_ratio * n_steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, n_steps, warmup, self.cfg.min_lr_ratio))
+        if self.deepspeed:
+            ds = self.ds_plugin.deepspeed_config
+            # The engine owns accumulation and its normalisation: DeepSpeed must neither divide the loss by its
+            # gradient_accumulation_steps nor decide the boundary itself.
+            ds["gradient_accumulation_steps"] = 1
+            # Caller-owned boundary: backward() only accumulates, step() (in update) reduces and updates -- any
+            # number of backward calls per update (PPO: policy and critic), inside accumulate() or not.
+            ds["managed_gradient_accumulation"] = False
+            ds["gradient_clipping"] = float(self.cfg.max_grad_norm)
+            if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                ds["train_micro_batch_size_per_gpu"] = self.cfg.batch_size  # informational (throughput logs)
+            ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * self.world
+            self.accelerator.gradient_accumulation_steps = 1
         self.model, self.optimizer = self.accelerator.prepare(backbone, self.optimizer)
+        warmup = max(1, int(self.cfg.warmup_ratio * n_updates))
+        # The schedule drives the optimizer that really steps (under ZeRO, the one inside DeepSpeed's wrapper).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self._base_optimizer(), lambda s: lr_lambda(s, n_updates, warmup, self.cfg.min_lr_ratio))
         self.resume()
         return self.model
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that really steps: accelerate wraps it; ZeRO wraps it once more (and with CPU
+        offload accelerate may have replaced it), so follow ``.optimizer`` to the innermost one."""
+        opt = self.optimizer
+        while hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        return opt
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Every process must enter this together. Inside, each process holds the full weights (ZeRO-3: gathered
+        from the shards, ZeRO-3 hooks off), so code that runs on rank 0 only (evaluation, generation, saving)
+        works; yields the unwrapped backbone. Without ZeRO-3 it does nothing."""
+        if self.zero_stage != 3 or not hasattr(self, "model"):
+            yield getattr(self, "backbone", None)
+            return
+        import deepspeed
+        from deepspeed.runtime.zero import parameter_offload
+
+        # As deepspeed.runtime.zero.stage3.unwrap_model_for_generation, plus the start-of-forward hook, whose
+        # step reset is itself a collective (rank 0 alone in a forward would wait for the others forever).
+        opt = self.model.optimizer
+        offload = getattr(opt, "parameter_offload", None) or opt
+        with torch.no_grad(), deepspeed.zero.GatheredParameters(list(self.model.module.parameters())):
+            for hook in [*offload.forward_hooks, *offload.backward_hooks, offload.fwd_pre_hook]:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            depth = len(parameter_offload.FWD_MODULE_STACK)
+            # transformers' generate() turns on synced_gpus (an all-reduce per token) when it sees ZeRO-3;
+            # with the weights gathered each process generates on its own, so hide ZeRO-3 from it meanwhile.
+            from transformers.integrations import deepspeed as hf_ds
+
+            hf_ref, hf_ds._hf_deepspeed_config_weak_ref = hf_ds._hf_deepspeed_config_weak_ref, None
+            try:
+                yield self.backbone
+            finally:
+                hf_ds._hf_deepspeed_config_weak_ref = hf_ref
+                offload.setup_zero_stage3_hooks()
+                del parameter_offload.FWD_MODULE_STACK[depth:]
 
     def register_state(self, name: str, get: Callable[[], dict], put: Callable[[dict], None]) -> None:
         """Include a stage's own state (e.g. a KL controller) in checkpoints; ``put`` is called on resume."""
@@ -183,22 +279,55 @@ class Engine:
         """Iterate micro-batches; gradients are synchronised across processes only on the last one."""
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            ctx = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+            if self.deepspeed:  # DeepSpeed reduces in update() (managed_gradient_accumulation: false)
+                ctx = contextlib.nullcontext()
+            else:
+                ctx = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
             with ctx:
                 yield mb
 
     def backward(self, loss_sum: torch.Tensor, total: float) -> None:
         """Backward of this micro-batch's share of the step loss: ``loss_sum / total`` (times world: DDP means)."""
-        self.accelerator.backward(loss_sum * (self.world / max(total, 1e-12)))
+        loss = loss_sum * (self.world / max(total, 1e-12))
+        if self.deepspeed:
+            # Not accelerator.backward: under DeepSpeed it would also run the optimizer step after every call.
+            self.model.backward(loss, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
 
-    def step(self, metrics: dict[str, float]) -> None:
-        """Clip, update, advance the schedule; accumulate metrics, log and checkpoint on schedule."""
+    def update(self) -> dict[str, float]:
+        """One optimizer update: clip, step, advance the schedule, zero the gradients. Returns ``grad_norm``."""
+        out = {}
+        if self.deepspeed:
+            self.model.step()  # clip (gradient_clipping = max_grad_norm), optimizer step, zero the gradients
+            if self.cfg.max_grad_norm > 0:
+                out["grad_norm"] = float(self.model.get_global_grad_norm())
+            self.scheduler.step()
+            return out
         if self.cfg.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(self.backbone.trainable_parameters(), self.cfg.max_grad_norm)
-            metrics = {**metrics, "grad_norm": float(norm)}
+            out["grad_norm"] = float(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Stages report per-process values normalised by the step's global count (``total / world``): their mean
+        over processes is the value of the whole global batch, as one process would have logged it."""
+        if self.world == 1 or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        t = self.accelerator.reduce(t, reduction="mean")
+        return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+    def step(self, metrics: dict[str, float], update: bool = True) -> None:
+        """End an optimizer step: update (unless the stage already ran its own ``update`` calls), then
+        accumulate metrics, log and checkpoint on schedule."""
+        if update:
+            metrics = {**metrics, **self.update()}
+        metrics = self._mean_over_processes(metrics)
         self.step_no += 1
         for k, v in metrics.items():
             self._sums[k] = self._sums.get(k, 0.0) + float(v)
@@ -229,23 +358,61 @@ class Engine:
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) values of every trainable tensor. Every process must call it (ZeRO-3 gathers)."""
         backbone = self.accelerator.unwrap_model(self.model)
-        return {n: p.detach().cpu().clone() for n, p in backbone.named_parameters() if n in set(self.param_names)}
+        wanted = set(self.param_names)
+        named = [(n, p) for n, p in backbone.named_parameters() if n in wanted]
+        ctx = contextlib.nullcontext()
+        if self.zero_stage == 3:
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+        with ctx:
+            return {n: p.detach().cpu().clone() for n, p in named}
+
+    def _all_rng(self) -> list:
+        """Every process's torch RNG state (dropout differs per process), gathered to all."""
+        state = torch.get_rng_state()
+        if self.world == 1:
+            return [state]
+        from accelerate.utils import gather_object
+
+        return gather_object([state])
 
     def save_checkpoint(self) -> None:
         from safetensors.torch import save_file
 
         self.accelerator.wait_for_everyone()
         state = self.trainable_state()
+        rngs = self._all_rng()
+        root = self.out / CKPT_DIR
+        final = root / f"step-{self.step_no:06d}"
+        tmp = root / f".step-{self.step_no:06d}.partial"
         if self.is_main:
-            root = self.out / CKPT_DIR
-            with atomic.directory(root / f"step-{self.step_no:06d}", replace=True) as tmp:
-                save_file(state, tmp / "trainable.safetensors")
-                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                            "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-                extra = {name: get() for name, (get, _) in self.extra_state.items()}
-                atomic.write_json(tmp / "state.json", {"step": self.step_no, "python_rng": repr(random.getstate()),
-                                                       "extra": extra})
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        if self.deepspeed:  # every rank writes its own optimizer shard (ZeRO); frozen parameters are left out
+            self.model.save_checkpoint(str(tmp), tag="ds", save_latest=False, exclude_frozen_parameters=True)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            save_file(state, tmp / "trainable.safetensors")
+            blob = {"scheduler": self.scheduler.state_dict(), "torch_rng": rngs[0], "torch_rng_all": rngs}
+            if not self.deepspeed:
+                blob["optimizer"] = self.optimizer.state_dict()
+            torch.save(blob, tmp / "optimizer.pt")
+            extra = {name: get() for name, (get, _) in self.extra_state.items()}
+            atomic.write_json(tmp / "state.json", {"step": self.step_no, "python_rng": repr(random.getstate()),
+                                                   "extra": extra, "world": self.world,
+                                                   "deepspeed": self.deepspeed})
+            if final.exists():
+                old = root / f".step-{self.step_no:06d}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
             for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
@@ -268,15 +435,24 @@ class Engine:
         missing = set(self.param_names) - set(tensors)
         if missing:
             raise RuntimeError(f"{ckpt}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
-        with torch.no_grad():
-            for n, p in backbone.named_parameters():
-                if n in tensors:
-                    p.copy_(tensors[n])
-        blob = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
-        torch.set_rng_state(blob["torch_rng"])
         state = json.loads((ckpt / "state.json").read_text())
+        if bool(state.get("deepspeed", False)) != self.deepspeed or int(state.get("world", 1)) != self.world:
+            raise RuntimeError(f"{ckpt}: written with deepspeed={state.get('deepspeed', False)}, "
+                               f"{state.get('world', 1)} process(es); resume it the same way (or start afresh)")
+        blob = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        if self.deepspeed:
+            # DeepSpeed restores the trainable weights (ZeRO: from its fp32 master shards) and the optimizer.
+            self.model.load_checkpoint(str(ckpt), tag="ds", load_module_strict=False, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+        else:
+            with torch.no_grad():
+                for n, p in backbone.named_parameters():
+                    if n in tensors:
+                        p.copy_(tensors[n])
+            self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        rngs = blob.get("torch_rng_all") or [blob["torch_rng"]]
+        torch.set_rng_state(rngs[self.accelerator.process_index] if len(rngs) == self.world else blob["torch_rng"])
         random.setstate(ast.literal_eval(state["python_rng"]))
         for name, (_, put) in self.extra_state.items():
             put(state["extra"].get(name, {}))
@@ -287,6 +463,12 @@ class Engine:
             atomic.write_text(self.out / "metrics.jsonl", "".join(r + "\n" for r in kept))
         if not self.quiet:
             print(f"[deltalign] resuming {self.out} from {ckpt.name} (step {self.step_no})", flush=True)
+
+    def to_device(self, batch: dict) -> dict:
+        """Move every tensor of a batch to this process's device."""
+        from deltalign.data.batching import to_device
+
+        return to_device(batch, self.device)
 
     def finish(self) -> None:
         """Wait for every process; drop the checkpoints of a run that completed."""

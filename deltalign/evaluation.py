@@ -34,14 +34,18 @@ def sequence_logprobs(backbone, prompt_ids: list[list[int]], response_ids: list[
 
 
 def policy_report(backbone, examples: list, gen_cfg: GenerationConfig, policies: dict[str, str | None],
-                  reference: str | None, rm_dir: str | Path | None = None, checker: bool = True) -> dict:
-    """``policies`` maps a label (e.g. ``sft``, ``dpo``) to its adapter name (None: the base with adapters off)."""
+                  reference: str | None, rm_dir: str | Path | None = None, checker: bool = True,
+                  reward_model=None) -> dict:
+    """``policies`` maps a label (e.g. ``sft``, ``dpo``) to its adapter name (None: the base with adapters off).
+
+    The reward-model score comes from ``reward_model`` (already on this backbone) or is loaded from ``rm_dir``.
+    """
     if not examples or not checker:
         return {}
     was_training = backbone.training
     backbone.eval()
-    rm = None
-    if rm_dir is not None and Path(rm_dir, "manifest.json").exists():
+    rm = reward_model
+    if rm is None and rm_dir is not None and Path(rm_dir, "manifest.json").exists():
         from deltalign.rewards.model import RewardModel
 
         rm = RewardModel.load(backbone, rm_dir)

@@ -76,13 +76,13 @@ def test_dpo_trains_only_the_policy_and_caches_reference(tmp_path, sft_dir):
     # a second run with the same reference and data reuses the cache (same key)
     cached = load_file(str(caches[0]))["logprobs"]
     bb = Backbone.load(ModelConfig(path="tiny"))
-    bb.load_adapter("ref", sft_dir)
+    bb.load_adapter(dpo.REFERENCE, sft_dir)
     ex = preference_examples(load_rows("embedded:pref_train"), "embedded:pref_train")
     items, _ = tokenize_all(ex, tokenize_pair, bb.tokenizer, 256, "embedded:pref_train")
     assert caches[0].name == f"ref_logprobs-{dpo.cache_key(bb, items)}.safetensors"
     used = [i for i in range(len(items)) if not torch.isnan(cached[i, 0])]
     assert len(used) == 3 * 4  # computed once for each pair the 3 steps of 4 pairs touched, nothing else
-    fresh = dpo.pair_logprobs(bb, bb, [items[i] for i in used], 4, "cpu", "ref")
+    fresh = dpo.pair_logprobs(bb, bb, [items[i] for i in used], 4, "cpu", dpo.REFERENCE)
     torch.testing.assert_close(cached[used], fresh, atol=1e-5, rtol=1e-5)
 
 

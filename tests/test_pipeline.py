@@ -18,6 +18,21 @@ def test_plan_adds_missing_upstream_in_graph_order():
     assert Pipeline(tiny()).plan(["dpo"]) == ["sft", "dpo"]
     assert Pipeline(tiny()).plan(["dpo", "sft", "rm"]) == ["sft", "rm", "dpo"]
     assert Pipeline(tiny("rm.init=fresh", "dpo.reference=base", "dpo.init=fresh")).plan(["rm", "dpo"]) == ["rm", "dpo"]
+    assert Pipeline(tiny()).plan(["ppo"]) == ["sft", "rm", "ppo"]
+    assert Pipeline(tiny("ppo.rm_weight=0", "ppo.critic_init=fresh")).plan(["ppo"]) == ["sft", "ppo"]
+
+
+def test_export_hash_follows_the_finished_stages_it_reads(tmp_path):
+    def hashes(dpo_hash):
+        (tmp_path / "dpo").mkdir(exist_ok=True)
+        (tmp_path / "dpo" / "manifest.json").write_text(json.dumps({"hash": dpo_hash}))
+        p = Pipeline(tiny(), tmp_path)
+        assert p.inputs("export")["used"] == {"dpo": dpo_hash}
+        assert "used" not in p.inputs("dpo")  # other stages do not hash what they merely use
+        return p.hash("export"), p.hash("sft")
+
+    (export_a, sft_a), (export_b, sft_b) = hashes("aaa"), hashes("bbb")
+    assert export_a != export_b and sft_a == sft_b  # a changed dpo makes the export stale, nothing else
 
 
 def test_sft_rm_dpo_in_order_with_reward_model_scores(tmp_path):

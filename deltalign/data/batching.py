@@ -81,6 +81,11 @@ def pad_batch(seqs: list[list[int]], pad_id: int, labels: list[list[int]] | None
     return out
 
 
+def to_device(batch: dict, device) -> dict:
+    """The batch with every tensor moved to ``device`` (other values as they are)."""
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
 def pair_batch(items: list[dict], pad_id: int) -> dict:
     """One batch of 2B rows for B preference pairs: ``prompt + chosen`` rows first, then ``prompt + rejected``.
 

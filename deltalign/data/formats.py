@@ -305,6 +305,25 @@ def _pref_row(row: dict, loc: str) -> PrefExample:
     return PrefExample(prompt, chosen, rejected, conversational, margin, extra)
 
 
+def prompt_examples(rows: list[dict], source: str) -> list[SFTExample | PrefExample]:
+    """Prompts to generate from (PPO rollouts): prompt-only rows (``prompt``: a string or messages), or any SFT or
+    preference row, whose responses are validated but not used. Each result has ``prompt`` and ``conversational``."""
+    out: list[SFTExample | PrefExample] = []
+    for i, row in enumerate(rows):
+        loc = where(source, i)
+        if any(_has(row, k) for k in ("chosen", "rejected")):
+            out.append(_pref_row(row, loc))
+        elif any(_has(row, k) for k in ("messages", "completion")):
+            out.append(_sft_row(row, loc))
+        elif _has(row, "prompt"):
+            p = row["prompt"]
+            prompt = _messages(p, loc, "prompt") if isinstance(p, list) else _text(p, loc, "prompt")
+            out.append(SFTExample(prompt, "", isinstance(p, list), _extra(row, ("prompt",), _SFT_KEYS)))
+        else:
+            raise DataError(f"no prompt (columns {sorted(row)}); give 'prompt', or an SFT or preference row", loc)
+    return out
+
+
 def _pref_prompt(value: Any, ctx: list[dict], any_list: bool, loc: str) -> tuple[list[dict] | str, bool]:
     """The prompt from the ``prompt`` column and/or the conversation the responses repeat (``ctx``)."""
     if value is None:

@@ -1,9 +1,15 @@
-"""Command line: ``python -m deltalign run STAGE [STAGE ...] [--config FILE] [--set k=v ...] [--run-dir DIR]``."""
+"""Command line: ``python -m deltalign run STAGE [STAGE ...] [--config FILE] [--set k=v ...] [--run-dir DIR]``.
+
+Also ``eval`` (held-out comparison + training-curve plots), ``export`` (the export stage, re-run when any stage it
+reads changed), ``generate`` (responses of base, a stage or an exported model to your prompts) and ``plots``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from deltalign.data.formats import DataError
 from deltalign.pipeline import config as configs
@@ -41,19 +47,172 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
     e.add_argument("--limit", type=int, default=0, help="use at most this many held-out prompts (0: all)")
+    x = sub.add_parser("export", help="merge the policy (and reward model) into standalone HF model directories")
+    g = sub.add_parser("generate", help="responses of base, a stage or an exported model to your prompts")
+    pl = sub.add_parser("plots", help="write <run dir>/plots/<stage>.png training curves of every finished stage")
+    for q in (x, g, pl):
+        q.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+        q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        q.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
+    x.add_argument("--policy", choices=["auto", "sft", "dpo", "ppo"], help="adapter to merge (default: auto, the "
+                                                                          "last finished of ppo, dpo, sft)")
+    x.add_argument("--out", help="also copy the export to this directory (outside the run directory)")
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the exported weights")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    x.add_argument("--force", action="store_true", help="export again even if the export is up to date")
+    g.add_argument("--from", dest="source", required=True, metavar="SOURCE",
+                   help="base, sft, dpo, ppo, export (the run's merged model) or an exported model directory")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one user message")
+    src.add_argument("--prompts-file", help=".txt (one prompt a line) or .jsonl (`prompt` or `messages` per row)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; e.g. 0.7 to sample")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
     return p
+
+
+def load_prompts(args) -> list:
+    """Prompts as chat message lists (or plain strings from a .jsonl ``prompt`` string field)."""
+    if args.prompt is not None:
+        return [[{"role": "user", "content": args.prompt}]]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts-file {path} does not exist")
+    lines = path.read_text().splitlines()
+    if path.suffix != ".jsonl":
+        return [[{"role": "user", "content": ln.strip()}] for ln in lines if ln.strip()]
+    prompts = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise DataError(f"not JSON ({e.msg})", f"{path}: row {i}") from None
+        value = row.get("prompt", row.get("messages")) if isinstance(row, dict) else None
+        if isinstance(value, list) and value and value[-1].get("role") == "assistant":
+            value = value[:-1]  # a whole dialogue: answer its last user turn anew
+        if not (isinstance(value, str) and value.strip()) and not (isinstance(value, list) and value):
+            raise DataError("needs a non-empty `prompt` (text or messages) or `messages`", f"{path}: row {i}",
+                            "prompt")
+        prompts.append(value)
+    if not prompts:
+        raise DataError("no prompts", str(path))
+    return prompts
+
+
+def generation_source(source: str, run_dir: Path, model_cfg):
+    """(backbone, adapter name or None) for ``--from``."""
+    from deltalign.backbone import Backbone, ModelConfig
+
+    if source == "base":
+        return Backbone.load(model_cfg), None
+    if source in ("sft", "dpo", "ppo"):
+        stage = run_dir / source
+        if not (stage / "manifest.json").exists():
+            raise FileNotFoundError(f"no finished {source} stage in {run_dir} (run `make {source}` first)")
+        backbone = Backbone.load(model_cfg)
+        backbone.load_adapter(source, stage, trainable=False)
+        return backbone, source
+    if source == "rm":
+        raise ValueError("rm is a reward model, not a policy: generate from base, sft, dpo, ppo or an export")
+    path = run_dir / "export" if source == "export" else Path(source)
+    if (path / "model" / "config.json").exists():  # an export folder: its merged policy
+        path = path / "model"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"--from {source!r}: not base/sft/dpo/ppo/export and not a model directory "
+                                f"(no {path / 'config.json'})")
+    return Backbone.load(ModelConfig(path=str(path))), None
+
+
+def generate_command(args, cfgs) -> int:
+    from deltalign.data.tokenize import tokenize_prompt
+    from deltalign.generation import GenerationConfig, decode, generate
+
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    gen.validate()
+    prompts = load_prompts(args)
+    backbone, adapter = generation_source(args.source, Pipeline(cfgs, args.run_dir).run_dir, cfgs["model"])
+    tok = backbone.tokenizer
+    chat = bool(getattr(tok, "chat_template", None))  # no template: plain text, as training did for plain data
+
+    def ids_of(p) -> list[int]:
+        if isinstance(p, str) or not chat:
+            return tokenize_prompt(p if isinstance(p, str) else "\n".join(m["content"] for m in p), tok, False)
+        return tokenize_prompt(p, tok, True)
+
+    ids = [ids_of(p) for p in prompts]
+    if adapter is None:
+        out = generate(backbone, ids, gen, seed=args.seed)
+    else:
+        with backbone.using(adapter):
+            out = generate(backbone, ids, gen, seed=args.seed)
+    for i, (p, r) in enumerate(zip(prompts, decode(backbone, out))):
+        shown = p if isinstance(p, str) else p[-1]["content"]
+        print(f"### [{i + 1}] prompt\n{shown}\n### [{i + 1}] response ({args.source})\n{r}\n")
+    return 0
+
+
+def export_command(args, cfgs) -> int:
+    from deltalign.stages import export
+
+    pipe = Pipeline(cfgs, args.run_dir)
+    cfg, stage_dir = cfgs["export"], pipe.run_dir / "export"
+    export.check_out(cfg, stage_dir)  # export.out from the YAML: written by the stage itself
+    out = export.check_out(export.Config(out=args.out, overwrite=args.overwrite), stage_dir) if args.out else None
+    # the export's hash covers its config (and a named policy); `auto` picks among whatever finished, so re-export
+    # whenever a stage it reads changed since the last export (or the YAML asks for a copy to export.out)
+    force = args.force or bool(cfg.out) or not export.is_current(pipe.run_dir)
+    metrics = pipe.run(["export"], force=force)["export"]
+    if out is not None:  # --out copies the (possibly cached) export: no re-export, nothing archived
+        metrics["out"] = str(export.copy_export(stage_dir, out, args.overwrite))
+    print(f"exported policy {metrics['policy']!r} to {pipe.run_dir / 'export' / 'model'} "
+          f"(max abs logit diff vs adapter model {metrics['model']['max_abs_logit_diff']:.3g})")
+    if "reward_model" in metrics:
+        print(f"exported reward model to {pipe.run_dir / 'export' / 'reward_model'}")
+    if metrics.get("out"):
+        print(f"copied to {metrics['out']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("export", "generate", "plots"):
+        for flag in ("policy", "dtype"):
+            if getattr(args, flag, None) is not None:
+                args.overrides.append(f"export.{flag}={getattr(args, flag)}")
+        if getattr(args, "overwrite", False) and not args.out:  # applies to export.out from the YAML
+            args.overrides.append("export.overwrite=true")
+        try:
+            cfgs = configs.load(sections(), args.config, args.overrides)
+        except (configs.ConfigError, ValueError) as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        try:
+            if args.command == "plots":
+                from deltalign.plots import plot_run
+
+                for png in plot_run(Pipeline(cfgs, args.run_dir).run_dir):
+                    print(f"wrote {png}")
+                return 0
+            return export_command(args, cfgs) if args.command == "export" else generate_command(args, cfgs)
+        except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.command == "eval":
         from deltalign.evaluation import compare_run, markdown_table
+        from deltalign.plots import plot_run
 
         cfgs = configs.load(sections(), args.config, args.overrides)
         run_dir = Pipeline(cfgs, args.run_dir).run_dir
+        for png in plot_run(run_dir):  # cheap, and useful even if the comparison below fails
+            print(f"wrote {png}")
         dpo = cfgs["dpo"]
         print(markdown_table(compare_run(run_dir, cfgs["model"], dpo.eval_data, dpo.generation, args.limit)))
         print(f"written to {run_dir / 'eval_table.json'}")
+        if (run_dir / "export" / "model" / "config.json").exists():
+            print(f"exported model (plain transformers loads it): {run_dir / 'export' / 'model'}")
         return 0
     if args.command == "run":
         unknown = [s for s in args.stages if s not in STAGES]

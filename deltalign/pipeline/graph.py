@@ -34,7 +34,9 @@ class Stage:
     needs: Callable[[object], list[str]] = field(default=lambda cfg: [])
     """Upstream stages this stage reads, given its config (run first if missing; part of the content hash)."""
     uses: tuple[str, ...] = ()
-    """Stages whose finished output is passed along if present, for evaluation only (not run, not hashed)."""
+    """Stages whose finished output is passed along if present (not run; not hashed unless ``hash_uses``)."""
+    hash_uses: bool = False
+    """Include the finished ``uses`` stages' hashes in this stage's hash (export: its output IS their adapters)."""
 
 
 # The literal graph, in execution order. Later stages plug in here.
@@ -43,6 +45,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("rm", "deltalign.stages.rm", needs=lambda c: ["sft"] if c.init == "sft" else []),
     Stage("dpo", "deltalign.stages.dpo", needs=lambda c: ["sft"] if "sft" in (c.reference, c.init) else [],
           uses=("rm",)),
+    Stage("ppo", "deltalign.stages.ppo",
+          needs=lambda c: ["sft"] + (["rm"] if c.rm_weight or c.critic_init == "rm" else [])),
+    Stage("export", "deltalign.stages.export", needs=lambda c: c.upstream(), uses=("sft", "rm", "dpo", "ppo"),
+          hash_uses=True),
 ]}
 
 
@@ -88,11 +94,15 @@ class Pipeline:
         """Everything the stage's output depends on, by content."""
         cfg = self.cfgs[name]
         data = {f: data_fingerprint(getattr(cfg, f)) for f in ("data", "eval_data") if hasattr(cfg, f)}
-        return {
+        out = {
             "stage": name, "config": configs.to_dict(cfg), "model": configs.to_dict(self.cfgs["model"]),
             "model_files": model_fingerprint(self.cfgs["model"].path), "data": data,
             "upstream": {u: self.hash(u) for u in STAGES[name].needs(cfg)},
         }
+        if STAGES[name].hash_uses:
+            out["used"] = {u: m["hash"] for u in STAGES[name].uses
+                           if (m := StageDir(self.run_dir, u).manifest()) is not None}
+        return out
 
     def hash(self, name: str) -> str:
         if name not in self._hashes:

@@ -21,7 +21,7 @@ import torch
 
 from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, response_logprobs
-from deltalign.data.batching import length_grouped_batches, pair_batch
+from deltalign.data.batching import length_grouped_batches, pair_batch, to_device
 from deltalign.data.formats import load_rows, preference_examples
 from deltalign.data.tokenize import tokenize_all, tokenize_pair
 from deltalign.engine import Engine, TrainConfig
@@ -30,7 +30,7 @@ from deltalign.losses import dpo_sigmoid_loss, ipo_loss, simpo_loss
 from deltalign.evaluation import policy_report
 
 NAME = "dpo"
-REFERENCE = "ref"
+REFERENCE = "sft"  # the reference IS the SFT adapter (frozen), under its own name
 
 
 @dataclass
@@ -87,10 +87,6 @@ def pair_loss(cfg: Config, pol: torch.Tensor, ref: torch.Tensor, lengths: torch.
     if cfg.loss == "ipo":
         return ipo_loss(pol[:n], pol[n:], ref[:n], ref[n:], cfg.beta)
     return simpo_loss(pol[:n], pol[n:], lengths[:n], lengths[n:], cfg.beta, cfg.simpo_gamma)
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def reference_of(backbone) -> str | None:
@@ -193,7 +189,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     # 3. reference log-probs: computed once per example on first use, kept in the run dir by content key
     cache = ReferenceCache(out_dir / f"ref_logprobs-{cache_key(backbone, train)}.safetensors", len(train),
-                           enabled=cfg.cache_reference and engine.is_main)
+                           enabled=cfg.cache_reference and engine.is_main and engine.zero_stage != 3)
 
     def reference(idx: list[int]) -> torch.Tensor:
         if cfg.loss == "simpo":
@@ -228,16 +224,17 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     # 5. evaluate the policy against its reference on held-out prompts, then save
     metrics: dict = {}
-    if engine.is_main:
-        reference = REFERENCE if cfg.reference == "sft" else None
-        metrics = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
-                                {"reference": reference, NAME: NAME}, reference=reference,
-                                rm_dir=upstream.get("rm"), checker=cfg.eval_checker)
-        if eval_ex:
-            metrics["heldout_pairs"] = heldout_pairs(backbone, model, eval_ex, cfg, engine.device)
-        engine.log({f"{label}/{k}": v for label, row in metrics.items() for k, v in row.items()
-                    if isinstance(v, (int, float))}, kind="eval")
-        backbone.save_adapter(NAME, out_dir)
-        atomic.write_json(out_dir / "eval.json", metrics)
+    with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
+        if engine.is_main:
+            reference = REFERENCE if cfg.reference == "sft" else None
+            metrics = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
+                                    {"reference": reference, NAME: NAME}, reference=reference,
+                                    rm_dir=upstream.get("rm"), checker=cfg.eval_checker)
+            if eval_ex:
+                metrics["heldout_pairs"] = heldout_pairs(backbone, model, eval_ex, cfg, engine.device)
+            engine.log({f"{label}/{k}": v for label, row in metrics.items() for k, v in row.items()
+                        if isinstance(v, (int, float))}, kind="eval")
+            backbone.save_adapter(NAME, out_dir)
+            atomic.write_json(out_dir / "eval.json", metrics)
     engine.finish()
     return metrics

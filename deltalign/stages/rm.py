@@ -18,7 +18,7 @@ import torch
 
 from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
-from deltalign.data.batching import PadCounter, length_grouped_batches, pair_batch
+from deltalign.data.batching import PadCounter, length_grouped_batches, pair_batch, to_device
 from deltalign.data.formats import load_rows, preference_examples
 from deltalign.data.tokenize import tokenize_all, tokenize_pair
 from deltalign.engine import Engine, TrainConfig
@@ -59,7 +59,7 @@ class Config(TrainConfig):
 
 def batch_of(items: list[dict], idx: list[int], pad_id: int, device) -> dict:
     b = pair_batch([items[i] for i in idx], pad_id)
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+    return to_device(b, device)
 
 
 def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,12 +139,13 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     # 3. before training: the initial adapter (SFT copy or base) with the fresh head; kept across a resume
     evals: dict = {"init": cfg.init}
     before_file = out_dir / "eval_before.json"
-    if before_file.exists():
-        evals["before"] = json.loads(before_file.read_text())
-    elif engine.is_main:
-        evals["before"] = heldout(model, held, cfg, pad, engine.device)
-        engine.log(evals["before"] or {}, kind="eval_before")
-        atomic.write_json(before_file, evals["before"])
+    with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
+        if before_file.exists():
+            evals["before"] = json.loads(before_file.read_text())
+        elif engine.is_main:
+            evals["before"] = heldout(model, held, cfg, pad, engine.device)
+            engine.log(evals["before"] or {}, kind="eval_before")
+            atomic.write_json(before_file, evals["before"])
 
     # 4. loop: chosen and rejected in one forward; per-pair loss summed, normalised over the step's pairs
     model.train()
@@ -167,17 +168,18 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         engine.step({k: v / max(n, 1) for k, v in sums.items()} | {"pad_share": pads.share})
 
     # 5. evaluate, measure the reward scale on the training responses, save
-    if engine.is_main:
-        evals["after"] = heldout(model, held, cfg, pad, engine.device)
-        engine.log(evals["after"] or {}, kind="eval")
-        rc, rr = score_all(model, train[: cfg.stats_pairs or None], cfg.eval_batch_size, pad, engine.device)
-        scores = torch.cat([rc, rr])
-        evals["reward_stats"] = {"mean": float(scores.mean()), "std": float(scores.std(correction=0)),
-                                 "n": scores.numel()}
-        engine.log(evals["reward_stats"], kind="reward_stats")
-        backbone.save_adapter(NAME, out_dir)
-        backbone.save_head(NAME, out_dir / HEAD_FILE)
-        atomic.write_json(out_dir / STATS_FILE, evals["reward_stats"])
-        atomic.write_json(out_dir / "eval.json", evals)
+    with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
+        if engine.is_main:
+            evals["after"] = heldout(model, held, cfg, pad, engine.device)
+            engine.log(evals["after"] or {}, kind="eval")
+            rc, rr = score_all(model, train[: cfg.stats_pairs or None], cfg.eval_batch_size, pad, engine.device)
+            scores = torch.cat([rc, rr])
+            evals["reward_stats"] = {"mean": float(scores.mean()), "std": float(scores.std(correction=0)),
+                                     "n": scores.numel()}
+            engine.log(evals["reward_stats"], kind="reward_stats")
+            backbone.save_adapter(NAME, out_dir)
+            backbone.save_head(NAME, out_dir / HEAD_FILE)
+            atomic.write_json(out_dir / STATS_FILE, evals["reward_stats"])
+            atomic.write_json(out_dir / "eval.json", evals)
     engine.finish()
     return evals

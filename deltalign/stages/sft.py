@@ -14,7 +14,7 @@ import torch
 
 from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, labelled_logits
-from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batch
+from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batch, to_device
 from deltalign.data.formats import load_rows, sft_examples
 from deltalign.data.tokenize import tokenize_all, tokenize_sft
 from deltalign.engine import Engine, TrainConfig
@@ -50,7 +50,7 @@ class Config(TrainConfig):
 
 def batch_of(items: list[dict], idx: list[int], pad_id: int, device) -> dict:
     b = pad_batch([items[i]["input_ids"] for i in idx], pad_id, labels=[items[i]["labels"] for i in idx])
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+    return to_device(b, device)
 
 
 @torch.no_grad()
@@ -98,16 +98,17 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     evals: dict = {}
     gen_examples = eval_ex[: cfg.eval_limit or None]
     base_file = out_dir / "eval_base.json"
-    if base_file.exists():
-        evals["base"] = json.loads(base_file.read_text())
-    elif engine.is_main:
-        with backbone.using(None):
-            evals["base"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size,
-                                                          engine.device) if heldout else None}
-            if cfg.eval_checker and gen_examples:
-                evals["base"] |= _checker(backbone, gen_examples, cfg, None)
-        engine.log(evals["base"], kind="eval_base")
-        atomic.write_json(base_file, evals["base"])
+    with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
+        if base_file.exists():
+            evals["base"] = json.loads(base_file.read_text())
+        elif engine.is_main:
+            with backbone.using(None):
+                evals["base"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size,
+                                                              engine.device) if heldout else None}
+                if cfg.eval_checker and gen_examples:
+                    evals["base"] |= _checker(backbone, gen_examples, cfg, None)
+            engine.log(evals["base"], kind="eval_base")
+            atomic.write_json(base_file, evals["base"])
 
     # 4. loop
     model.train()
@@ -125,14 +126,15 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         engine.step({"loss": loss_total / max(total / engine.world, 1), "pad_share": pads.share})
 
     # 5. evaluate and save
-    if engine.is_main:
-        evals["sft"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size, engine.device)
-                        if heldout else None, "pad_share": pads.share}
-        if cfg.eval_checker and gen_examples:
-            evals["sft"] |= _checker(backbone, gen_examples, cfg, NAME)
-        engine.log(evals["sft"], kind="eval")
-        backbone.save_adapter(NAME, out_dir)
-        atomic.write_json(out_dir / "eval.json", evals)
+    with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
+        if engine.is_main:
+            evals["sft"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size, engine.device)
+                            if heldout else None, "pad_share": pads.share}
+            if cfg.eval_checker and gen_examples:
+                evals["sft"] |= _checker(backbone, gen_examples, cfg, NAME)
+            engine.log(evals["sft"], kind="eval")
+            backbone.save_adapter(NAME, out_dir)
+            atomic.write_json(out_dir / "eval.json", evals)
     engine.finish()
     return evals
 

@@ -1,0 +1,209 @@
+"""What both sides of the benchmark share: the settings, the FLOP convention, and how a child reports back.
+
+Every measurement runs in a fresh process (``bench/ours.py``, ``bench/trl_side.py``, ``bench/naive_ppo.py``,
+``bench/matmul_peak.py``); the orchestrator ``bench/run.py`` alternates them and takes medians. A child prints
+exactly one line ``BENCH_RESULT {json}`` on stdout with its throughput, the time window it measured and its own
+peak resident memory (``getrusage(RUSAGE_SELF).ru_maxrss``, i.e. the whole process: imports, model, training).
+
+Throughput is measured over optimizer steps only: the first ``WARMUP_STEPS`` steps are run but not timed, and
+model loading, data preparation and any evaluation after training are outside the window. Both sides time the
+same thing: from the end of the warm-up step to the end of the last step.
+
+FLOP convention (model FLOPs, written down once here and applied identically to every side)
+---------------------------------------------------------------------------------------------
+``N_body``: parameters of the transformer blocks (every linear weight of attention and MLP; norms are negligible
+but counted), embeddings excluded. ``N_head``: the LM head, ``vocab x hidden`` (tied to the input embedding in
+SmolLM2, but it is still a matmul every token passes through). The input embedding is a lookup: 0 FLOPs.
+
+Forward FLOPs per token of a sequence of length T (Kaplan et al. 2020, PaLM appendix B):
+
+    F(T) = 2 * N + 4 * n_layer * d_model * T          (N = N_body + N_head for LM stages, N_body for scalar heads)
+
+the second term being attention's QK^T and AV (counted over the full T x T square, as PaLM does).
+
+Training with a frozen base and LoRA deltas:  ``train = 2 * F``: forward (2N) plus the backward pass through
+activations (2N); no weight gradients are formed for the frozen base, and the adapters' (r=16: ~0.3% of N) are
+ignored. This is the "4N" convention. The usual full-fine-tuning "6N" convention would multiply every training
+FLOP count (and so every share of peak) by 1.5; ratios between the two sides are unaffected either way.
+
+Tokens are real (non-pad) tokens: padding is work the implementation chose to do, not model FLOPs.
+
+* SFT: per sequence of T tokens: ``T * train(T)`` (LM head counted on every token, as the standard convention
+  does, even where an implementation skips it for prompt tokens).
+* RM:  per pair: both sequences, ``T * train(T)`` with ``N = N_body`` (a scalar head, no LM head).
+* DPO: per pair: both sequences, ``T * (train(T) + F(T))``: the policy trains and the reference (the same base
+  with adapters off) runs one forward.
+* PPO (per sample, prompt P, response R, T = P + R, E PPO epochs):
+  rollout generation ``T * F(T)`` (KV cache: each token's forward once), policy old log-probs ``T * F(T)``,
+  reference ``T * F(T)``, reward model and critic values ``2 * T * F_body(T)``, then E epochs of policy training
+  ``T * train(T)`` and critic training ``T * train_body(T)``. Every side is charged with this same count for the
+  samples it processed, whether it actually recomputes something or caches it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT_TAG = "BENCH_RESULT "
+WARMUP_STEPS = 1
+
+
+@dataclass
+class Settings:
+    """The hyperparameters both sides use (one object, passed to every child as JSON)."""
+    model: str = "models/SmolLM2-135M-Instruct"
+    dtype: str = "float32"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"
+    batch_size: int = 8
+    """Rows (SFT) or pairs (RM, DPO) per optimizer step; prompts per rollout (PPO)."""
+    max_length: int = 256
+    steps: int = 6
+    """Optimizer steps per process, the first WARMUP_STEPS of them not timed."""
+    ppo_steps: int = 3
+    threads: int = 2
+    lr: float = 1e-4
+    seed: int = 0
+    sft_data: str = "embedded:sft_train"
+    pref_data: str = "embedded:pref_train"
+    dpo_beta: float = 0.1
+    # PPO
+    ppo_mini_batch_size: int = 8
+    ppo_epochs: int = 2
+    max_new_tokens: int = 48
+    max_prompt_length: int = 192
+    temperature: float = 1.0
+    kl_coef: float = 0.05
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Settings":
+        return cls(**json.loads(text))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def set_threads(n: int) -> None:
+    """Fix the CPU threads of this process (both sides call this before any torch work)."""
+    import torch
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def model_dims(path: str | Path) -> dict:
+    """Parameter counts and shapes for the FLOP convention above, from the checkpoint's config.json."""
+    cfg = json.loads((ROOT / path / "config.json").read_text() if not Path(path).is_absolute()
+                     else (Path(path) / "config.json").read_text())
+    d, L = cfg["hidden_size"], cfg["num_hidden_layers"]
+    ff, V = cfg["intermediate_size"], cfg["vocab_size"]
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads", heads)
+    hd = cfg.get("head_dim", d // heads)
+    attn = d * heads * hd + 2 * d * kv * hd + heads * hd * d  # q, k, v, o
+    mlp = 3 * d * ff  # gate, up, down
+    norms = 2 * d
+    n_body = L * (attn + mlp + norms) + d
+    return {"n_body": n_body, "n_head": V * d, "n_layer": L, "d_model": d, "vocab": V}
+
+
+def fwd_flops_per_token(dims: dict, T: float, lm_head: bool = True) -> float:
+    n = dims["n_body"] + (dims["n_head"] if lm_head else 0)
+    return 2 * n + 4 * dims["n_layer"] * dims["d_model"] * T
+
+
+def seq_flops(dims: dict, lengths: list[int], kind: str) -> float:
+    """Model FLOPs for sequences of the given real lengths. ``kind``: train | train_body | fwd | fwd_body."""
+    total = 0.0
+    for T in lengths:
+        body_only = kind.endswith("_body")
+        f = fwd_flops_per_token(dims, T, lm_head=not body_only)
+        total += T * (2 * f if kind.startswith("train") else f)
+    return total
+
+
+class StepTimer:
+    """Times optimizer steps and counts work per step; the window starts after WARMUP_STEPS steps."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+        self.work: list[dict] = []  # work done in each step (tokens, pairs, samples, flops)
+        self._cur: dict = {}
+
+    def add(self, **kw) -> None:
+        for k, v in kw.items():
+            self._cur[k] = self._cur.get(k, 0) + v
+
+    def step_end(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.work.append(self._cur)
+        self._cur = {}
+
+    def summary(self) -> dict:
+        if len(self.ends) <= WARMUP_STEPS:
+            raise RuntimeError(f"only {len(self.ends)} steps ran; need more than {WARMUP_STEPS} to time")
+        seconds = self.ends[-1] - self.ends[WARMUP_STEPS - 1]
+        timed = self.work[WARMUP_STEPS:]
+        sums: dict = {}
+        for w in timed:
+            for k, v in w.items():
+                sums[k] = sums.get(k, 0) + v
+        out = {"seconds": seconds, "timed_steps": len(timed), "s_per_step": seconds / len(timed)}
+        for k, v in sums.items():
+            out[k] = v
+            out[f"{k}_per_s"] = v / seconds
+        return out
+
+
+def emit(result: dict) -> None:
+    """Print the one result line the orchestrator reads (peak RSS of this whole process added)."""
+    result = dict(result)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    sys.stdout.write(RESULT_TAG + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def parse_result(stdout: str) -> dict | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    return None
+
+
+def pref_rows_for_trl(source: str) -> list[dict]:
+    """The same preference rows our side reads, as conversational prompt/chosen/rejected dicts."""
+    from deltalign.data.formats import load_rows
+
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in load_rows(source)]
+
+
+def sft_rows_for_trl(source: str) -> list[dict]:
+    """The same SFT rows our side reads (``messages``), as conversational prompt/completion, so that TRL computes
+    the loss on the completion only, as ours does."""
+    from deltalign.data.formats import load_rows
+
+    out = []
+    for r in load_rows(source):
+        msgs = r["messages"]
+        out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    return out

@@ -1,0 +1,215 @@
+"""Our side: run one deltalign stage for a fixed number of optimizer steps in this (fresh) process and report.
+
+    python bench/ours.py --stage {sft,rm,dpo,ppo} --settings JSON --out DIR
+    python bench/ours.py --prepare-ppo DIR --settings JSON     # untrained sft + rm folders that ppo reads
+
+The stage runs exactly as ``python -m deltalign run STAGE`` would (``deltalign.stages.<stage>.run``) with the config
+built from ``configs/default.yaml`` plus the benchmark's overrides (the shared settings of ``bench/common.py``;
+held-out evaluation, checkpoints and generation reports switched off). Two light hooks, no change to the stage:
+``Engine.step`` is wrapped to timestamp the end of every optimizer step, and the stage's own forward function is
+wrapped to count the real tokens of each trained batch (only calls made with gradients on, i.e. the training
+forward, not reference or evaluation passes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, Settings, StepTimer, emit, model_dims, seq_flops, set_threads  # noqa: E402
+
+
+def overrides(stage: str, s: Settings) -> list[str]:
+    """``--set`` style overrides: the shared settings mapped onto our config keys."""
+    o = [f"model.path={s.model}", f"model.dtype={s.dtype}", "model.quantization=none",
+         f"{stage}.lr={s.lr}", f"{stage}.seed={s.seed}", f"{stage}.threads={s.threads}", f"{stage}.grad_accum=1",
+         f"{stage}.checkpoint_every=0", f"{stage}.log_every=1000", f"{stage}.eval_data="]
+    lora = [f"{stage}.adapter.method=lora", f"{stage}.adapter.r={s.lora_r}", f"{stage}.adapter.alpha={s.lora_alpha}",
+            f"{stage}.adapter.dropout={s.lora_dropout}", f"{stage}.adapter.target_modules={s.target_modules}"]
+    if stage == "sft":
+        o += lora + [f"sft.data={s.sft_data}", f"sft.max_steps={s.steps}", f"sft.batch_size={s.batch_size}",
+                     f"sft.max_length={s.max_length}", "sft.eval_checker=false"]
+    elif stage == "rm":
+        o += lora + [f"rm.data={s.pref_data}", f"rm.max_steps={s.steps}", f"rm.batch_size={s.batch_size}",
+                     f"rm.max_length={s.max_length}", "rm.init=fresh", f"rm.stats_pairs={s.batch_size}",
+                     f"rm.eval_batch_size={s.batch_size}"]
+    elif stage == "dpo":
+        # reference = the base with adapters off and a fresh policy adapter: what TRL does with a peft model and
+        # no ref_model, so both sides run the same reference forward every step
+        o += lora + [f"dpo.data={s.pref_data}", f"dpo.max_steps={s.steps}", f"dpo.batch_size={s.batch_size}",
+                     f"dpo.max_length={s.max_length}", "dpo.reference=base", "dpo.init=fresh", "dpo.loss=sigmoid",
+                     f"dpo.beta={s.dpo_beta}", "dpo.nll_weight=0", "dpo.eval_checker=false"]
+    elif stage == "ppo":
+        o += lora + [f"ppo.data={s.pref_data}", f"ppo.max_steps={s.ppo_steps}", f"ppo.batch_size={s.batch_size}",
+                     f"ppo.mini_batch_size={s.ppo_mini_batch_size}", f"ppo.ppo_epochs={s.ppo_epochs}",
+                     f"ppo.max_prompt_length={s.max_prompt_length}", f"ppo.rollout.max_new_tokens={s.max_new_tokens}",
+                     f"ppo.rollout.temperature={s.temperature}", "ppo.rollout.top_p=1.0",
+                     f"ppo.kl_coef={s.kl_coef}", "ppo.kl_target=0", "ppo.warmup_ratio=0", "ppo.critic_init=rm",
+                     "ppo.rm_weight=1.0", "ppo.rules.checker=0", "ppo.eval_checker=false"]
+    return o
+
+
+def build_configs(stage: str, s: Settings) -> tuple[dict, list[str]]:
+    """Configs from configs/default.yaml + overrides; overrides for keys this version lacks are dropped (reported)."""
+    from deltalign.pipeline import config as configs
+    from deltalign.pipeline.graph import sections
+
+    secs = sections()
+    if stage not in secs:
+        raise SystemExit(f"stage {stage!r} is not in deltalign's stage graph")
+    known = {f"{name}.{k}" for name, cls in secs.items() for k in configs.field_docs(cls)}
+    wanted = overrides(stage, s)
+    def exists(key: str) -> bool:  # the key, or a mapping field it indexes into (ppo.rules.checker)
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in known for i in range(2, len(parts) + 1))
+
+    kept = [o for o in wanted if exists(o.split("=", 1)[0])]
+    dropped = [o for o in wanted if o not in kept]
+    return configs.load(secs, str(ROOT / "configs/default.yaml"), kept), dropped
+
+
+def prepare_ppo(out: Path, s: Settings) -> None:
+    """Untrained ``sft`` (policy/reference) and ``rm`` (adapter + head + stats) folders for the PPO stage.
+
+    LoRA's B matrices start at zero, so these compute exactly what trained ones would; PPO's cost does not depend
+    on what the adapters learned.
+    """
+    import torch
+
+    from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+    from deltalign.rewards.model import HEAD_FILE, STATS_FILE
+
+    if (out / "rm" / STATS_FILE).exists() and (out / "sft" / "adapter_model.safetensors").exists():
+        return
+    torch.manual_seed(s.seed)
+    bb = Backbone.load(ModelConfig(path=s.model, dtype=s.dtype))
+    a = AdapterConfig(r=s.lora_r, alpha=s.lora_alpha, dropout=s.lora_dropout, target_modules=s.target_modules)
+    bb.add_adapter("sft", a, trainable=False)
+    bb.save_adapter("sft", out / "sft")
+    bb.add_adapter("rm", a, trainable=False)
+    bb.add_head("rm", trainable=False)
+    bb.save_adapter("rm", out / "rm")
+    bb.save_head("rm", out / "rm" / HEAD_FILE)
+    (out / "rm" / STATS_FILE).write_text(json.dumps({"mean": 0.0, "std": 1.0, "n": 0}))
+
+
+def install_hooks(stage: str, timer: StepTimer, dims: dict, s: Settings) -> None:
+    import torch
+
+    import deltalign.engine as engine_mod
+
+    original_step = engine_mod.Engine.step
+
+    def step(self, *a, **k):
+        out = original_step(self, *a, **k)
+        timer.step_end()
+        return out
+
+    engine_mod.Engine.step = step
+
+    def lengths_of(batch) -> list[int]:
+        return [int(x) for x in batch["attention_mask"].sum(1).tolist()]
+
+    if stage == "sft":
+        import deltalign.stages.sft as mod
+        orig = mod.labelled_logits
+
+        def labelled_logits(backbone, model, batch):
+            if torch.is_grad_enabled():
+                L = lengths_of(batch)
+                timer.add(rows=len(L), tokens=sum(L), flops=seq_flops(dims, L, "train"))
+            return orig(backbone, model, batch)
+
+        mod.labelled_logits = labelled_logits
+    elif stage == "rm":
+        import deltalign.stages.rm as mod
+        orig = mod.pair_scores
+
+        def pair_scores(model, batch):
+            if torch.is_grad_enabled():
+                L = lengths_of(batch)
+                timer.add(pairs=len(L) // 2, tokens=sum(L), flops=seq_flops(dims, L, "train_body"))
+            return orig(model, batch)
+
+        mod.pair_scores = pair_scores
+    elif stage == "dpo":
+        import deltalign.stages.dpo as mod
+        orig = mod.response_logprobs
+
+        def response_logprobs(backbone, model, batch):
+            if torch.is_grad_enabled():  # the policy's training forward (the reference runs under no_grad)
+                L = lengths_of(batch)
+                timer.add(pairs=len(L) // 2, tokens=sum(L),
+                          flops=seq_flops(dims, L, "train") + seq_flops(dims, L, "fwd"))
+            return orig(backbone, model, batch)
+
+        mod.response_logprobs = response_logprobs
+    elif stage == "ppo":
+        import deltalign.stages.ppo as mod
+        orig = mod.rollout_batch
+
+        def rollout_batch(prompts, responses, pad_id):
+            timer.add(samples=len(prompts), **ppo_work(dims, [len(p) for p in prompts],
+                                                       [len(r) for r in responses], s.ppo_epochs))
+            return orig(prompts, responses, pad_id)
+
+        mod.rollout_batch = rollout_batch
+
+
+def ppo_work(dims: dict, P: list[int], R: list[int], epochs: int) -> dict:
+    """Model FLOPs of one PPO step by the convention in common.py (real prompt and response lengths)."""
+    T = [p + r for p, r in zip(P, R)]
+    flops = (3 * seq_flops(dims, T, "fwd") + 2 * seq_flops(dims, T, "fwd_body")
+             + epochs * (seq_flops(dims, T, "train") + seq_flops(dims, T, "train_body")))
+    return {"flops": flops, "tokens": sum(T), "response_tokens": sum(R)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", choices=["sft", "rm", "dpo", "ppo"])
+    ap.add_argument("--settings", required=True)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--prepare-ppo", default=None, metavar="DIR")
+    args = ap.parse_args()
+    s = Settings.from_json(args.settings)
+    os.chdir(ROOT)
+    set_threads(s.threads)
+    if args.prepare_ppo:
+        prepare_ppo(Path(args.prepare_ppo), s)
+        emit({"side": "ours", "stage": "ppo_prepare", "dir": args.prepare_ppo})
+        return 0
+    if args.stage == "ppo":
+        try:
+            import deltalign.stages.ppo  # noqa: F401
+        except ImportError as e:
+            emit({"side": "ours", "stage": "ppo", "error": f"not available: {e}"})
+            return 0
+
+    cfgs, dropped = build_configs(args.stage, s)
+    timer = StepTimer()
+    dims = model_dims(s.model)
+    install_hooks(args.stage, timer, dims, s)
+    from deltalign.pipeline.graph import stage_module
+
+    upstream = {}
+    if args.stage == "ppo":
+        up = Path(s.extra.get("ppo_upstream") or ROOT / "bench" / ".cache" / "ppo-upstream")
+        upstream = {"sft": up / "sft", "rm": up / "rm"}
+    with tempfile.TemporaryDirectory(prefix=f"bench-ours-{args.stage}-") as tmp:
+        out = Path(args.out or tmp)
+        stage_module(args.stage).run(cfgs[args.stage], cfgs["model"], out / args.stage, upstream)
+    res = {"side": "ours", "stage": args.stage, **timer.summary(), "dropped_overrides": dropped,
+           "threads": s.threads}
+    emit(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Benchmark orchestrator: deltalign vs TRL on the same model, data and settings; one markdown table.
+
+    python bench/run.py [--quick] [--runs N] [--steps N] [--ppo-steps N] [--threads N] [--stages sft,rm,dpo,ppo]
+
+(``make bench`` / ``make bench QUICK=1``.) Every measurement is a fresh process; for each stage the sides alternate
+(ours, TRL, ours, TRL, ...; for PPO ours, TRL, naive, ...), and each number is the median over the runs. Our side
+runs with ``.venv/bin/python`` (deltalign's own environment), TRL's with ``.bench-venv/bin/python`` (the same torch /
+transformers / peft / accelerate pins plus trl, from bench/requirements.txt), the naive four-model PPO with
+``.venv``. Peak resident memory is each child's own ``ru_maxrss`` (from ``os.wait4`` on that child).
+
+Writes ``bench/results/<date>-<time>[-quick].md`` (the table, the machine, the settings, the goals) and ``.json``
+(everything, every run). Model FLOPs per token and the time window: see ``bench/common.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, Settings, parse_result  # noqa: E402
+
+BENCH = ROOT / "bench"
+OURS_PY = os.environ.get("BENCH_OURS_PY", str(ROOT / ".venv/bin/python"))
+TRL_PY = os.environ.get("BENCH_TRL_PY", str(ROOT / ".bench-venv/bin/python"))
+STAGES = ["sft", "rm", "dpo", "ppo"]
+# headline metric of each stage (higher is better), and the unit shown
+# QUICK=1 overrides of the shared settings (under 10 minutes on 2 cores; not comparable with the full table)
+QUICK = {"steps": 3, "ppo_steps": 2, "batch_size": 4, "ppo_mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 32}
+METRIC = {"sft": ("tokens_per_s", "tokens/s"), "rm": ("pairs_per_s", "pairs/s"), "dpo": ("pairs_per_s", "pairs/s"),
+          "ppo": ("samples_per_s", "samples/s")}
+
+
+# --- running children -------------------------------------------------------------------------------------------
+
+def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
+    """Run one fresh process; its result line, wall time and peak RSS (os.wait4), or an error with the log tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    t0 = time.time()
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        deadline = t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() > deadline:
+                p.kill()
+                pid, status, usage = os.wait4(p.pid, 0)
+                break
+            time.sleep(0.2)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.time() - t0
+    text = log.read_text(errors="replace")
+    res = parse_result(text)
+    if res is None or p.returncode != 0:
+        tail = "\n".join(text.splitlines()[-15:])
+        res = dict(res or {}, error=f"exit {p.returncode}" + (" (timeout)" if wall >= timeout else ""),
+                   log_tail=tail)
+    res["wall_s"] = round(wall, 1)
+    res["peak_rss_mb_wait4"] = round(usage.ru_maxrss / 1024, 1)
+    return res
+
+
+def sh(py: str, code: str) -> str:
+    try:
+        return subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout.strip()
+    except Exception as e:  # noqa: BLE001
+        return f"unavailable: {e}"
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    versions = "import json,torch,transformers,peft,accelerate; v={'torch':torch.__version__," \
+               "'transformers':transformers.__version__,'peft':peft.__version__,'accelerate':accelerate.__version__}"
+    ours = sh(OURS_PY, versions + "; print(json.dumps(v))")
+    theirs = sh(TRL_PY, versions + "; import trl; v['trl']=trl.__version__; print(json.dumps(v))")
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+            "ram_gb": round(mem / 1024 ** 2, 1), "python": platform.python_version(),
+            "kernel": platform.release(), "ours_env": _json(ours), "trl_env": _json(theirs)}
+
+
+def _json(text: str):
+    try:
+        return json.loads(text.splitlines()[-1])
+    except (ValueError, IndexError):
+        return text
+
+
+# --- aggregation ----------------------------------------------------------------------------------------------
+
+def median_of(runs: list[dict], key: str):
+    vals = [r[key] for r in runs if "error" not in r and isinstance(r.get(key), (int, float))]
+    return statistics.median(vals) if vals else None
+
+
+def aggregate(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    out = {"n_ok": len(ok), "n": len(runs)}
+    if not ok:
+        out["error"] = runs[0].get("error") if runs else "not run"
+        return out
+    for k in ("tokens_per_s", "pairs_per_s", "samples_per_s", "rows_per_s", "s_per_step", "flops_per_s",
+              "peak_rss_mb", "peak_rss_mb_wait4", "wall_s"):
+        v = median_of(ok, k)
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def fmt(v, digits=3) -> str:
+    if v is None:
+        return "n/a"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}"
+
+
+def gb(mb) -> str:
+    return "n/a" if mb is None else f"{mb / 1024:.2f} GB"
+
+
+def table(agg: dict, peak: float | None) -> str:
+    def share(a):
+        f = a.get("flops_per_s")
+        return "n/a" if f is None or not peak else f"{100 * f / peak:.1f}%"
+
+    def cell(a, key):
+        if "error" in a:
+            err = str(a["error"])
+            return "not available" if "not available" in err else "not run" if "not run" in err else "failed"
+        return fmt(a.get(key))
+
+    rows = ["| stage | metric | ours | TRL | ours / TRL | peak RSS ours | peak RSS TRL | "
+            "FLOP/s share of peak, ours | FLOP/s share of peak, TRL |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for stage in STAGES:
+        if stage not in agg:
+            continue
+        a, b = agg[stage]["ours"], agg[stage]["trl"]
+        key, unit = METRIC[stage]
+        x, y = a.get(key), b.get(key)
+        ratio = f"{x / y:.2f}x" if x and y and "error" not in a and "error" not in b else "n/a"
+        rows.append(f"| {stage.upper()} | {unit} | {cell(a, key)} | {cell(b, key)} | {ratio} | "
+                    f"{gb(a.get('peak_rss_mb'))} | {gb(b.get('peak_rss_mb'))} | {share(a)} | {share(b)} |")
+        if stage == "dpo":
+            x, y = a.get("s_per_step"), b.get("s_per_step")
+            ratio = f"{y / x:.2f}x faster" if x and y else "n/a"
+            rows.append(f"| DPO | s/step | {cell(a, 's_per_step')} | {cell(b, 's_per_step')} | {ratio} | | | | |")
+        if stage == "ppo" and "naive" in agg[stage]:
+            n = agg[stage]["naive"]
+            rows.append(f"| PPO, naive 4 models (memory baseline) | samples/s | {cell(n, key)} | | | "
+                        f"{gb(n.get('peak_rss_mb'))} | | {share(n)} | |")
+    return "\n".join(rows)
+
+
+def goals(agg: dict) -> list[str]:
+    """The issue's goals, checked against the medians (reported, not asserted)."""
+    def g(stage, side, key):
+        return agg.get(stage, {}).get(side, {}).get(key)
+
+    out = []
+
+    def line(text, value, ok):
+        mark = "not measured" if ok is None else ("met" if ok else "NOT met")
+        out.append(f"- {text}: {value} — {mark}")
+
+    d_o, d_t = g("dpo", "ours", "pairs_per_s"), g("dpo", "trl", "pairs_per_s")
+    m_o, m_t = g("dpo", "ours", "peak_rss_mb"), g("dpo", "trl", "peak_rss_mb")
+    r = d_o / d_t if d_o and d_t else None
+    line("DPO pairs/s >= 1.5x TRL", f"{r:.2f}x" if r else "n/a", None if r is None else r >= 1.5)
+    line("DPO peak memory <= TRL's", f"{gb(m_o)} vs {gb(m_t)}", None if not (m_o and m_t) else m_o <= m_t)
+    s_o, s_t = g("sft", "ours", "tokens_per_s"), g("sft", "trl", "tokens_per_s")
+    r = s_o / s_t if s_o and s_t else None
+    line("SFT tokens/s >= 1.2x TRL", f"{r:.2f}x" if r else "n/a", None if r is None else r >= 1.2)
+    p_o, sft_m, naive = g("ppo", "ours", "peak_rss_mb"), g("sft", "ours", "peak_rss_mb"), g("ppo", "naive",
+                                                                                           "peak_rss_mb")
+    r = p_o / sft_m if p_o and sft_m else None
+    line("PPO peak memory <= 1.3x our SFT peak", f"{r:.2f}x" if r else "n/a", None if r is None else r <= 1.3)
+    r = p_o / naive if p_o and naive else None
+    line("PPO peak memory <= 0.5x the naive four-model PPO", f"{r:.2f}x" if r else "n/a",
+         None if r is None else r <= 0.5)
+    return out
+
+
+# --- main -------------------------------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="development mode: 1 run per side, fewer steps, batch 4, "
+                                                         "lighter PPO (see QUICK)")
+    ap.add_argument("--runs", type=int, default=None, help="runs per side (default 3; quick 1)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per SFT/RM/DPO process, the first "
+                                                            "untimed (default 6)")
+    ap.add_argument("--ppo-steps", type=int, default=None, help="PPO steps per process (default 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all usable cores)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--no-trl", action="store_true", help="run our side only")
+    ap.add_argument("--out", default=str(BENCH / "results"))
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
+    args = ap.parse_args()
+
+    runs = args.runs or (1 if args.quick else 3)
+    s = Settings(threads=args.threads or len(os.sched_getaffinity(0)))
+    if args.quick:  # development: one run per side, a smaller batch and a lighter PPO step (both sides alike)
+        s = dataclasses.replace(s, **QUICK)
+    s.steps = args.steps or s.steps
+    s.ppo_steps = args.ppo_steps or s.ppo_steps
+    if args.batch_size:
+        s.batch_size = args.batch_size
+        s.ppo_mini_batch_size = min(s.ppo_mini_batch_size, s.batch_size)
+    stages = [x for x in args.stages.split(",") if x]
+    bad = [x for x in stages if x not in STAGES]
+    if bad:
+        ap.error(f"unknown stage(s) {bad}; choose from {STAGES}")
+    if not args.no_trl and not Path(TRL_PY).exists():
+        print(f"{TRL_PY} not found: build it with `make .bench-venv/.installed` (or pass --no-trl)", file=sys.stderr)
+        return 2
+
+    started = dt.datetime.now(dt.timezone.utc)
+    stamp = started.strftime("%Y-%m-%d-%H%M") + ("-quick" if args.quick else "")
+    logs = BENCH / ".cache" / "logs" / stamp
+    load_before = os.getloadavg()
+    info = machine()
+    print(f"[bench] {info['cpu']}, {info['usable_cpus']} cpus, {info['ram_gb']} GB; threads={s.threads}, "
+          f"runs={runs}, steps={s.steps}, ppo_steps={s.ppo_steps}, batch={s.batch_size}; logs in {logs}", flush=True)
+
+    loads: list[float] = []
+
+    def child(tag: str, cmd: list[str], i: int) -> dict:
+        t = time.time()
+        res = run_child(cmd, logs / f"{tag}-{i}.log", args.timeout)
+        what = res.get("error") or ", ".join(f"{k}={fmt(res[k])}" for k in ("tokens_per_s", "pairs_per_s",
+                                             "samples_per_s", "s_per_step", "peak_rss_mb", "peak_flops") if k in res)
+        print(f"[bench] {tag} #{i + 1}: {what} ({time.time() - t:.0f}s)", flush=True)
+        loads.append(os.getloadavg()[0])  # 1-min load right after a child: ~threads when nothing else runs
+        return res
+
+    peak_runs = [child("matmul_peak", [OURS_PY, str(BENCH / "matmul_peak.py"), "--threads", str(s.threads),
+                                       "--seconds", "1" if args.quick else "3"], 0)]
+    peak = max((r["peak_flops"] for r in peak_runs if "peak_flops" in r), default=None)
+
+    raw: dict = {}
+    for stage in stages:
+        if stage == "ppo":
+            key = hashlib.sha256(json.dumps([s.model, s.lora_r, s.lora_alpha, s.lora_dropout, s.target_modules,
+                                             s.seed]).encode()).hexdigest()[:12]
+            s.extra["ppo_upstream"] = str(BENCH / ".cache" / f"ppo-upstream-{key}")
+        js = s.to_json()
+        sides = {"ours": [OURS_PY, str(BENCH / "ours.py"), "--stage", stage, "--settings", js]}
+        if not args.no_trl:
+            sides["trl"] = [TRL_PY, str(BENCH / "trl_side.py"), "--stage", stage, "--settings", js]
+        if stage == "ppo":
+            sides["naive"] = [OURS_PY, str(BENCH / "naive_ppo.py"), "--settings", js]
+            has_ppo = (ROOT / "deltalign" / "stages" / "ppo.py").exists()
+            if has_ppo:
+                child("ppo_prepare", [OURS_PY, str(BENCH / "ours.py"), "--prepare-ppo", s.extra["ppo_upstream"],
+                                      "--settings", js], 0)
+        raw[stage] = {side: [] for side in sides}
+        for i in range(runs):  # alternate: A, B(, C), A, B(, C), ...
+            for side, cmd in sides.items():
+                raw[stage][side].append(child(f"{stage}-{side}", cmd, i))
+        raw[stage].setdefault("trl", [{"error": "not run (--no-trl)"}])
+
+    agg = {stage: {side: aggregate(r) for side, r in sides.items()} for stage, sides in raw.items()}
+    finished = dt.datetime.now(dt.timezone.utc)
+    load_after = os.getloadavg()
+    tbl = table(agg, peak)
+    goal_lines = goals(agg)
+    contended = max([load_before[0], *loads]) > s.threads + 0.75
+    trl_v = info["trl_env"].get("trl") if isinstance(info["trl_env"], dict) else None
+    notes = []
+    for stage, sides in raw.items():
+        for side, rs in sides.items():
+            bad = [r for r in rs if "error" in r]
+            if bad:
+                notes.append(f"{stage} ({side}): {len(rs) - len(bad)}/{len(rs)} runs succeeded; "
+                             f"{bad[0]['error']}" + ("" if any(w in bad[0]["error"] for w in ("not available", "not run"))
+                                                     else f" — log: {logs}"))
+
+    md = [f"# deltalign vs TRL {trl_v or ''} — {started:%Y-%m-%d %H:%M} UTC" + (" (QUICK mode)" if args.quick else ""),
+          "",
+          f"Machine: {info['cpu']}, {info['usable_cpus']} usable CPUs ({info['logical_cpus']} logical), "
+          f"{info['ram_gb']} GB RAM, Linux {info['kernel']}, Python {info['python']}. "
+          f"Ours: {_versions(info['ours_env'])}. TRL side: {_versions(info['trl_env'])}.",
+          f"fp32 matmul peak ({s.threads} thread(s)): {fmt(peak / 1e9 if peak else None)} GFLOP/s.",
+          f"1-min load average before / highest after a child / after: {load_before[0]:.2f} / "
+          f"{max(loads, default=0):.2f} / {load_after[0]:.2f}"
+          + (" — **other work was running: these numbers are contended**" if contended else "") + ".",
+          "",
+          f"Same model ({s.model}, fp32), data (embedded sft_train / pref_train), LoRA r={s.lora_r} "
+          f"alpha={s.lora_alpha} dropout={s.lora_dropout} on {s.target_modules}, batch {s.batch_size} "
+          f"(rows / pairs / prompts), max length {s.max_length}, {s.steps} steps per process "
+          f"(PPO {s.ppo_steps}; the first step of each is warm-up, not timed), {s.threads} thread(s); "
+          f"PPO: minibatch {s.ppo_mini_batch_size}, {s.ppo_epochs} epochs, {s.max_new_tokens} new tokens, "
+          f"temperature {s.temperature}. Fresh process per run, sides alternating, median of {runs} run(s) each. "
+          f"Peak RSS = the whole process's resident high-water mark. FLOP/s share: model FLOPs per real token "
+          f"(frozen-base LoRA: forward 2N + activation backward 2N, attention included; see bench/common.py) "
+          f"over the measured matmul peak.",
+          "",
+          tbl,
+          "",
+          "Goals (shown, not asserted):",
+          *goal_lines,
+          *([""] + [f"Note: {n}" for n in notes] if notes else []),
+          "",
+          f"Finished {finished:%Y-%m-%d %H:%M} UTC ({(finished - started).total_seconds() / 60:.1f} min).",
+          ""]
+    text = "\n".join(md)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stamp}.md").write_text(text)
+    (out / f"{stamp}.json").write_text(json.dumps({
+        "started": started.isoformat(), "finished": finished.isoformat(), "quick": args.quick, "runs": runs,
+        "machine": info, "load_before": load_before, "load_after": load_after, "load_after_each_child": loads, "contended": contended,
+        "settings": dataclasses.asdict(s), "matmul_peak_flops": peak, "matmul_runs": peak_runs,
+        "medians": agg, "runs_raw": raw, "goals": goal_lines, "table_markdown": tbl}, indent=1, default=str))
+    print("\n" + text)
+    print(f"[bench] written {out / (stamp + '.md')} and .json")
+    return 0
+
+
+def _versions(v) -> str:
+    return ", ".join(f"{k} {x}" for k, x in v.items()) if isinstance(v, dict) else str(v)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""TRL's side: the same stage with TRL's trainer, same model, data and settings, in this (fresh) process.
+
+    .bench-venv/bin/python bench/trl_side.py --stage {sft,rm,dpo,ppo} --settings JSON
+
+Runs in ``.bench-venv`` (bench/requirements.txt: trl pinned next to the same torch / transformers / peft /
+accelerate versions as deltalign's ``.venv``). TRL is never imported by deltalign itself.
+
+What is matched to our side (``bench/common.py`` Settings): the checkpoint (fp32), LoRA rank / alpha / dropout /
+targets (``all-linear``), rows or pairs per optimizer step, max sequence length, optimizer steps, learning rate,
+AdamW (``adamw_torch``), grad-norm clipping 1.0, CPU threads. TRL defaults that differ from ours and would change
+the work done are turned back: ``gradient_checkpointing=False`` (TRL's SFT/DPO/Reward configs default to True),
+``bf16=False`` (TRL defaults to True), ``disable_dropout=False`` (ours keeps LoRA dropout in training), no packing,
+no padding-free. SFT data are our ``messages`` rows as conversational prompt/completion, so TRL trains on the
+completion only, as ours does. The DPO reference is the base with the adapter disabled (peft model, no
+``ref_model``), computed every step (``precompute_ref_log_probs=False``), as ours does on first use of a pair.
+
+Timing: a ``TrainerCallback.on_step_end`` timestamps every optimizer step; ``training_step`` is wrapped to count the
+real tokens of each batch (from ``attention_mask``). Same window and FLOP convention as ours (common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (ROOT, Settings, StepTimer, emit, model_dims, pref_rows_for_trl, seq_flops,  # noqa: E402
+                    set_threads, sft_rows_for_trl)
+
+
+def tokenizer(s: Settings, padding_side: str = "right"):
+    """The checkpoint's tokenizer with a pad token distinct from EOS (the same fix our side applies)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ROOT / s.model)
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        vocab = tok.get_vocab()
+        spare = [t for t in (tok.unk_token, "<|endoftext|>", "<pad>") if t in vocab and vocab[t] != tok.eos_token_id]
+        tok.pad_token = spare[0]
+    tok.padding_side = padding_side
+    return tok
+
+
+def lora(s: Settings, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                      target_modules=s.target_modules, bias="none", task_type=task_type)
+
+
+def common_args(s: Settings, out: str) -> dict:
+    return dict(output_dir=out, max_steps=s.steps, per_device_train_batch_size=s.batch_size,
+                gradient_accumulation_steps=1, learning_rate=s.lr, lr_scheduler_type="cosine", warmup_steps=0.05,
+                optim="adamw_torch", max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=False,
+                bf16=False, fp16=False, use_cpu=True, logging_steps=1000, save_strategy="no", eval_strategy="no",
+                report_to="none", seed=s.seed, dataloader_num_workers=0, disable_tqdm=False)
+
+
+def timing_callback(timer: StepTimer):
+    from transformers import TrainerCallback
+
+    class Timing(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            timer.step_end()
+
+    return Timing()
+
+
+def counting(trainer_cls, timer: StepTimer, dims: dict, kind: str):
+    """``trainer_cls`` with ``training_step`` counting the real tokens (and model FLOPs) of every batch."""
+
+    class Counting(trainer_cls):
+        def training_step(self, model, inputs, *a, **k):
+            L = [int(x) for x in inputs["attention_mask"].sum(1).tolist()]
+            if kind == "sft":
+                timer.add(rows=len(L), tokens=sum(L), flops=seq_flops(dims, L, "train"))
+            elif kind == "rm":
+                timer.add(pairs=len(L) // 2, tokens=sum(L), flops=seq_flops(dims, L, "train_body"))
+            else:  # dpo: policy trains, reference forward
+                timer.add(pairs=len(L) // 2, tokens=sum(L),
+                          flops=seq_flops(dims, L, "train") + seq_flops(dims, L, "fwd"))
+            return super().training_step(model, inputs, *a, **k)
+
+    return Counting
+
+
+def load_lm(s: Settings):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ROOT / s.model, dtype=torch.float32)
+
+
+def load_seq_cls(s: Settings, tok):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    m = AutoModelForSequenceClassification.from_pretrained(ROOT / s.model, num_labels=1, dtype=torch.float32)
+    m.config.pad_token_id = tok.pad_token_id
+    return m
+
+
+def run_sft(s: Settings, timer: StepTimer, dims: dict, out: str) -> None:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tok = tokenizer(s)
+    args = SFTConfig(**common_args(s, out), max_length=s.max_length, packing=False, padding_free=False,
+                     completion_only_loss=True)
+    trainer = counting(SFTTrainer, timer, dims, "sft")(
+        model=load_lm(s), args=args, train_dataset=Dataset.from_list(sft_rows_for_trl(s.sft_data)),
+        processing_class=tok, peft_config=lora(s), callbacks=[timing_callback(timer)])
+    trainer.train()
+
+
+def run_rm(s: Settings, timer: StepTimer, dims: dict, out: str) -> None:
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    tok = tokenizer(s)
+    args = RewardConfig(**common_args(s, out), max_length=s.max_length, disable_dropout=False)
+    trainer = counting(RewardTrainer, timer, dims, "rm")(
+        model=load_seq_cls(s, tok), args=args, train_dataset=Dataset.from_list(pref_rows_for_trl(s.pref_data)),
+        processing_class=tok, peft_config=lora(s, "SEQ_CLS"), callbacks=[timing_callback(timer)])
+    trainer.train()
+
+
+def run_dpo(s: Settings, timer: StepTimer, dims: dict, out: str) -> None:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tok = tokenizer(s)
+    args = DPOConfig(**common_args(s, out), max_length=s.max_length, beta=s.dpo_beta, loss_type=["sigmoid"],
+                     precompute_ref_log_probs=False, disable_dropout=False, padding_free=False)
+    trainer = counting(DPOTrainer, timer, dims, "dpo")(
+        model=load_lm(s), ref_model=None, args=args,
+        train_dataset=Dataset.from_list(pref_rows_for_trl(s.pref_data)), processing_class=tok,
+        peft_config=lora(s), callbacks=[timing_callback(timer)])
+    trainer.train()
+
+
+def run_ppo(s: Settings, timer: StepTimer, dims: dict, out: str) -> None:
+    """TRL's PPO (trl.experimental.ppo): policy = base + LoRA (reference = adapter disabled), a separate reward
+    model, and a separate value model given the same LoRA (injected in place; base frozen, score head trained),
+    since ours trains a LoRA critic too. Rollout batch, minibatch, PPO epochs, response length, temperature,
+    KL coefficient and missing-EOS penalty match ours."""
+    from datasets import Dataset
+    from peft import inject_adapter_in_model
+
+    import trl.experimental.ppo.ppo_trainer as ppo_mod
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from ours import ppo_work
+
+    tok = tokenizer(s, padding_side="left")
+    rows = pref_rows_for_trl(s.pref_data)
+    ids = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True) for r in rows]
+    ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in ids]
+    ids = [x for x in ids if len(x) <= s.max_prompt_length]
+    train = Dataset.from_dict({"input_ids": ids})
+    reward = load_seq_cls(s, tok).eval().requires_grad_(False)
+    value = load_seq_cls(s, tok)
+    value.requires_grad_(False)
+    inject_adapter_in_model(lora(s, "SEQ_CLS"), value.model)
+    value.score.requires_grad_(True)
+    for n, p in value.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
+    n_mini = max(1, s.batch_size // s.ppo_mini_batch_size)
+    a = common_args(s, out)
+    a.update(per_device_train_batch_size=s.ppo_mini_batch_size, gradient_accumulation_steps=n_mini, max_steps=-1)
+    a.pop("warmup_steps")
+    args = PPOConfig(**a, num_mini_batches=n_mini, num_ppo_epochs=s.ppo_epochs,
+                     total_episodes=s.ppo_steps * s.batch_size, local_rollout_forward_batch_size=s.batch_size,
+                     response_length=s.max_new_tokens, temperature=s.temperature, stop_token="eos",
+                     missing_eos_penalty=1.0, kl_coef=s.kl_coef, num_sample_generations=0)
+
+    orig = ppo_mod.batch_generation
+
+    def batch_generation(model, queries, *a, **k):
+        qr, logits = orig(model, queries, *a, **k)
+        P = (queries != tok.pad_token_id).sum(1).tolist()
+        resp = qr[:, queries.shape[1]:]
+        R = []
+        for row in resp.tolist():
+            R.append(row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row))
+        timer.add(samples=len(P), **ppo_work(dims, P, R, s.ppo_epochs))
+        return qr, logits
+
+    ppo_mod.batch_generation = batch_generation
+    trainer = PPOTrainer(args=args, processing_class=tok, model=load_lm(s), ref_model=None, reward_model=reward,
+                         train_dataset=train, value_model=value, eval_dataset=train.select(range(s.batch_size)),
+                         peft_config=lora(s), callbacks=[timing_callback(timer)])
+    trainer.train()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", required=True, choices=["sft", "rm", "dpo", "ppo"])
+    ap.add_argument("--settings", required=True)
+    args = ap.parse_args()
+    s = Settings.from_json(args.settings)
+    os.chdir(ROOT)
+    set_threads(s.threads)
+    warnings.filterwarnings("ignore")
+    import trl
+
+    timer = StepTimer()
+    dims = model_dims(s.model)
+    if args.stage == "ppo":
+        try:
+            import trl.experimental.ppo  # noqa: F401
+        except ImportError as e:
+            emit({"side": "trl", "stage": "ppo", "error": f"not available in trl {trl.__version__}: {e}"})
+            return 0
+    with tempfile.TemporaryDirectory(prefix=f"bench-trl-{args.stage}-") as out:
+        {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "ppo": run_ppo}[args.stage](s, timer, dims, out)
+    if args.stage == "ppo":
+        s_steps = s.ppo_steps
+    else:
+        s_steps = s.steps
+    res = {"side": "trl", "stage": args.stage, **timer.summary(), "trl": trl.__version__, "threads": s.threads,
+           "configured_steps": s_steps}
+    emit(res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Export: merge a trained delta into the base and write standalone Hugging Face model directories.
+
+Output in the stage folder (``runs/<name>/export/``), each written to a temp dir and renamed into place:
+
+- ``model/``: the policy adapter (``policy: auto`` = the last finished of ppo, dpo, sft) merged into a
+  FULL-PRECISION copy of the base (always loaded in float32 without quantization, so a QLoRA adapter is never
+  merged into 4-bit weights), cast to ``dtype``; safetensors (sharded with an index above ``max_shard_size``),
+  config, tokenizer (its pad token and chat template), ``generation_config.json`` whose eos includes the chat
+  end-of-turn token, and a ``README.md`` model card. Plain ``transformers`` loads it; peft is not needed.
+- ``reward_model/``: the rm adapter merged the same way into an ``AutoModelForSequenceClassification``
+  (``num_labels=1``; ``score.weight`` = the head's weight; ``pad_token_id`` set, so it scores the last non-pad
+  token as :class:`deltalign.rewards.model.RewardModel` does), with ``reward_stats.json``.
+- ``adapter/``: the policy adapter in PEFT format, as trained.
+
+Each merge is checked in memory before saving: the exported model's logits (or scores), in the output dtype,
+against the adapter model's in float32, on a few chat prompts; the max abs difference goes into the metrics.
+``out`` copies the three directories to a destination outside the run (refused if it exists, unless
+``overwrite``). Which stages are read: see ``Config.upstream``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deltalign import atomic
+from deltalign.backbone import DTYPES, ModelConfig, load_base, resolve_path
+from deltalign.generation import stop_token_ids
+from deltalign.pipeline.rundir import MANIFEST, model_fingerprint
+from deltalign.rewards.model import HEAD_FILE, STATS_FILE, last_token_values
+
+NAME = "export"
+POLICIES = ("ppo", "dpo", "sft")  # preference order of ``policy: auto``
+SOURCES = ("sft", "rm", "dpo", "ppo")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CHECK_PROMPTS = ["What do bees make? Answer in all lowercase letters.",
+                 "Name a primary colour. Answer in JSON format, as an object with the key \"answer\"."]
+
+
+@dataclass
+class Config:
+    policy: str = "auto"
+    """Policy adapter to merge: ``auto`` (the last finished of ppo, dpo, sft), or ``sft``, ``dpo``, ``ppo``."""
+    dtype: str = "float32"
+    """Dtype of the exported weights: float32, bfloat16 or float16 (the merge itself is always float32)."""
+    max_shard_size: str = "2GB"
+    """Safetensors files larger than this are split into shards with an index (e.g. 500MB, 2GB)."""
+    reward_model: bool = True
+    """Also export the reward model (as a sequence classifier) when the run has a finished rm stage."""
+    adapter_only: bool = True
+    """Also copy the policy adapter in PEFT format to ``adapter/``."""
+    out: str = ""
+    """Extra destination outside the run directory for model/, reward_model/ and adapter/ ('' for none)."""
+    overwrite: bool = False
+    """Allow replacing an existing ``out`` directory (without it, an existing one is an error)."""
+
+    def __post_init__(self):
+        if self.policy not in ("auto", *POLICIES):
+            raise ValueError(f"export.policy must be one of auto, sft, dpo, ppo (got {self.policy!r})")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"export.dtype must be one of {sorted(DTYPES)} (got {self.dtype!r})")
+
+    def upstream(self) -> list[str]:
+        """Stages the export needs (run first if missing, hashed): the named policy; none for ``auto``, which picks
+        among whatever finished (passed as ``uses``). ``python -m deltalign export`` re-exports when any of those
+        changed since the last export (see :func:`is_current`)."""
+        return [] if self.policy == "auto" else [self.policy]
+
+
+# --- which stages -------------------------------------------------------------------------------------------------
+
+def finished(dirs: dict[str, Path]) -> dict[str, Path]:
+    return {s: Path(p) for s, p in dirs.items() if (Path(p) / MANIFEST).exists()}
+
+
+def sources(run_dir: str | Path) -> dict[str, str]:
+    """Content hash of every finished stage an export can read: the export is current while these are unchanged."""
+    out = {}
+    for s in SOURCES:
+        m = Path(run_dir, s, MANIFEST)
+        if m.exists():
+            out[s] = json.loads(m.read_text())["hash"]
+    return out
+
+
+def is_current(run_dir: str | Path) -> bool:
+    """A finished export exists and was made from the stages that are finished now, unchanged."""
+    m = Path(run_dir, NAME, MANIFEST)
+    return m.exists() and json.loads(m.read_text()).get("metrics", {}).get("sources") == sources(run_dir)
+
+
+def choose_policy(cfg: Config, done: dict[str, Path]) -> str:
+    if cfg.policy != "auto":
+        if cfg.policy not in done:
+            raise FileNotFoundError(f"export.policy is {cfg.policy!r} but the run has no finished {cfg.policy} stage")
+        return cfg.policy
+    for p in POLICIES:
+        if p in done:
+            return p
+    raise FileNotFoundError("nothing to export: the run has no finished policy stage (sft, dpo or ppo); "
+                            "run `make sft` or `make dpo` first")
+
+
+def check_out(cfg: Config, stage_dir: Path | None = None) -> Path | None:
+    """The ``out`` destination, or a clear error if it exists and ``overwrite`` is off."""
+    if not cfg.out:
+        return None
+    out = Path(cfg.out).resolve()
+    if stage_dir is not None and out.is_relative_to(Path(stage_dir).resolve()):
+        raise ValueError(f"export.out {cfg.out!r} is inside the export stage folder; choose a path outside it")
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"export destination {cfg.out} already exists; refusing to overwrite it "
+                              "(pass --overwrite / export.overwrite=true to replace it)")
+    return out
+
+
+# --- merging ------------------------------------------------------------------------------------------------------
+
+def merged_base(model_cfg: ModelConfig, adapter_dir: Path):
+    """(peft model over a float32, unquantized copy of the base with the adapter loaded, tokenizer)."""
+    from peft import PeftModel
+
+    full = ModelConfig(path=model_cfg.path, dtype="float32", quantization="none",
+                       trust_remote_code=model_cfg.trust_remote_code)
+    base, tok = load_base(full)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), tok
+
+
+def check_batch(tok) -> dict:
+    """A few chat prompts with short answers, right-padded (pad id at padding only)."""
+    from deltalign.data.batching import pad_batch
+    from deltalign.data.tokenize import tokenize_prompt
+
+    chats = [[{"role": "user", "content": p}] for p in CHECK_PROMPTS]
+    conv = bool(getattr(tok, "chat_template", None))
+    seqs = [tokenize_prompt(c if conv else c[0]["content"], tok, conv) + tok("yes", add_special_tokens=False)[
+        "input_ids"] for c in chats]
+    return pad_batch(seqs, tok.pad_token_id)
+
+
+def cast(model, dtype: str):
+    return model.to(DTYPES[dtype])
+
+
+@torch.no_grad()
+def export_policy(cfg: Config, model_cfg: ModelConfig, adapter_dir: Path, dest: Path, card: str) -> dict:
+    peft_model, tok = merged_base(model_cfg, adapter_dir)
+    batch = check_batch(tok)
+    mask = batch["attention_mask"].bool()
+    before = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask]
+    model = cast(peft_model.merge_and_unload(), cfg.dtype)
+    after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask].float()
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = stop_token_ids(tok)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    with atomic.directory(dest, replace=True) as tmp:
+        model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
+        tok.save_pretrained(tmp)
+        atomic.write_text(tmp / "README.md", card)
+    return {"max_abs_logit_diff": float((after - before).abs().max()), "dtype": cfg.dtype,
+            "files": sorted(p.name for p in dest.iterdir())}
+
+
+@torch.no_grad()
+def export_reward_model(cfg: Config, model_cfg: ModelConfig, rm_dir: Path, dest: Path, card: str) -> dict:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    peft_model, tok = merged_base(model_cfg, rm_dir)
+    head = load_file(str(rm_dir / HEAD_FILE))
+    w, b = head["proj.weight"].float(), head["proj.bias"].float()
+    batch = check_batch(tok)
+    hidden = peft_model.get_base_model().model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    before = last_token_values((hidden.last_hidden_state @ w.T).squeeze(-1) + b, batch["attention_mask"])
+    causal = peft_model.merge_and_unload()
+    conf = copy.deepcopy(causal.config)
+    conf.num_labels, conf.pad_token_id, conf.architectures = 1, tok.pad_token_id, None
+    bias = float(b.item())
+    if bias != 0.0:  # HF's score layer has no bias: keep it next to the weights, documented in the card
+        conf.deltalign_score_bias = bias
+    seq = AutoModelForSequenceClassification.from_config(conf, trust_remote_code=model_cfg.trust_remote_code)
+    if not isinstance(getattr(seq, "score", None), torch.nn.Linear) or seq.score.bias is not None:
+        raise ValueError(f"{type(seq).__name__} has no bias-free linear `score` layer; cannot export the reward model")
+    getattr(seq, seq.base_model_prefix).load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
+    seq.score.weight.copy_(w.to(seq.score.weight.dtype))
+    seq = cast(seq.eval(), cfg.dtype)
+    after = seq(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
+    with atomic.directory(dest, replace=True) as tmp:
+        seq.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
+        tok.save_pretrained(tmp)
+        if (rm_dir / STATS_FILE).exists():
+            shutil.copy2(rm_dir / STATS_FILE, tmp / STATS_FILE)
+        atomic.write_text(tmp / "README.md", card)
+    return {"max_abs_score_diff": float((after + bias - before).abs().max()), "score_bias": bias,
+            "files": sorted(p.name for p in dest.iterdir())}
+
+
+def copy_adapter(adapter_dir: Path, dest: Path, card: str) -> None:
+    with atomic.directory(dest, replace=True) as tmp:
+        for f in ADAPTER_FILES:
+            shutil.copy2(adapter_dir / f, tmp / f)
+        atomic.write_text(tmp / "README.md", card)
+
+
+# --- model card ---------------------------------------------------------------------------------------------------
+
+def _scalars(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _scalars(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def model_card(kind: str, stage: str, model_cfg: ModelConfig, cfg: Config, done: dict[str, Path],
+               notes: list[str]) -> str:
+    run_dir = done[stage].parent
+    lines = ["---", "library_name: transformers", "tags: [deltalign]", "---", "",
+             f"# {kind} exported by deltalign", "",
+             f"- base model: `{model_cfg.path}` (files sha256 `{model_fingerprint(model_cfg.path)[:16]}`)",
+             f"- merged adapter: stage `{stage}` from `{done[stage]}`",
+             f"- weights dtype: {cfg.dtype} (merged in float32 into an unquantized copy of the base)", *notes, "",
+             "## Stages of the run", "", "| stage | content hash | upstream | finished |", "|---|---|---|---|"]
+    for s, d in done.items():
+        m = json.loads((d / MANIFEST).read_text())
+        ups = ", ".join(f"{u} {h[:12]}" for u, h in m.get("inputs", {}).get("upstream", {}).items()) or "—"
+        lines.append(f"| {s}{' (merged)' if s == stage else ''} | `{m['hash'][:16]}` | {ups} | "
+                     f"{m.get('finished_at', '?')} |")
+    lines += ["", "## Held-out metrics", ""]
+    for s, d in done.items():
+        if (d / "eval.json").exists():
+            flat = _scalars(json.loads((d / "eval.json").read_text()))
+            lines += [f"{s} (`{s}/eval.json`): " + ", ".join(f"{k} {v:.4g}" for k, v in flat.items()), ""]
+    table = run_dir / "eval_table.json"
+    if table.exists():
+        lines += ["Policy comparison (`eval_table.json`):", "", "| policy | checker | rm score | KL to SFT |",
+                  "|---|---|---|---|"]
+        for label, row in json.loads(table.read_text()).items():
+            lines.append(f"| {label} | {row.get('checker_score', float('nan')):.2f} | "
+                         f"{row.get('rm_score', float('nan')):.3f} | {row.get('kl_to_reference', float('nan')):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the stage ----------------------------------------------------------------------------------------------------
+
+def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, Path] | None = None) -> dict:
+    out_dir = Path(out_dir)
+    out = check_out(cfg, out_dir)  # fail before any work
+    resolve_path(model_cfg.path)
+    done = {s: p for s, p in finished(upstream or {}).items() if s in SOURCES}
+    done = {s: done[s] for s in SOURCES if s in done}
+    stage = choose_policy(cfg, done)
+    metrics: dict = {"policy": stage, "sources": {s: json.loads((p / MANIFEST).read_text())["hash"]
+                                                  for s, p in done.items()}}
+    notes = []
+    if model_cfg.quantization != "none":
+        notes.append(f"- trained on a {model_cfg.quantization}-quantized base (QLoRA); the adapter was merged into "
+                     "the full-precision base, so outputs differ slightly from the quantized training model")
+    policy_card = model_card(f"Policy `{stage}`", stage, model_cfg, cfg, done, notes + [
+        "- load: `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`; the "
+        "chat template and end-of-turn eos are included"])
+    metrics["model"] = export_policy(cfg, model_cfg, done[stage], out_dir / "model", policy_card)
+    if cfg.reward_model and "rm" in done:
+        bias = float(_head_bias(done["rm"]))
+        rm_notes = ["- load: `AutoModelForSequenceClassification.from_pretrained(dir)`; the score is `logits[:, 0]` "
+                    "at the last non-pad token; `reward_stats.json` has the mean/std of training-response scores"]
+        if bias:
+            rm_notes.append(f"- the reward head's bias ({bias:.6g}) has no place in HF's bias-free `score` layer: "
+                            "it is stored as `deltalign_score_bias` in config.json; add it to the logits to get "
+                            "deltalign's raw scores (rankings and Bradley-Terry differences do not need it)")
+        card = model_card("Reward model", "rm", model_cfg, cfg, done, notes + rm_notes)
+        metrics["reward_model"] = export_reward_model(cfg, model_cfg, done["rm"], out_dir / "reward_model", card)
+    if cfg.adapter_only:
+        copy_adapter(done[stage], out_dir / "adapter", model_card(
+            f"PEFT adapter `{stage}`", stage, model_cfg, cfg, done, notes + [
+                "- load: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<base>), dir)`"]))
+    if out is not None:
+        metrics["out"] = str(copy_export(out_dir, out, cfg.overwrite))
+    atomic.write_json(out_dir / "export.json", metrics)
+    return metrics
+
+
+def copy_export(stage_dir: Path, out: Path, overwrite: bool) -> Path:
+    """Copy model/, reward_model/ and adapter/ of a finished export to ``out`` in one rename (refused if it exists
+    unless ``overwrite``)."""
+    with atomic.directory(out, replace=overwrite) as tmp:
+        for sub in ("model", "reward_model", "adapter"):
+            if (Path(stage_dir) / sub).is_dir():
+                shutil.copytree(Path(stage_dir) / sub, tmp / sub)
+    return out
+
+
+def _head_bias(rm_dir: Path) -> float:
+    from safetensors.torch import load_file
+
+    return float(load_file(str(rm_dir / HEAD_FILE))["proj.bias"].item())

@@ -1,0 +1,317 @@
+"""PPO: four roles on one frozen backbone — policy, reference, reward model and critic are deltas, not models.
+
+* ``ppo``    the policy: a trainable copy of the SFT adapter (the sft folder is only read);
+* ``sft``    the reference: the SFT adapter itself, frozen;
+* ``rm``     the reward model: the rm adapter + head, frozen (scores normalised with the rm stage's statistics);
+* ``critic`` the value model: an adapter + scalar head, by default a trainable copy of the reward model's, with
+             the head rescaled so its initial values are the normalised reward.
+
+Each step (one rollout batch of prompts), as in "The N Implementation Details of RLHF with PPO" (Huang et al.):
+ 1. rollout: generate with the policy (KV cache, sampling); responses end at the first stop token;
+ 2. score: reward model + rules (:class:`deltalign.rewards.composite.CompositeReward`), minus a penalty for
+    responses that never end;
+ 3. old log-probs (policy), reference log-probs (sft) and old values (critic), without gradients;
+ 4. per-token rewards: -kl_coef * (logp - ref_logp) on every response token, the score added on the last one;
+    GAE advantages and returns; advantages whitened;
+ 5. ``ppo_epochs`` passes over shuffled minibatches: clipped policy loss, clipped value loss, entropy bonus;
+    one optimizer update per minibatch;
+ 6. update the KL coefficient (adaptive controller), log, checkpoint.
+
+Adapter dropout is off throughout (the model stays in eval mode, as TRL does), so the first minibatch's
+probability ratio is exactly 1. Sections: 1. load; 2. data; 3. loop (steps 1-6); 4. evaluate and save.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deltalign import atomic
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.data.batching import length_grouped_batches
+from deltalign.data.formats import load_rows, prompt_examples
+from deltalign.data.tokenize import tokenize_prompt
+from deltalign.engine import Engine, TrainConfig
+from deltalign.evaluation import policy_report
+from deltalign.generation import GenerationConfig, decode, generate, stop_token_ids
+from deltalign.losses import (AdaptiveKLController, FixedKLController, gae_advantages, kl_penalty_rewards,
+                              entropy_from_logits, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
+                              token_logprobs)
+from deltalign.rewards.composite import CompositeReward
+from deltalign.rewards.model import HEAD_FILE, RewardModel
+
+NAME = "ppo"
+REFERENCE = "sft"
+REWARD = "rm"
+CRITIC = "critic"
+
+
+def _rollout_default() -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=48, temperature=1.0, top_p=1.0, batch_size=16)
+
+
+@dataclass
+class Config(TrainConfig):
+    lr: float = 3e-5
+    """Peak learning rate for policy and critic deltas (LoRA PPO: 1e-5 to 5e-5; TRL's example uses 3e-6 for
+    full fine-tuning, LoRA needs larger steps)."""
+    warmup_ratio: float = 0.0
+    """Share of the updates with linear warmup (PPO usually runs without)."""
+    batch_size: int = 16
+    """Prompts per rollout per process (one PPO step)."""
+    data: str = "embedded:pref_train"
+    """Prompts: prompt-only rows, or SFT / preference rows (their responses are ignored)."""
+    eval_data: str = "embedded:pref_eval"
+    """Held-out prompts for the final checker / KL / reward report ('' to skip)."""
+    split: str = "train"
+    """Split to read when ``data`` is a `datasets` id."""
+    max_prompt_length: int = 192
+    """Prompts longer than this many tokens are dropped (and counted)."""
+    rollout: GenerationConfig = field(default_factory=_rollout_default)
+    """Sampling for rollouts: temperature 1 and top-p 1 sample the policy itself, so the PPO ratio is exact
+    (log-probs are computed at the same temperature; top-p < 1 makes them approximate)."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the score of a response that hits max_new_tokens without a stop token (TRL: 1.0)."""
+    rm_weight: float = 1.0
+    """Weight of the normalised reward-model score (0: no reward model; then ``critic_init`` must be fresh)."""
+    rules: dict[str, float] = field(default_factory=dict)
+    """Rule-based rewards and their weights: ``checker`` (the embedded task's checker) or ``module:function``
+    (``f(prompts, responses) -> list[float]``)."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty coefficient against the SFT reference (TRL 0.05; OpenRLHF's init_kl_coef 0.01)."""
+    kl_target: float = 0.0
+    """> 0: adapt kl_coef towards this KL per response (Ziegler et al. 2019: 6 with horizon 10000); 0: fixed."""
+    kl_horizon: float = 10000.0
+    """Adaptive KL controller horizon (in responses)."""
+    gamma: float = 1.0
+    """Discount (1.0: TRL, OpenRLHF; the reward comes once, at the end)."""
+    lam: float = 0.95
+    """GAE lambda (0.95: TRL, OpenRLHF, cleanrl)."""
+    clip: float = 0.2
+    """Policy ratio clip epsilon (0.2: Schulman et al. 2017 and every RLHF PPO since)."""
+    value_clip: float = 0.2
+    """Value clip around the old values (0.2: TRL's cliprange_value, OpenRLHF's value_clip)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (0.1: TRL)."""
+    ent_coef: float = 0.0
+    """Entropy bonus weight (0: TRL and OpenRLHF default; entropy is always logged)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch (4: TRL's num_ppo_epochs)."""
+    mini_batch_size: int = 8
+    """Responses per optimizer update within a rollout batch."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the rollout batch (TRL, OpenRLHF)."""
+    critic_init: str = "rm"
+    """``rm``: the critic starts as a copy of the reward adapter + head; ``fresh``: a new adapter and head."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The critic's delta when ``critic_init: fresh``."""
+    eval_checker: bool = True
+    """After training: generate on held-out prompts (greedy) and report checker, KL and reward-model scores."""
+    eval_limit: int = 0
+    """Use at most this many held-out prompts (0: all)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Decoding for the held-out report."""
+
+    def __post_init__(self):
+        if self.critic_init not in ("rm", "fresh"):
+            raise ValueError(f"ppo.critic_init must be 'rm' or 'fresh' (got {self.critic_init!r})")
+        if self.grad_accum != 1:
+            raise ValueError("ppo.grad_accum must be 1 (a step is one rollout batch; use mini_batch_size)")
+        if self.mini_batch_size < 2 or self.batch_size < self.mini_batch_size:
+            raise ValueError("ppo needs 2 <= mini_batch_size <= batch_size")
+        if self.rollout.temperature <= 0:
+            raise ValueError("ppo.rollout.temperature must be > 0 (PPO samples from the policy)")
+
+
+# --- rollout tensors ------------------------------------------------------------------------------------------
+def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
+    """Right-padded ``prompt + response`` rows, and per response token the position whose hidden state predicts
+    it: ``input_ids``/``attention_mask`` [B, T]; ``positions``/``response_ids``/``response_mask`` [B, R]."""
+    B, T = len(prompts), max(len(p) + len(r) for p, r in zip(prompts, responses))
+    R = max(len(r) for r in responses)
+    ids, mask = torch.full((B, T), pad_id), torch.zeros(B, T, dtype=torch.long)
+    pos, rids, rmask = torch.zeros(B, R, dtype=torch.long), torch.full((B, R), pad_id), torch.zeros(B, R)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        ids[b, :n], mask[b, :n] = torch.tensor(p + r), 1
+        pos[b] = torch.arange(len(p) - 1, len(p) - 1 + R).clamp(max=T - 1)
+        rids[b, :len(r)], rmask[b, :len(r)] = torch.tensor(r), 1.0
+    return {"input_ids": ids, "attention_mask": mask, "positions": pos, "response_ids": rids,
+            "response_mask": rmask}
+
+
+def _at_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, T, ...] gathered at ``positions`` [B, R] -> [B, R, ...]."""
+    idx = positions.view(*positions.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def policy_logprobs(backbone, model, batch: dict, temperature: float, entropy: bool | str = False):
+    """Log-probs [B, R] of the response tokens under the active adapter at ``temperature``; with ``entropy``
+    also the per-token entropy [B, R] of that distribution (``"grad"``: differentiable, for an entropy bonus;
+    otherwise detached, a metric that costs no backward pass over the vocabulary)."""
+    hidden = _at_positions(model(batch["input_ids"], batch["attention_mask"]), batch["positions"])
+    logits = backbone.lm_logits(hidden) / temperature
+    lp = token_logprobs(logits, batch["response_ids"])
+    if not entropy:
+        return lp
+    return lp, entropy_from_logits(logits if torch.is_grad_enabled() and entropy == "grad" else logits.detach())
+
+
+def critic_values(model, batch: dict) -> torch.Tensor:
+    """Critic values [B, R] at the positions that predict each response token."""
+    return _at_positions(model(batch["input_ids"], batch["attention_mask"], head=CRITIC), batch["positions"])
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens (1: perfect, 0: no better than a mean)."""
+    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    res = returns - values
+    var_res = masked_mean((res - masked_mean(res, mask)) ** 2, mask)
+    return float(1 - var_res / var) if var > 0 else float("nan")
+
+
+def load_roles(cfg: Config, model_cfg: ModelConfig, upstream: dict[str, Path]) -> tuple[Backbone, RewardModel | None]:
+    """The one backbone with its four roles: ``sft`` and ``rm`` frozen, ``ppo`` and ``critic`` trainable.
+    The policy is activated last, so it is the active adapter on return."""
+    backbone = Backbone.load(model_cfg)
+    backbone.load_adapter(REFERENCE, upstream["sft"], trainable=False)
+    rm = RewardModel.load(backbone, upstream["rm"], name=REWARD) if "rm" in upstream else None
+    if cfg.critic_init == "rm":
+        backbone.load_adapter(CRITIC, upstream["rm"], trainable=True)
+        head = backbone.load_head(CRITIC, Path(upstream["rm"]) / HEAD_FILE, trainable=True)
+        if rm is not None and rm.stats:  # values start as the normalised reward: (w.h + b - mean) / std
+            std = rm.stats["std"] if math.isfinite(rm.stats["std"]) and rm.stats["std"] > 0 else 1.0
+            with torch.no_grad():
+                head.proj.weight.div_(std)
+                head.proj.bias.sub_(rm.stats["mean"]).div_(std)
+    else:
+        torch.manual_seed(cfg.seed)
+        backbone.add_adapter(CRITIC, cfg.adapter, trainable=True)
+        backbone.add_head(CRITIC, trainable=True)
+    backbone.load_adapter(NAME, upstream["sft"], trainable=True)
+    return backbone, rm
+
+
+def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, Path] | None = None) -> dict:
+    out_dir, upstream = Path(out_dir), upstream or {}
+    engine = Engine(cfg, out_dir)
+
+    # 1. load: one backbone; reference and reward model frozen, policy and critic trainable copies
+    backbone, rm = load_roles(cfg, model_cfg, upstream)
+    reward = CompositeReward(rm, cfg.rm_weight, cfg.rules)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
+              else FixedKLController(cfg.kl_coef))
+    engine.register_state("kl_controller", kl_ctl.state_dict, kl_ctl.load_state_dict)
+    tok = backbone.tokenizer
+    stops = set(stop_token_ids(tok))
+
+    # 2. data: prompts only
+    examples = prompt_examples(load_rows(cfg.data, cfg.split), cfg.data)
+    prompt_ids = [tokenize_prompt(ex.prompt, tok, ex.conversational) for ex in examples]
+    keep = [i for i, p in enumerate(prompt_ids) if len(p) <= cfg.max_prompt_length]
+    eval_ex = prompt_examples(load_rows(cfg.eval_data, "test"), cfg.eval_data) if cfg.eval_data else []
+
+    def batches(epoch: int) -> list[list[int]]:
+        order = length_grouped_batches([len(prompt_ids[i]) for i in keep], cfg.batch_size, cfg.seed, epoch)
+        return [[keep[j] for j in b] for b in order if len(b) >= cfg.mini_batch_size]
+
+    n_mini = math.ceil(cfg.batch_size / cfg.mini_batch_size)
+    model = engine.prepare(backbone, engine.total_steps(len(batches(0))), updates_per_step=cfg.ppo_epochs * n_mini)
+    if engine.zero_stage == 3:  # two backward passes (policy, critic) per update: wrong gradients under ZeRO-3
+        raise RuntimeError("ppo does not support DeepSpeed ZeRO-3 yet (gradients of the second step are wrong); "
+                           "use configs/accelerate/zero2.yaml")
+    engine.log({"prompts": len(keep), "dropped": len(prompt_ids) - len(keep), "steps": engine.n_steps,
+                "critic_init": cfg.critic_init, "trainable_params": sum(p.numel() for p in
+                                                                        backbone.trainable_parameters())},
+               kind="setup")
+
+    # 3. loop: one rollout batch per step
+    model.eval()  # adapter dropout off: old and new log-probs come from the same function
+    for step, micro in engine.steps(batches):
+        idx = micro[0]
+        # 3.1 rollout with the policy
+        t0 = time.time()
+        with engine.gathered(), backbone.using(NAME):  # ZeRO-3: generate from gathered weights
+            responses = generate(backbone, [prompt_ids[i] for i in idx], cfg.rollout, seed=cfg.seed * 100_003 + step)
+        t_gen = time.time() - t0
+
+        # 3.2 score: reward model + rules, minus the penalty for responses without a stop token
+        texts = decode(backbone, responses)
+        score, parts = reward([examples[i].prompt for i in idx], texts)
+        ended = torch.tensor([float(bool(r) and r[-1] in stops) for r in responses])
+        score = score - cfg.missing_eos_penalty * (1 - ended)
+
+        # 3.3 old log-probs, reference log-probs and old values (no gradients)
+        batch = engine.to_device(rollout_batch([prompt_ids[i] for i in idx], responses, tok.pad_token_id))
+        mask = batch["response_mask"]
+        with torch.no_grad():
+            with backbone.using(NAME):
+                old_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature)
+            with backbone.using(REFERENCE):
+                ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature)
+            with backbone.using(CRITIC):
+                old_v = critic_values(model, batch)
+
+        # 3.4 per-token rewards with the KL penalty, GAE, whitened advantages
+        rewards, kl = kl_penalty_rewards(score.to(old_lp), old_lp, ref_lp, mask, kl_ctl.value)
+        adv, returns = gae_advantages(rewards, old_v, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = masked_whiten(adv, mask)
+        t_score = time.time() - t0 - t_gen
+
+        # 3.5 PPO epochs over shuffled minibatches, one update each
+        stats: dict[str, float] = {}
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        n_updates = 0
+        for _ in range(cfg.ppo_epochs):
+            for mb in torch.randperm(len(idx), generator=gen).split(cfg.mini_batch_size):
+                sub = {k: v[mb] for k, v in batch.items()}
+                m = mask[mb]
+                with backbone.using(NAME):
+                    lp, ent = policy_logprobs(backbone, model, sub, cfg.rollout.temperature,
+                                              entropy="grad" if cfg.ent_coef else True)
+                    pg_loss, pg = ppo_policy_loss(lp, old_lp[mb], adv[mb], m, cfg.clip)
+                    entropy = masked_mean(ent, m)
+                    engine.backward(pg_loss - cfg.ent_coef * entropy, engine.world)
+                with backbone.using(CRITIC):
+                    vf_loss, vf = ppo_value_loss(critic_values(model, sub), old_v[mb], returns[mb], m,
+                                                 cfg.value_clip)
+                    engine.backward(cfg.vf_coef * vf_loss, engine.world)
+                upd = engine.update()
+                n_updates += 1
+                for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy,
+                             "clipfrac": pg["clipfrac"], "approx_kl": pg["approx_kl"],
+                             "value_clipfrac": vf["clipfrac"]}.items():
+                    stats[k] = stats.get(k, 0.0) + v.item()
+                stats["grad_norm"] = stats.get("grad_norm", 0.0) + upd.get("grad_norm", 0.0)
+
+        # 3.6 KL controller, metrics
+        mean_kl = float(kl.sum(1).mean())
+        kl_ctl.update(mean_kl, len(idx))
+        metrics = {k: v / n_updates for k, v in stats.items()} | {
+            "score": float(score.mean()), "kl": mean_kl, "kl_coef": kl_ctl.value,
+            "explained_variance": explained_variance(old_v, returns, mask),
+            "response_length": float(mask.sum(1).mean()), "ended": float(ended.mean()),
+            "time_generate": t_gen, "time_score": t_score, "time_optimise": time.time() - t0 - t_gen - t_score}
+        metrics |= {f"reward_{k}": float(v.mean()) for k, v in parts.items()}
+        engine.step(metrics, update=False)
+
+    # 4. evaluate (greedy, held-out prompts) and save policy, critic adapter and head
+    report: dict = {}
+    with engine.gathered():
+        if engine.is_main:
+            report = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
+                                   {"reference": REFERENCE, NAME: NAME}, reference=REFERENCE, reward_model=rm)
+            engine.log({f"{label}/{k}": v for label, row in report.items() for k, v in row.items()
+                        if isinstance(v, (int, float))}, kind="eval")
+            backbone.save_adapter(NAME, out_dir)
+            backbone.save_adapter(CRITIC, out_dir / CRITIC)
+            backbone.save_head(CRITIC, out_dir / CRITIC / HEAD_FILE)
+            atomic.write_json(out_dir / "eval.json", report)
+    engine.finish()
+    return report

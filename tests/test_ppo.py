@@ -1,0 +1,210 @@
+"""PPO: four roles on one backbone, rollout tensors, composite rewards, training touches only policy and critic,
+and a killed run resumes to the same result."""
+
+import gc
+import hashlib
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, response_logprobs
+from deltalign.data.batching import pad_batch
+from deltalign.data.formats import DataError, prompt_examples
+from deltalign.generation import GenerationConfig
+from deltalign.rewards.composite import CompositeReward
+from deltalign.stages import ppo
+
+TINY = ModelConfig(path="tiny")
+FAST = dict(batch_size=4, mini_batch_size=2, ppo_epochs=2, max_steps=2, log_every=1, checkpoint_every=0,
+            eval_limit=4, rules={"checker": 1.0}, lr=1e-2, rollout=GenerationConfig(max_new_tokens=6, temperature=1.0),
+            generation=GenerationConfig(max_new_tokens=6))
+
+
+def _perturbed(bb, name):
+    with torch.no_grad():
+        for p in bb.adapter_parameters(name).values():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """An SFT adapter and a reward model (adapter + head + stats) as the sft and rm stages would leave them."""
+    root = tmp_path_factory.mktemp("up")
+    bb = Backbone.load(TINY)
+    torch.manual_seed(3)
+    bb.add_adapter("sft", AdapterConfig(r=4, dropout=0.05))
+    _perturbed(bb, "sft")
+    bb.save_adapter("sft", root / "sft")
+    bb.add_adapter("rm", AdapterConfig(r=4, dropout=0.0))
+    _perturbed(bb, "rm")
+    head = bb.add_head("rm")
+    with torch.no_grad():
+        head.proj.bias.fill_(0.3)
+    bb.save_adapter("rm", root / "rm")
+    bb.save_head("rm", root / "rm" / "head.safetensors")
+    (root / "rm" / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0, "n": 10}))
+    return {"sft": root / "sft", "rm": root / "rm"}
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_rollout_batch_positions_predict_each_response_token():
+    b = ppo.rollout_batch([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]], pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 6, 7], [4, 5, 8, 9, 10]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    # position t's hidden state predicts token t+1: response token k of row b is predicted at len(prompt)-1+k
+    assert b["positions"].tolist() == [[2, 3, 4], [1, 2, 3]]
+    assert b["response_ids"].tolist() == [[6, 7, 0], [8, 9, 10]]
+    assert b["response_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_policy_logprobs_agree_with_labelled_response_logprobs(tiny_backbone):
+    prompts, responses = [[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15, 16]]
+    b = ppo.rollout_batch(prompts, responses, tiny_backbone.tokenizer.pad_token_id)
+    lp = ppo.policy_logprobs(tiny_backbone, tiny_backbone, b, temperature=1.0)
+    lp_sum = (lp * b["response_mask"]).sum(1)
+    ref = response_logprobs(tiny_backbone, tiny_backbone, pad_batch(
+        [p + r for p, r in zip(prompts, responses)], tiny_backbone.tokenizer.pad_token_id,
+        labels=[[-100] * len(p) + r for p, r in zip(prompts, responses)]))
+    torch.testing.assert_close(lp_sum, ref, atol=1e-5, rtol=0)
+    hot = ppo.policy_logprobs(tiny_backbone, tiny_backbone, b, temperature=2.0)
+    assert not torch.allclose(hot, lp)  # log-probs follow the sampling temperature
+
+
+def test_explained_variance_hand_values():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert ppo.explained_variance(returns.clone(), returns, mask) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0, abs=1e-6)
+    # residual [0, 0, 1] has variance 2/9 against var(returns) = 2/3 -> 1 - 1/3
+    assert ppo.explained_variance(torch.tensor([[1.0, 2.0, 2.0, 0.0]]), returns, mask) == pytest.approx(2 / 3)
+
+
+def test_one_backbone_holds_all_four_roles(upstream):
+    cfg = ppo.Config(**FAST)
+    gc.collect()
+    bb, rm = ppo.load_roles(cfg, TINY, upstream)
+    assert sorted(bb.adapters) == ["critic", "ppo", "rm", "sft"] and bb.active == "ppo"
+    assert sorted(bb.heads) == ["critic", "rm"] and rm.backbone is bb
+    embed = bb.causal_lm.get_input_embeddings().weight
+    gc.collect()
+    same_shape = {t.untyped_storage().data_ptr() for t in gc.get_objects()
+                  if isinstance(t, torch.Tensor) and t.shape == embed.shape}
+    assert same_shape == {embed.untyped_storage().data_ptr()}  # one copy of the base weights in the process
+    for name, trainable in [("sft", False), ("rm", False), ("ppo", True), ("critic", True)]:
+        assert all(p.requires_grad == trainable for p in bb.adapter_parameters(name).values()), name
+    # the critic starts as the normalised reward: (w.h + b - mean) / std, with mean 0.5 and std 2
+    rm_head, critic_head = bb.heads["rm"].proj, bb.heads["critic"].proj
+    torch.testing.assert_close(critic_head.weight, rm_head.weight / 2.0)
+    torch.testing.assert_close(critic_head.bias, (rm_head.bias - 0.5) / 2.0)
+    assert not any(p.requires_grad for p in bb.heads["rm"].parameters())
+
+
+def test_training_changes_only_policy_and_critic(upstream, tmp_path, monkeypatch):
+    loaded = []
+    load = Backbone.load.__func__
+
+    def spy(cls, cfg):
+        bb = load(cls, cfg)
+        loaded.append((bb, {n: p.detach().clone() for n, p in bb.causal_lm.named_parameters()}))
+        return bb
+
+    monkeypatch.setattr(Backbone, "load", classmethod(spy))
+    before = {k: _digest(v) for k, v in upstream.items()}
+    out = tmp_path / "ppo"
+    report = ppo.run(ppo.Config(**FAST), TINY, out, dict(upstream))
+
+    bb, base = loaded[0]
+    for n, p in bb.causal_lm.named_parameters():
+        if ".sft." in n or ".rm." in n or "lora_" not in n:  # the base and the frozen roles: bit-identical
+            original = base[n] if n in base else None
+            if original is not None:
+                assert torch.equal(p, original), n
+    assert {k: _digest(v) for k, v in upstream.items()} == before  # upstream folders only read
+    policy, sft = load_file(out / "adapter_model.safetensors"), load_file(upstream["sft"] / "adapter_model.safetensors")
+    assert policy.keys() == sft.keys() and any(not torch.equal(policy[k], sft[k]) for k in policy)
+    critic, rmw = load_file(out / "critic" / "adapter_model.safetensors"), load_file(upstream["rm"] / "adapter_model.safetensors")
+    assert any(not torch.equal(critic[k], rmw[k]) for k in critic)
+    assert (out / "critic" / "head.safetensors").exists()
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 2
+    for key in ["score", "reward_rm", "reward_checker", "kl", "entropy", "clipfrac", "approx_kl", "value_loss",
+                "explained_variance", "response_length", "time_generate", "time_score", "time_optimise"]:
+        assert all(key in r for r in train), key
+    assert set(report) == {"reference", "ppo"} and "rm_score" in report["ppo"]
+
+
+def test_dropout_is_off_so_the_first_ratio_is_one(upstream):
+    bb, _ = ppo.load_roles(ppo.Config(**FAST), TINY, upstream)
+    bb.eval()
+    b = ppo.rollout_batch([[5, 6, 7]] * 2, [[8, 9], [10, 11]], bb.tokenizer.pad_token_id)
+    first = ppo.policy_logprobs(bb, bb, b, 1.0)
+    torch.testing.assert_close(ppo.policy_logprobs(bb, bb, b, 1.0), first, atol=0, rtol=0)
+
+
+def test_killed_ppo_resumes_with_adapters_and_kl_controller(tmp_path):
+    sets = ["--set", "ppo.max_steps=4", "--set", "ppo.checkpoint_every=1", "--set", "ppo.kl_target=0.01", "--set", "ppo.kl_horizon=20",
+            "--set", "ppo.eval_checker=false", "--set", "ppo.lr=1e-2"]
+    base = tmp_path / "base"  # real sft and rm stage folders (with manifests), shared by both runs
+    run_cli(["run", "sft", "rm", "--config", "configs/tiny.yaml", "--run-dir", str(base)])
+    dirs = {label: tmp_path / label for label in ("killed", "straight")}
+    for run_dir in dirs.values():
+        for stage in ("sft", "rm"):
+            shutil.copytree(base / stage, run_dir / stage)
+    args = ["run", "ppo", "--config", "configs/tiny.yaml", *sets]
+    p = run_cli([*args, "--run-dir", str(dirs["killed"])], env={"DELTALIGN_TEST_KILL_AT_STEP": "2"}, check=False)
+    assert p.returncode == 137
+    assert (dirs["killed"] / "ppo" / "checkpoints").exists()
+    resumed = run_cli([*args, "--run-dir", str(dirs["killed"])])
+    assert "resuming" in resumed.stdout + resumed.stderr
+    run_cli([*args, "--run-dir", str(dirs["straight"])])
+    a = load_file(dirs["killed"] / "ppo" / "adapter_model.safetensors")
+    b = load_file(dirs["straight"] / "ppo" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    rows = {label: [json.loads(r) for r in (d / "ppo" / "metrics.jsonl").read_text().splitlines()]
+            for label, d in dirs.items()}
+    coef = {label: [r["kl_coef"] for r in rs if r["kind"] == "train"] for label, rs in rows.items()}
+    assert len(coef["killed"]) == 4 and coef["killed"] == pytest.approx(coef["straight"], rel=1e-6)
+    assert coef["straight"][0] != coef["straight"][-1]  # the adaptive controller moved (its state was restored)
+
+
+def test_composite_reward_weights_rules_and_user_functions(tmp_path, monkeypatch):
+    (tmp_path / "myrewards.py").write_text(
+        "def brevity(prompts, responses):\n    return [-len(r.split()) for r in responses]\n"
+        "def broken(prompts, responses):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = CompositeReward(rules={"checker": 2.0, "myrewards:brevity": 0.5})
+    prompts = ["Answer in all lowercase letters. What is rain?", "Answer in all lowercase letters. Why?"]
+    total, parts = reward(prompts, ["water from clouds", "Because"])
+    assert parts["checker"].tolist() == [1.0, 0.0]
+    assert parts["myrewards:brevity"].tolist() == [-3.0, -1.0]
+    assert total.tolist() == [2.0 - 1.5, 0.0 - 0.5]
+    with pytest.raises(ValueError, match="returned 1 values for 2"):
+        CompositeReward(rules={"myrewards:broken": 1.0})(prompts, ["a", "b"])
+    with pytest.raises(ValueError, match="cannot be imported"):
+        CompositeReward(rules={"nosuchmodule:f": 1.0})
+    with pytest.raises(ValueError, match="no reward source"):
+        CompositeReward()
+
+
+def test_prompt_examples_accept_every_shape_and_name_bad_rows():
+    rows = [{"prompt": "plain"}, {"prompt": [{"role": "user", "content": "chat"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"prompt": "p", "chosen": "c", "rejected": "r"}]
+    exs = prompt_examples(rows, "prompts.jsonl")
+    assert [e.prompt for e in exs] == ["plain", [{"role": "user", "content": "chat"}],
+                                       [{"role": "user", "content": "q"}], "p"]
+    assert [e.conversational for e in exs] == [False, True, True, False]
+    with pytest.raises(DataError, match=r"prompts.jsonl: row 1: no prompt"):
+        prompt_examples([{"prompt": "ok"}, {"question": "?"}], "prompts.jsonl")
+    with pytest.raises(DataError, match=r"row 0: field 'prompt'"):
+        prompt_examples([{"prompt": 3}], "prompts.jsonl")
