@@ -40,7 +40,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def panel_of(key: str) -> str | None:
     leaf = key.rsplit("/", 1)[-1]
-    if leaf in SKIP or "tokens" in leaf:
+    if leaf in SKIP or "tokens" in leaf or leaf.startswith("time_"):
         return None
     for title, match in PANELS:
         if match(key):
