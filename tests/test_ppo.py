@@ -121,12 +121,21 @@ def test_training_changes_only_policy_and_critic(upstream, tmp_path, monkeypatch
     out = tmp_path / "ppo"
     report = ppo.run(ppo.Config(**FAST), TINY, out, dict(upstream))
 
-    bb, base = loaded[0]
-    for n, p in bb.causal_lm.named_parameters():
-        if ".sft." in n or ".rm." in n or "lora_" not in n:  # the base and the frozen roles: bit-identical
-            original = base[n] if n in base else None
-            if original is not None:
-                assert torch.equal(p, original), n
+    bb, base = loaded[0]  # base: every weight as loaded, before any adapter was attached
+    current = {n.replace(".base_layer", ""): p for n, p in bb.causal_lm.named_parameters() if "lora_" not in n}
+    assert set(base) <= set(current) and len(base) > 10
+    for n, p in base.items():  # the frozen base: bit-identical after training
+        assert torch.equal(current[n], p), n
+    from peft.utils import get_peft_model_state_dict
+
+    for role in ("sft", "rm"):  # the frozen reference and reward adapters: bit-identical to their files
+        on_disk = load_file(upstream[role] / "adapter_model.safetensors")
+        in_memory = get_peft_model_state_dict(bb.model, adapter_name=role)
+        assert in_memory.keys() == on_disk.keys() and on_disk
+        for k, v in on_disk.items():
+            assert torch.equal(in_memory[k], v), (role, k)
+    rm_head = load_file(upstream["rm"] / "head.safetensors")
+    assert all(torch.equal(bb.heads["rm"].state_dict()[k], v) for k, v in rm_head.items())
     assert {k: _digest(v) for k, v in upstream.items()} == before  # upstream folders only read
     policy, sft = load_file(out / "adapter_model.safetensors"), load_file(upstream["sft"] / "adapter_model.safetensors")
     assert policy.keys() == sft.keys() and any(not torch.equal(policy[k], sft[k]) for k in policy)
