@@ -143,11 +143,8 @@ def generate_command(args, cfgs) -> int:
         return tokenize_prompt(p, tok, True)
 
     ids = [ids_of(p) for p in prompts]
-    if adapter is None:
+    with backbone.using(adapter):  # None: the base (or the merged export) as loaded
         out = generate(backbone, ids, gen, seed=args.seed)
-    else:
-        with backbone.using(adapter):
-            out = generate(backbone, ids, gen, seed=args.seed)
     for i, (p, r) in enumerate(zip(prompts, decode(backbone, out))):
         shown = p if isinstance(p, str) else p[-1]["content"]
         print(f"### [{i + 1}] prompt\n{shown}\n### [{i + 1}] response ({args.source})\n{r}\n")
@@ -161,10 +158,9 @@ def export_command(args, cfgs) -> int:
     cfg, stage_dir = cfgs["export"], pipe.run_dir / "export"
     export.check_out(cfg, stage_dir)  # export.out from the YAML: written by the stage itself
     out = export.check_out(export.Config(out=args.out, overwrite=args.overwrite), stage_dir) if args.out else None
-    # the export's hash covers its config (and a named policy); `auto` picks among whatever finished, so re-export
-    # whenever a stage it reads changed since the last export (or the YAML asks for a copy to export.out)
-    force = args.force or bool(cfg.out) or not export.is_current(pipe.run_dir)
-    metrics = pipe.run(["export"], force=force)["export"]
+    # the export's hash covers its config and the finished stages it reads (Stage.hash_uses), so the pipeline
+    # re-exports when any of them changed; export.out in the YAML asks for a fresh copy there
+    metrics = pipe.run(["export"], force=args.force or bool(cfg.out))["export"]
     if out is not None:  # --out copies the (possibly cached) export: no re-export, nothing archived
         metrics["out"] = str(export.copy_export(stage_dir, out, args.overwrite))
     print(f"exported policy {metrics['policy']!r} to {pipe.run_dir / 'export' / 'model'} "

@@ -94,12 +94,17 @@ class RewardModel:
             out[torch.tensor(idx)] = self.score_ids(b["input_ids"], b["attention_mask"]).cpu()
         return out
 
-    def normalised(self, scores: torch.Tensor) -> torch.Tensor:
-        """``(scores - mean) / std`` with the statistics of the training responses saved by the ``rm`` stage."""
+    def mean_std(self) -> tuple[float, float]:
+        """Mean and std of the training responses' scores saved by the ``rm`` stage (a degenerate std counts as 1)."""
         if not self.stats:
             raise ValueError(f"reward model {self.name!r} has no {STATS_FILE}: cannot normalise")
         std = self.stats["std"] if math.isfinite(self.stats["std"]) and self.stats["std"] > 0 else 1.0
-        return (scores - self.stats["mean"]) / std
+        return self.stats["mean"], std
+
+    def normalised(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(scores - mean) / std`` with the statistics of the training responses saved by the ``rm`` stage."""
+        mean, std = self.mean_std()
+        return (scores - mean) / std
 
 
 def load_reward_model(model_cfg: ModelConfig, run_dir: str | Path, **kwargs) -> RewardModel:

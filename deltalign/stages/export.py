@@ -68,7 +68,7 @@ class Config:
     def upstream(self) -> list[str]:
         """Stages the export needs (run first if missing, hashed): the named policy; none for ``auto``, which picks
         among whatever finished (passed as ``uses``). ``python -m deltalign export`` re-exports when any of those
-        changed since the last export (see :func:`is_current`)."""
+        changed since the last export (the pipeline hashes them: ``Stage.hash_uses``; :func:`is_current` checks it)."""
         return [] if self.policy == "auto" else [self.policy]
 
 

@@ -185,10 +185,10 @@ def load_roles(cfg: Config, model_cfg: ModelConfig, upstream: dict[str, Path]) -
         backbone.load_adapter(CRITIC, upstream["rm"], trainable=True)
         head = backbone.load_head(CRITIC, Path(upstream["rm"]) / HEAD_FILE, trainable=True)
         if rm is not None and rm.stats:  # values start as the normalised reward: (w.h + b - mean) / std
-            std = rm.stats["std"] if math.isfinite(rm.stats["std"]) and rm.stats["std"] > 0 else 1.0
+            mean, std = rm.mean_std()
             with torch.no_grad():
                 head.proj.weight.div_(std)
-                head.proj.bias.sub_(rm.stats["mean"]).div_(std)
+                head.proj.bias.sub_(mean).div_(std)
     else:
         torch.manual_seed(cfg.seed)
         backbone.add_adapter(CRITIC, cfg.adapter, trainable=True)
