@@ -271,6 +271,19 @@ class Backbone(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def trainable_numel(self) -> int:
+        """How many values train (full sizes: under ZeRO-3 a parameter's local tensor is empty)."""
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.trainable_parameters())
+
+    def train_without_dropout(self) -> "Backbone":
+        """Training mode (gradient checkpointing, which transformers runs only in training mode, stays on) with
+        every dropout off: LoRA dropout modules and attention dropout. PPO's ratio needs a deterministic policy."""
+        self.train()
+        for m in self.modules():
+            if isinstance(m, nn.Dropout) or hasattr(m, "attention_dropout"):
+                m.eval()
+        return self
+
 
 def labelled_logits(backbone, model, batch: dict):
     """LM logits only at positions that predict a label: ``(logits [N, V], targets [N], rows [N])``.

@@ -29,6 +29,9 @@ unchanged, with these differences handled here:
   :meth:`update` reduces and updates, so any number of backward calls per update works (PPO: policy + critic) and
   the effective loss is exactly the single-process one (``loss_sum / total`` over the whole step; DeepSpeed
   averages over ranks like DDP);
+* ZeRO-3 keeps reduced gradients in a flat buffer it never clears (the first backward of an update copies, later
+  ones add): :meth:`update` zeroes it, so a parameter first reached by a later backward (PPO's critic) starts
+  from 0, not from the previous update's gradient;
 * clipping is DeepSpeed's (``gradient_clipping`` = ``max_grad_norm``); ``grad_norm`` is its pre-clip global norm;
 * ZeRO-3 shards every parameter, the frozen base included: code that runs on rank 0 only (evaluation,
   generation, saving) must sit inside ``with engine.gathered():``, which every rank enters; inside, each rank
@@ -270,10 +273,13 @@ class Engine:
 
     def global_sum(self, value: float) -> float:
         """Sum a count (tokens, pairs) over all processes."""
+        return float(self.all_sum(torch.tensor(float(value), device=self.device)))
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of a tensor over all processes (every process must call it); no gradient."""
         if self.world == 1:
-            return float(value)
-        t = torch.tensor(float(value), device=self.device)
-        return float(self.accelerator.reduce(t, reduction="sum"))
+            return t
+        return self.accelerator.reduce(t.detach().clone(), reduction="sum")
 
     def accumulate(self, micro_batches: list) -> Iterator:
         """Iterate micro-batches; gradients are synchronised across processes only on the last one."""
@@ -303,6 +309,12 @@ class Engine:
             if self.cfg.max_grad_norm > 0:
                 out["grad_norm"] = float(self.model.get_global_grad_norm())
             self.scheduler.step()
+            # ZeRO-3 keeps each parameter's reduced gradient in a flat buffer that it does not clear: the first
+            # backward of an update overwrites (copy), later ones add. A parameter first reached by a later
+            # backward (PPO: the critic's, after the policy's) would add to the previous update's gradient.
+            flat = getattr(self.model.optimizer, "grad_partitions_flat_buffer", None)
+            if self.zero_stage == 3 and flat is not None:
+                flat.zero_()
             return out
         if self.cfg.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(self.backbone.trainable_parameters(), self.cfg.max_grad_norm)

@@ -5,8 +5,10 @@ length to waste less padding, results returned in the input order), KV cache on,
 in eval mode for the call (each module's train/eval flag is restored afterwards). A response ends right after
 its first stop token (the tokenizer's eos and, if different, the chat template's end-of-turn token, e.g.
 ``<|im_end|>``) and contains no padding. The pad token is never generated (it is suppressed), so a pad id in a
-batch is always padding. Sampling draws from the plain temperature/top-p distribution (no top-k), seeded by
-``seed`` without touching the caller's RNG state; ``temperature == 0`` is greedy.
+batch is always padding. ``temperature == 0`` is greedy. Sampling draws from the plain temperature/top-p
+distribution (no top-k) by the Gumbel-max trick, with one random stream per prompt (``row_seeds``, by default
+``seed`` and the prompt's index): a prompt's response depends on its seed alone, not on which other prompts share
+its batch or process — so a rollout is the same in one process and in two. The caller's RNG state is untouched.
 
 Adapters are chosen by the caller: ``with backbone.using(name): generate(...)``.
 """
@@ -68,12 +70,32 @@ def stop_token_ids(tokenizer) -> list[int]:
 def _hf_config(tokenizer, cfg: GenerationConfig, stops: list[int]):
     from transformers import GenerationConfig as HFGenerationConfig
 
-    sample = cfg.temperature > 0
-    extra = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) if sample else {}  # top_k=0: no top-k
+    # Always greedy for transformers: sampling is done by RowSampler (Gumbel-max), the last logits processor.
     return HFGenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, do_sample=sample, use_cache=True, num_beams=1,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, suppress_tokens=[tokenizer.pad_token_id], **extra,
+        max_new_tokens=cfg.max_new_tokens, do_sample=False, use_cache=True, num_beams=1,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, suppress_tokens=[tokenizer.pad_token_id],
     )
+
+
+class RowSampler:
+    """Logits processor that turns greedy decoding into sampling from softmax(logits / T) restricted to the top-p
+    nucleus, each row with its own generator: argmax(log p + Gumbel noise) is a sample from p (Gumbel-max)."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1:
+            sorted_lp, order = logp.sort(dim=-1, descending=True)
+            before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()  # mass of the more likely tokens
+            drop_sorted = before >= self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logp = logp.masked_fill(drop, float("-inf"))
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16))).to(logp)
+        return logp + gumbel.to(logp.device)
 
 
 @contextlib.contextmanager
@@ -88,21 +110,28 @@ def _eval_mode(model):
             m.training = training
 
 
-def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed: int = 0) -> list[list[int]]:
-    """Response ids for each prompt (in input order), ending with the stop token if one was generated."""
+def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed: int = 0,
+             row_seeds: list[int] | None = None) -> list[list[int]]:
+    """Response ids for each prompt (in input order), ending with the stop token if one was generated.
+    Sampling: prompt i draws from its own stream, seeded ``row_seeds[i]`` (default ``seed * 1_000_003 + i``)."""
     cfg.validate()
     if not prompt_ids:
         return []
+    if row_seeds is None:
+        row_seeds = [seed * 1_000_003 + i for i in range(len(prompt_ids))]
+    if len(row_seeds) != len(prompt_ids):
+        raise ValueError(f"generate: {len(row_seeds)} row seeds for {len(prompt_ids)} prompts")
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate: empty prompt (every prompt needs at least one token)")
+    from transformers import LogitsProcessorList
+
     tok, model = backbone.tokenizer, backbone.model
     stops = stop_token_ids(tok)
     hf_cfg = _hf_config(tok, cfg, stops)
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # longest first: OOM shows early
     out: list[list[int] | None] = [None] * len(prompt_ids)
-    with torch.no_grad(), _eval_mode(model), torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with torch.no_grad(), _eval_mode(model):
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             width = max(len(prompt_ids[i]) for i in idx)
@@ -112,7 +141,10 @@ def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed:
                 n = len(prompt_ids[i])
                 ids[row, width - n:] = torch.tensor(prompt_ids[i], dtype=torch.long)
                 mask[row, width - n:] = 1
-            seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=hf_cfg)
+            sampler = LogitsProcessorList(
+                [RowSampler([row_seeds[i] for i in idx], cfg.temperature, cfg.top_p)] if cfg.temperature else [])
+            seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=hf_cfg,
+                                  logits_processor=sampler)
             for row, i in enumerate(idx):
                 out[i] = _cut(seqs[row, width:].tolist(), stops)
     return out  # type: ignore[return-value]

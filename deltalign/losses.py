@@ -8,6 +8,8 @@ stateful helpers here.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -177,23 +179,27 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True,
+                  all_sum: Callable[[Tensor], Tensor] = lambda t: t) -> Tensor:
     """Normalise ``x`` over its masked entries to mean 0 and std 1.
 
     ``(x - mean) / sqrt(var + 1e-8)``, with the UNBIASED variance (Bessel factor
     n/(n-1)), as TRL and OpenRLHF compute it. With ``shift_mean=False`` the mean is
     added back, so only the scale changes (TRL does this to whiten rewards).
     Entries outside the mask are set to 0. Needs at least 2 masked entries.
+    ``all_sum`` sums a tensor over processes: with it, the statistics are those of
+    the global batch (as if one process held every row).
     """
-    n = mask.sum()
+    m = mask.to(x.dtype)
+    n, total = all_sum(torch.stack([m.sum(), (x * m).sum()])).unbind()
     if n < 2:
         raise ValueError(f"masked_whiten needs >= 2 masked entries, got {int(n)}")
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask) * (n / (n - 1))
+    mean = total / n
+    var = all_sum(((x - mean) ** 2 * m).sum()) / (n - 1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
-    return out * mask.to(x.dtype)
+    return out * m
 
 
 def kl_penalty_rewards(

@@ -8,7 +8,7 @@ import torch
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.data.formats import PrefExample, SFTExample
 from deltalign.data.tokenize import tokenize_prompt
-from deltalign.generation import GenerationConfig, checker_eval, decode, generate, stop_token_ids
+from deltalign.generation import GenerationConfig, RowSampler, checker_eval, decode, generate, stop_token_ids
 from deltalign.rewards.checker import describe
 
 TEXTS = ["hi", "hello there friend", "a", "what is the capital of france?", "x" * 30, "Answer in lowercase.",
@@ -84,6 +84,39 @@ def test_sampling_is_seeded_and_leaves_caller_rng_alone(bb):
     assert generate(bb, ids, cfg, seed=1) == a
     assert generate(bb, ids, cfg, seed=2) != a
     assert generate(bb, ids, GenerationConfig(max_new_tokens=12), seed=1) != a  # greedy is not sampling
+
+
+def test_a_prompts_sample_depends_on_its_seed_alone_not_on_its_batch(bb):
+    ids, seeds = prompts(bb), [101 + 7 * i for i in range(len(TEXTS))]
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, batch_size=8)
+    full = generate(bb, ids, cfg, row_seeds=seeds)
+    assert len({tuple(r) for r in full}) > 4
+    # other batch sizes, other company, other order: each prompt's response stays the same
+    assert generate(bb, ids, GenerationConfig(max_new_tokens=12, temperature=1.0, batch_size=3), row_seeds=seeds) == full
+    assert generate(bb, ids[4:], cfg, row_seeds=seeds[4:]) == full[4:]
+    assert generate(bb, ids[::-1], cfg, row_seeds=seeds[::-1]) == full[::-1]
+    assert generate(bb, ids, cfg, row_seeds=[s + 1 for s in seeds]) != full
+    with pytest.raises(ValueError, match="row seeds"):
+        generate(bb, ids, cfg, row_seeds=seeds[:2])
+
+
+@pytest.mark.parametrize("temperature, top_p, expected", [
+    (1.0, 1.0, [0.5, 0.3, 0.15, 0.05]),
+    (2.0, 1.0, None),  # softmax(log p / 2), computed below
+    (1.0, 0.7, [0.625, 0.375, 0.0, 0.0]),  # nucleus {0.5, 0.3}: the mass before 0.15 is 0.8 >= 0.7
+])
+def test_row_sampler_draws_from_the_tempered_nucleus_distribution(temperature, top_p, expected):
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    if expected is None:
+        expected = torch.softmax(probs.log() / temperature, -1).tolist()
+    n = 20_000
+    sampler = RowSampler(list(range(n)), temperature, top_p)
+    picks = sampler(None, probs.log().expand(n, -1).clone()).argmax(-1)  # greedy on the processed scores
+    freq = torch.bincount(picks, minlength=4).float() / n
+    # binomial std at n=20000 is <= 0.0036; 0.015 is > 4 sigma
+    torch.testing.assert_close(freq, torch.tensor(expected), atol=0.015, rtol=0)
+    if top_p < 1:
+        assert freq[2] == 0 and freq[3] == 0
 
 
 def test_eval_mode_during_generation_and_restored():

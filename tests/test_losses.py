@@ -156,6 +156,17 @@ def test_masked_whiten_hand_and_random():
         L.masked_whiten(x, torch.zeros_like(m))
 
 
+def test_masked_whiten_over_processes_uses_the_global_statistics():
+    # two processes holding the same shard: all_sum doubles every sum; the result must be that of the
+    # concatenated batch (n doubles, so the Bessel factor changes: a per-process whitening would differ)
+    x, m = t([[1.0, 2.0, 3.0, 100.0]]), t([[1, 1, 1, 0]])
+    both = L.masked_whiten(torch.cat([x, x]), torch.cat([m, m]))[:1]
+    close(L.masked_whiten(x, m, all_sum=lambda v: 2 * v), both, tol=1e-7)
+    # mean 2, unbiased var over 6 entries (4 * 1) / 5 = 0.8
+    close(both, [[-1 / 0.8 ** 0.5, 0.0, 1 / 0.8 ** 0.5, 0.0]], tol=1e-7)
+    assert not torch.allclose(both, L.masked_whiten(x, m))
+
+
 def test_kl_penalty_rewards_score_on_last_response_token():
     lp = t([[-1.0, -2.0, -3.0, -4.0], [-1.0, -2.0, -3.0, -4.0]])
     ref = t([[-1.5, -2.0, -2.5, 0.0], [-1.5, -2.0, -2.5, 0.0]])

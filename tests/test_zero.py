@@ -19,13 +19,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["sft", "rm", "dpo"]
+STAGES = ["sft", "rm", "dpo", "ppo"]
 COMMON = ["--config", "configs/tiny.yaml",
           *[x for s in STAGES for x in ("--set", f"{s}.max_steps=3", "--set", f"{s}.lr=2e-4")],
           "--set", "sft.adapter.dropout=0", "--set", "rm.adapter.dropout=0",  # dropout RNG differs per process
           "--set", "sft.eval_limit=4", "--set", "dpo.eval_limit=4", "--set", "rm.stats_pairs=16",
-          "--set", "dpo.eval_checker=false"]
-SINGLE = [x for s in STAGES for x in ("--set", f"{s}.grad_accum=2")]  # 1 process x 2 micro-batches == 2 x 1
+          "--set", "dpo.eval_checker=false", "--set", "ppo.eval_limit=4"]
+# 1 process x 2 micro-batches == 2 processes x 1. PPO (a step is one rollout batch per process): the data is 8
+# prompts, so every step rolls out all 8 -- one batch of 8 in one process, 4 + 4 in two; rollouts are seeded per
+# prompt, so they are the same; one minibatch per update (the whole batch), two updates per step.
+SINGLE = [*[x for s in STAGES[:3] for x in ("--set", f"{s}.grad_accum=2")],
+          "--set", "ppo.batch_size=8", "--set", "ppo.mini_batch_size=8"]
+MULTI = ["--set", "ppo.batch_size=4", "--set", "ppo.mini_batch_size=4"]
+COMPARED = {"sft": ["loss", "grad_norm"], "rm": ["loss", "grad_norm"], "dpo": ["loss", "grad_norm"],
+            "ppo": ["policy_loss", "value_loss", "grad_norm", "score", "kl", "response_length", "entropy"]}
 PROMPTS = [[5, 80, 81, 82, 90, 91], [5, 100, 101, 102]]
 
 
@@ -100,7 +107,11 @@ def _probe(probe_dir: Path, argv: list[str]) -> int:
                                    for k, v in get_peft_model_state_dict(bb.model, adapter_name=stage).items()}
             if stage in bb.heads:
                 dump["head"] = {k: v.detach().clone() for k, v in bb.heads[stage].state_dict().items()}
-            if stage in ("sft", "dpo"):  # greedy generation on every rank from the gathered weights
+            if "critic" in bb.heads:  # ppo's value model
+                dump["critic_adapter"] = {k: v.detach().clone() for k, v in
+                                          get_peft_model_state_dict(bb.model, adapter_name="critic").items()}
+                dump["critic_head"] = {k: v.detach().clone() for k, v in bb.heads["critic"].state_dict().items()}
+            if stage in ("sft", "dpo", "ppo"):  # greedy generation on every rank from the gathered weights
                 with bb.using(stage):
                     dump["generated"] = generate(bb, PROMPTS, GenerationConfig(max_new_tokens=6))
         torch.save(dump, probe_dir / f"{stage}-rank{rank}.pt")
@@ -126,10 +137,21 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
+def ppo_prompts(path: Path) -> Path:
+    """The first 8 prompts of the embedded preference set (the checker reward understands them)."""
+    from deltalign.data.formats import load_rows
+
+    rows = load_rows("embedded:pref_train")[:8]
+    path.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
+    return path
+
+
 def launch(config: str | None, probe_dir: Path, run_dir: Path, extra: list[str], env=None, stages=STAGES):
     """Run the probe: under ``accelerate launch`` with 2 processes (config given) or as one plain process."""
     probe_dir.mkdir(parents=True, exist_ok=True)
-    args = [str(Path(__file__)), str(probe_dir), "run", *stages, *COMMON, *extra, "--run-dir", str(run_dir)]
+    data = ["--set", f"ppo.data={ppo_prompts(probe_dir / 'ppo-prompts.jsonl')}"]
+    args = [str(Path(__file__)), str(probe_dir), "run", *stages, *COMMON, *data, *extra, "--run-dir",
+            str(run_dir)]
     if config:
         cmd = [str(ROOT / ".venv/bin/accelerate"), "launch", "--config_file", config, "--num_processes", "2",
                "--main_process_port", str(_port()), *args]
@@ -164,12 +186,12 @@ from safetensors.torch import load_file  # noqa: E402
 WALL: dict[str, float] = {}
 
 
-Z3 = ["--set", "model.gradient_checkpointing=true"]
+Z3 = ["--set", "model.gradient_checkpointing=true", *MULTI]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One single-process run and one 2-process run per ZeRO stage, each of sft -> rm -> dpo (3 steps each).
+    """One single-process run and one 2-process run per ZeRO stage, each of sft -> rm -> dpo -> ppo (3 steps each).
     The ZeRO-3 run also switches gradient checkpointing on (the reference does not), and its sft is first killed
     at step 3 (after the step-2 checkpoint) and then resumed by the full run."""
     root = tmp_path_factory.mktemp("zero")
@@ -181,7 +203,7 @@ def runs(tmp_path_factory):
     out["killed"] = (p.returncode, sorted(x.name for x in (ckpt / "ds").glob("*optim_states.pt")),
                      {k: v.numel() for k, v in load_file(str(ckpt / "trainable.safetensors")).items()}
                      if (ckpt / "trainable.safetensors").is_file() else {})
-    for name, config, extra in [("single", None, SINGLE), ("zero2", "configs/accelerate/zero2.yaml", []),
+    for name, config, extra in [("single", None, SINGLE), ("zero2", "configs/accelerate/zero2.yaml", MULTI),
                                 ("zero3", "configs/accelerate/zero3.yaml", Z3)]:
         p = _check(launch(config, root / f"{name}-probe", root / name, extra))
         WALL[name] = p.wall
@@ -198,8 +220,8 @@ def test_losses_and_grad_norms_match_one_process(runs, zero):
         assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
         for ra, rb in zip(a, b):
             # metrics.jsonl rounds to 6 decimals; a 2x learning-rate change already moves step 2 by ~2e-5
-            assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=2e-6), (stage, ra, rb)
-            assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-5, abs=2e-6), (stage, ra, rb)
+            for key in COMPARED[stage]:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=2e-6), (stage, key, ra, rb)
             assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-6)
 
 
@@ -226,11 +248,17 @@ def test_saved_outputs_are_complete_equal_to_rank0_memory_and_load_in_peft(runs,
             assert v.numel() > 0 and v.shape == reference[k].shape, (stage, k, v.shape)  # not ZeRO-3's empty shards
             assert torch.equal(v, mem["adapter"][k]), (stage, k)
             torch.testing.assert_close(v, reference[k], atol=1e-4, rtol=1e-3)  # 3 steps: same training
-        if stage == "rm":
-            head = load_file(str(run / "rm" / "head.safetensors"))
-            assert head.keys() == mem["head"].keys() and head["proj.weight"].numel() > 0
+        if stage in ("rm", "ppo"):  # rm's head; ppo's critic adapter and head
+            folder, key = (run / "rm", "head") if stage == "rm" else (run / "ppo" / "critic", "critic_head")
+            head = load_file(str(folder / "head.safetensors"))
+            assert head.keys() == mem[key].keys() and head["proj.weight"].numel() > 0
             for k, v in head.items():
-                assert torch.equal(v, mem["head"][k])
+                assert torch.equal(v, mem[key][k])
+        if stage == "ppo":
+            critic = load_file(str(run / "ppo" / "critic" / "adapter_model.safetensors"))
+            assert critic.keys() == mem["critic_adapter"].keys() and critic
+            for k, v in critic.items():
+                assert v.numel() > 0 and torch.equal(v, mem["critic_adapter"][k]), k
         model, _ = load_base(ModelConfig(path="tiny"))
         peft_model = PeftModel.from_pretrained(model, str(run / stage))
         loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
@@ -270,7 +298,7 @@ def test_zero3_shards_the_frozen_base_and_generates_from_gathered_weights(runs):
             # each rank holds about half of every frozen base tensor, not the whole (nor nothing on both)
             assert mem[0]["local_numel"][n] + mem[1]["local_numel"][n] >= full, n
             assert mem[0]["local_numel"][n] < full and mem[0]["data_numel"][n] == 0, n
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "dpo", "ppo"):
         g0, g1 = (torch.load(probe / f"{stage}-rank{r}.pt", weights_only=False)["generated"] for r in (0, 1))
         bb = Backbone.load(ModelConfig(path="tiny"))
         bb.load_adapter(stage, run / stage)

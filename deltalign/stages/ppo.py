@@ -17,8 +17,9 @@ Each step (one rollout batch of prompts), as in "The N Implementation Details of
     one optimizer update per minibatch;
  6. update the KL coefficient (adaptive controller), log, checkpoint.
 
-Adapter dropout is off throughout (the model stays in eval mode, as TRL does), so the first minibatch's
-probability ratio is exactly 1. Sections: 1. load; 2. data; 3. loop (steps 1-6); 4. evaluate and save.
+Dropout is off throughout (as TRL), so the first minibatch's probability ratio is exactly 1; the model stays in
+training mode otherwise, so gradient checkpointing works. With several processes, each generates for its own
+prompts; advantages are whitened, losses averaged and the KL controller updated over the global batch. Sections: 1. load; 2. data; 3. loop (steps 1-6); 4. evaluate and save.
 """
 
 from __future__ import annotations
@@ -162,6 +163,12 @@ def policy_logprobs(backbone, model, batch: dict, temperature: float, entropy: b
     return lp, entropy_from_logits(logits if torch.is_grad_enabled() and entropy == "grad" else logits.detach())
 
 
+def rollout_seed(seed: int, step: int, prompt: int) -> int:
+    """The sampling seed of one prompt's rollout at one step: independent of batch and process, so a run gives
+    the same rollouts in one process and in several."""
+    return (seed * 1_000_003 + step) * 1_000_003 + prompt
+
+
 def critic_values(model, batch: dict) -> torch.Tensor:
     """Critic values [B, R] at the positions that predict each response token."""
     return _at_positions(model(batch["input_ids"], batch["attention_mask"], head=CRITIC), batch["positions"])
@@ -222,22 +229,18 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     n_mini = math.ceil(cfg.batch_size / cfg.mini_batch_size)
     model = engine.prepare(backbone, engine.total_steps(len(batches(0))), updates_per_step=cfg.ppo_epochs * n_mini)
-    if engine.zero_stage == 3:  # two backward passes (policy, critic) per update: wrong gradients under ZeRO-3
-        raise RuntimeError("ppo does not support DeepSpeed ZeRO-3 yet (gradients of the second step are wrong); "
-                           "use configs/accelerate/zero2.yaml")
     engine.log({"prompts": len(keep), "dropped": len(prompt_ids) - len(keep), "steps": engine.n_steps,
-                "critic_init": cfg.critic_init, "trainable_params": sum(p.numel() for p in
-                                                                        backbone.trainable_parameters())},
-               kind="setup")
+                "critic_init": cfg.critic_init, "trainable_params": backbone.trainable_numel()}, kind="setup")
 
     # 3. loop: one rollout batch per step
-    model.eval()  # adapter dropout off: old and new log-probs come from the same function
+    backbone.train_without_dropout()  # old and new log-probs come from the same function; checkpointing stays on
     for step, micro in engine.steps(batches):
         idx = micro[0]
         # 3.1 rollout with the policy
         t0 = time.time()
         with engine.gathered(), backbone.using(NAME):  # ZeRO-3: generate from gathered weights
-            responses = generate(backbone, [prompt_ids[i] for i in idx], cfg.rollout, seed=cfg.seed * 100_003 + step)
+            responses = generate(backbone, [prompt_ids[i] for i in idx], cfg.rollout,
+                                 row_seeds=[rollout_seed(cfg.seed, step, i) for i in idx])
         t_gen = time.time() - t0
 
         # 3.2 score: reward model + rules, minus the penalty for responses without a stop token
@@ -260,8 +263,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         # 3.4 per-token rewards with the KL penalty, GAE, whitened advantages
         rewards, kl = kl_penalty_rewards(score.to(old_lp), old_lp, ref_lp, mask, kl_ctl.value)
         adv, returns = gae_advantages(rewards, old_v, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            adv = masked_whiten(adv, mask)
+        if cfg.whiten_advantages:  # over the global batch (every process's rollouts)
+            adv = masked_whiten(adv, mask, all_sum=engine.all_sum)
         t_score = time.time() - t0 - t_gen
 
         # 3.5 PPO epochs over shuffled minibatches, one update each
@@ -272,27 +275,33 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             for mb in torch.randperm(len(idx), generator=gen).split(cfg.mini_batch_size):
                 sub = {k: v[mb] for k, v in batch.items()}
                 m = mask[mb]
+                # token means over the global minibatch: each process weighs its mean by its share of the tokens
+                n_tokens = float(m.sum())
+                total = engine.global_sum(n_tokens)
+                # two backward passes, each under its own adapter: checkpointing recomputes with the active one
                 with backbone.using(NAME):
                     lp, ent = policy_logprobs(backbone, model, sub, cfg.rollout.temperature,
                                               entropy="grad" if cfg.ent_coef else True)
                     pg_loss, pg = ppo_policy_loss(lp, old_lp[mb], adv[mb], m, cfg.clip)
                     entropy = masked_mean(ent, m)
-                    engine.backward(pg_loss - cfg.ent_coef * entropy, engine.world)
+                    engine.backward((pg_loss - cfg.ent_coef * entropy) * n_tokens, total)
                 with backbone.using(CRITIC):
                     vf_loss, vf = ppo_value_loss(critic_values(model, sub), old_v[mb], returns[mb], m,
                                                  cfg.value_clip)
-                    engine.backward(cfg.vf_coef * vf_loss, engine.world)
+                    engine.backward(cfg.vf_coef * vf_loss * n_tokens, total)
                 upd = engine.update()
                 n_updates += 1
+                share = n_tokens * engine.world / max(total, 1.0)  # mean over processes == global token mean
                 for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy,
                              "clipfrac": pg["clipfrac"], "approx_kl": pg["approx_kl"],
                              "value_clipfrac": vf["clipfrac"]}.items():
-                    stats[k] = stats.get(k, 0.0) + v.item()
+                    stats[k] = stats.get(k, 0.0) + v.item() * share
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + upd.get("grad_norm", 0.0)
 
         # 3.6 KL controller, metrics
-        mean_kl = float(kl.sum(1).mean())
-        kl_ctl.update(mean_kl, len(idx))
+        n_global = engine.global_sum(len(idx))
+        mean_kl = engine.global_sum(float(kl.sum(1).sum())) / n_global  # the same value on every process
+        kl_ctl.update(mean_kl, int(n_global))
         metrics = {k: v / n_updates for k, v in stats.items()} | {
             "score": float(score.mean()), "kl": mean_kl, "kl_coef": kl_ctl.value,
             "explained_variance": explained_variance(old_v, returns, mask),

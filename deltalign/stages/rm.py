@@ -133,7 +133,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     n_steps = engine.total_steps(len(batches(0)))
     model = engine.prepare(backbone, n_steps)
     engine.log({"train_pairs": len(train), "dropped": dropped, "heldout_pairs": len(held), "init": cfg.init,
-                "trainable_params": sum(p.numel() for p in backbone.trainable_parameters()), "steps": n_steps},
+                "trainable_params": backbone.trainable_numel(), "steps": n_steps},
                kind="setup")
 
     # 3. before training: the initial adapter (SFT copy or base) with the fresh head; kept across a resume

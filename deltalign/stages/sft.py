@@ -91,7 +91,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     n_steps = engine.total_steps(len(batches(0)))
     model = engine.prepare(backbone, n_steps)
     engine.log({"train_examples": len(train), "dropped": dropped, "heldout_examples": len(heldout),
-                "trainable_params": sum(p.numel() for p in backbone.trainable_parameters()), "steps": n_steps},
+                "trainable_params": backbone.trainable_numel(), "steps": n_steps},
                kind="setup")
 
     # 3. baseline: the base model (adapters off) on held-out data, measured once (kept across a resume)
