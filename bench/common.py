@@ -83,6 +83,11 @@ class Settings:
     max_prompt_length: int = 192
     temperature: float = 1.0
     kl_coef: float = 0.05
+    ppo_gradient_checkpointing: bool = True
+    """PPO only, on every side: activation checkpointing in the training forwards (ours: the whole shared
+    backbone; naive: policy and critic; TRL: its policy, as PPOTrainer applies it). At 135M parameters the
+    activations, not the weight copies, dominate PPO's memory; with them checkpointed the comparison shows
+    what sharing one backbone saves."""
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -39,6 +39,7 @@ def main() -> int:
     from deltalign.backbone import load_tokenizer
     from deltalign.data.formats import load_rows, prompt_examples
     from deltalign.data.tokenize import tokenize_prompt
+    from deltalign.engine import release_free_memory
     from deltalign.generation import stop_token_ids
     from deltalign.losses import (gae_advantages, kl_penalty_rewards, masked_whiten, ppo_policy_loss, ppo_value_loss,
                                   token_logprobs)
@@ -62,6 +63,12 @@ def main() -> int:
         p.requires_grad_("lora_" in n or n.startswith("score."))
     for m in (policy, critic):
         m.eval()  # dropout off, as in our stage and TRL's
+        if s.ppo_gradient_checkpointing:  # as ours: training mode (transformers checkpoints only then), dropout off
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.train()
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.Dropout) or hasattr(mod, "attention_dropout"):
+                    mod.eval()
     params = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr)
 
@@ -138,6 +145,7 @@ def main() -> int:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                release_free_memory()  # as our engine does after every update
         timer.step_end()
 
     emit({"side": "naive", "stage": "ppo", **timer.summary(), "threads": s.threads})

@@ -52,7 +52,8 @@ def overrides(stage: str, s: Settings) -> list[str]:
                      f"ppo.max_prompt_length={s.max_prompt_length}", f"ppo.rollout.max_new_tokens={s.max_new_tokens}",
                      f"ppo.rollout.temperature={s.temperature}", "ppo.rollout.top_p=1.0",
                      f"ppo.kl_coef={s.kl_coef}", "ppo.kl_target=0", "ppo.warmup_ratio=0", "ppo.critic_init=rm",
-                     "ppo.rm_weight=1.0", "ppo.rules.checker=0", "ppo.eval_checker=false"]
+                     "ppo.rm_weight=1.0", "ppo.rules.checker=0", "ppo.eval_checker=false",
+                     f"model.gradient_checkpointing={str(s.ppo_gradient_checkpointing).lower()}"]
     return o
 
 

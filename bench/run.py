@@ -313,7 +313,8 @@ def main() -> int:
           f"(rows / pairs / prompts), max length {s.max_length}, {s.steps} steps per process "
           f"(PPO {s.ppo_steps}; the first step of each is warm-up, not timed), {s.threads} thread(s); "
           f"PPO: minibatch {s.ppo_mini_batch_size}, {s.ppo_epochs} epochs, {s.max_new_tokens} new tokens, "
-          f"temperature {s.temperature}. Fresh process per run, sides alternating, median of {runs} run(s) each. "
+          f"temperature {s.temperature}, activation checkpointing {'on' if s.ppo_gradient_checkpointing else 'off'} "
+          f"(PPO only, every side). Fresh process per run, sides alternating, median of {runs} run(s) each. "
           f"Peak RSS = the whole process's resident high-water mark. FLOP/s share: model FLOPs per real token "
           f"(frozen-base LoRA: forward 2N + activation backward 2N, attention included; see bench/common.py) "
           f"over the measured matmul peak.",

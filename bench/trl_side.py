@@ -175,6 +175,7 @@ def run_ppo(s: Settings, timer: StepTimer, dims: dict, out: str) -> None:
     a = common_args(s, out)
     a.update(per_device_train_batch_size=s.ppo_mini_batch_size, gradient_accumulation_steps=n_mini, max_steps=-1)
     a.pop("warmup_steps")
+    a["gradient_checkpointing"] = s.ppo_gradient_checkpointing  # TRL checkpoints the policy (not the value model)
     args = PPOConfig(**a, num_mini_batches=n_mini, num_ppo_epochs=s.ppo_epochs,
                      total_episodes=s.ppo_steps * s.batch_size, local_rollout_forward_batch_size=s.batch_size,
                      response_length=s.max_new_tokens, temperature=s.temperature, stop_token="eos",

@@ -21,28 +21,16 @@ RNG state, the step and any extra state a stage registers. They are written to a
 at any moment leaves the previous checkpoint intact; a new run in the same directory resumes from the last one.
 
 Under DeepSpeed (``accelerate launch --config_file configs/accelerate/zero{2,3}.yaml``) the same stage code runs
-unchanged, with these differences handled here:
-
-* accumulation: DeepSpeed's own gradient-accumulation scaling is switched off (``gradient_accumulation_steps`` is
-  forced to 1 and ``backward(scale_wrt_gas=False)``) and the boundary is the caller's
-  (``managed_gradient_accumulation: false``): every ``backward`` only accumulates, DeepSpeed's ``step()`` in
-  :meth:`update` reduces and updates, so any number of backward calls per update works (PPO: policy + critic) and
-  the effective loss is exactly the single-process one (``loss_sum / total`` over the whole step; DeepSpeed
-  averages over ranks like DDP);
-* ZeRO-3 keeps reduced gradients in a flat buffer it never clears (the first backward of an update copies, later
-  ones add): :meth:`update` zeroes it, so a parameter first reached by a later backward (PPO's critic) starts
-  from 0, not from the previous update's gradient;
-* clipping is DeepSpeed's (``gradient_clipping`` = ``max_grad_norm``); ``grad_norm`` is its pre-clip global norm;
-* ZeRO-3 shards every parameter, the frozen base included: code that runs on rank 0 only (evaluation,
-  generation, saving) must sit inside ``with engine.gathered():``, which every rank enters; inside, each rank
-  holds the full weights and ZeRO-3's module hooks are off (no collective in a forward);
-* checkpoints add DeepSpeed's own per-rank optimizer shards (``ds/``; frozen parameters excluded) — the only
-  files a rank other than 0 writes; everything else is written by rank 0.
+unchanged: accumulation, the update boundary and clipping stay the engine's (see :mod:`deltalign.zero`);
+``grad_norm`` is DeepSpeed's pre-clip global norm; code that runs on rank 0 only (evaluation, generation,
+saving) sits inside ``with engine.gathered():``, which every rank enters (ZeRO-3 shards every parameter).
+Checkpoints are :mod:`deltalign.checkpoint`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -55,9 +43,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from deltalign import atomic
-
-CKPT_DIR = "checkpoints"
+from deltalign import checkpoint, zero
 
 
 @dataclass
@@ -100,19 +86,14 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _skip_deepspeed_shm_build() -> None:
-    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op at start-up (minutes on a 2-core machine, and
-    a C++ toolchain needed); without it DeepSpeed falls back to plain torch.distributed (gloo), which is what we
-    use anyway. Set DELTALIGN_DS_SHM=1 to let DeepSpeed build and use it."""
-    if os.environ.get("DELTALIGN_DS_SHM", "0") == "1":
-        return
-    import importlib
-
-    try:  # not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports `torch`, which that would bind
-        ds_torch = importlib.import_module("deepspeed.comm.torch")
-    except ImportError:
-        return
-    ds_torch.build_shm_op = lambda: None
+def release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere a no-op). glibc keeps the
+    activations freed after a backward pass in fragmented heap chunks; measured on SmolLM2-135M (batch 8 x 200
+    tokens, LoRA), trimming after each update lowers the peak resident memory by 1.3 GB at no measurable cost."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Engine:
@@ -128,7 +109,7 @@ class Engine:
         # On CPU, accelerate leaves the backend unset and each launched process would think it is alone.
         handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
-            _skip_deepspeed_shm_build()
+            zero.skip_shm_build()
         self.accelerator = Accelerator(kwargs_handlers=handlers)
         self.ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         self.zero_stage = int(self.ds_plugin.zero_stage) if self.ds_plugin is not None else 0
@@ -182,24 +163,14 @@ class Engine:
         self.param_names = [n for n, p in backbone.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         if self.deepspeed:
-            ds = self.ds_plugin.deepspeed_config
-            # The engine owns accumulation and its normalisation: DeepSpeed must neither divide the loss by its
-            # gradient_accumulation_steps nor decide the boundary itself.
-            ds["gradient_accumulation_steps"] = 1
-            # Caller-owned boundary: backward() only accumulates, step() (in update) reduces and updates -- any
-            # number of backward calls per update (PPO: policy and critic), inside accumulate() or not.
-            ds["managed_gradient_accumulation"] = False
-            ds["gradient_clipping"] = float(self.cfg.max_grad_norm)
-            if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-                ds["train_micro_batch_size_per_gpu"] = self.cfg.batch_size  # informational (throughput logs)
-            ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * self.world
+            zero.configure(self.ds_plugin.deepspeed_config, self.cfg.batch_size, self.world, self.cfg.max_grad_norm)
             self.accelerator.gradient_accumulation_steps = 1
         self.model, self.optimizer = self.accelerator.prepare(backbone, self.optimizer)
         warmup = max(1, int(self.cfg.warmup_ratio * n_updates))
         # The schedule drives the optimizer that really steps (under ZeRO, the one inside DeepSpeed's wrapper).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self._base_optimizer(), lambda s: lr_lambda(s, n_updates, warmup, self.cfg.min_lr_ratio))
-        self.resume()
+        checkpoint.restore(self)
         return self.model
 
     def _base_optimizer(self) -> torch.optim.Optimizer:
@@ -218,29 +189,8 @@ class Engine:
         if self.zero_stage != 3 or not hasattr(self, "model"):
             yield getattr(self, "backbone", None)
             return
-        import deepspeed
-        from deepspeed.runtime.zero import parameter_offload
-
-        # As deepspeed.runtime.zero.stage3.unwrap_model_for_generation, plus the start-of-forward hook, whose
-        # step reset is itself a collective (rank 0 alone in a forward would wait for the others forever).
-        opt = self.model.optimizer
-        offload = getattr(opt, "parameter_offload", None) or opt
-        with torch.no_grad(), deepspeed.zero.GatheredParameters(list(self.model.module.parameters())):
-            for hook in [*offload.forward_hooks, *offload.backward_hooks, offload.fwd_pre_hook]:
-                hook.remove()
-            offload.forward_hooks, offload.backward_hooks = [], []
-            depth = len(parameter_offload.FWD_MODULE_STACK)
-            # transformers' generate() turns on synced_gpus (an all-reduce per token) when it sees ZeRO-3;
-            # with the weights gathered each process generates on its own, so hide ZeRO-3 from it meanwhile.
-            from transformers.integrations import deepspeed as hf_ds
-
-            hf_ref, hf_ds._hf_deepspeed_config_weak_ref = hf_ds._hf_deepspeed_config_weak_ref, None
-            try:
-                yield self.backbone
-            finally:
-                hf_ds._hf_deepspeed_config_weak_ref = hf_ref
-                offload.setup_zero_stage3_hooks()
-                del parameter_offload.FWD_MODULE_STACK[depth:]
+        with zero.gathered(self.model, self.backbone) as backbone:
+            yield backbone
 
     def register_state(self, name: str, get: Callable[[], dict], put: Callable[[dict], None]) -> None:
         """Include a stage's own state (e.g. a KL controller) in checkpoints; ``put`` is called on resume."""
@@ -309,12 +259,8 @@ class Engine:
             if self.cfg.max_grad_norm > 0:
                 out["grad_norm"] = float(self.model.get_global_grad_norm())
             self.scheduler.step()
-            # ZeRO-3 keeps each parameter's reduced gradient in a flat buffer that it does not clear: the first
-            # backward of an update overwrites (copy), later ones add. A parameter first reached by a later
-            # backward (PPO: the critic's, after the policy's) would add to the previous update's gradient.
-            flat = getattr(self.model.optimizer, "grad_partitions_flat_buffer", None)
-            if self.zero_stage == 3 and flat is not None:
-                flat.zero_()
+            zero.clear_gradients(self.model, self.zero_stage)
+            release_free_memory()
             return out
         if self.cfg.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(self.backbone.trainable_parameters(), self.cfg.max_grad_norm)
@@ -322,6 +268,7 @@ class Engine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        release_free_memory()
         return out
 
     def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -350,7 +297,7 @@ class Engine:
         if self._bar is not None:
             self._bar.update(1)
         if self.cfg.checkpoint_every and self.step_no % self.cfg.checkpoint_every == 0 and self.step_no < self.n_steps:
-            self.save_checkpoint()
+            checkpoint.save(self, self.cfg.keep_checkpoints)
         fail_at = os.environ.get("DELTALIGN_TEST_KILL_AT_STEP")  # tests simulate a kill -9 right here
         if fail_at and int(fail_at) == self.step_no:
             os._exit(137)
@@ -368,114 +315,6 @@ class Engine:
         if self._bar is not None and not self.quiet:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)}, refresh=False)
 
-    # --- checkpoints ----------------------------------------------------------------------------------------
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Full (gathered) values of every trainable tensor. Every process must call it (ZeRO-3 gathers)."""
-        backbone = self.accelerator.unwrap_model(self.model)
-        wanted = set(self.param_names)
-        named = [(n, p) for n, p in backbone.named_parameters() if n in wanted]
-        ctx = contextlib.nullcontext()
-        if self.zero_stage == 3:
-            import deepspeed
-
-            ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
-        with ctx:
-            return {n: p.detach().cpu().clone() for n, p in named}
-
-    def _all_rng(self) -> list:
-        """Every process's torch RNG state (dropout differs per process), gathered to all."""
-        state = torch.get_rng_state()
-        if self.world == 1:
-            return [state]
-        from accelerate.utils import gather_object
-
-        return gather_object([state])
-
-    def save_checkpoint(self) -> None:
-        from safetensors.torch import save_file
-
-        self.accelerator.wait_for_everyone()
-        state = self.trainable_state()
-        rngs = self._all_rng()
-        root = self.out / CKPT_DIR
-        final = root / f"step-{self.step_no:06d}"
-        tmp = root / f".step-{self.step_no:06d}.partial"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        if self.deepspeed:  # every rank writes its own optimizer shard (ZeRO); frozen parameters are left out
-            self.model.save_checkpoint(str(tmp), tag="ds", save_latest=False, exclude_frozen_parameters=True)
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            save_file(state, tmp / "trainable.safetensors")
-            blob = {"scheduler": self.scheduler.state_dict(), "torch_rng": rngs[0], "torch_rng_all": rngs}
-            if not self.deepspeed:
-                blob["optimizer"] = self.optimizer.state_dict()
-            torch.save(blob, tmp / "optimizer.pt")
-            extra = {name: get() for name, (get, _) in self.extra_state.items()}
-            atomic.write_json(tmp / "state.json", {"step": self.step_no, "python_rng": repr(random.getstate()),
-                                                   "extra": extra, "world": self.world,
-                                                   "deepspeed": self.deepspeed})
-            if final.exists():
-                old = root / f".step-{self.step_no:06d}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-
-    def latest_checkpoint(self) -> Path | None:
-        found = sorted((self.out / CKPT_DIR).glob("step-*"))
-        return found[-1] if found else None
-
-    def resume(self) -> None:
-        """Restore the newest checkpoint in the run directory, if any; metrics logged after it are dropped."""
-        import ast
-
-        from safetensors.torch import load_file
-
-        ckpt = self.latest_checkpoint()
-        if ckpt is None:
-            return
-        tensors = load_file(str(ckpt / "trainable.safetensors"))
-        backbone = self.accelerator.unwrap_model(self.model)
-        missing = set(self.param_names) - set(tensors)
-        if missing:
-            raise RuntimeError(f"{ckpt}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
-        state = json.loads((ckpt / "state.json").read_text())
-        if bool(state.get("deepspeed", False)) != self.deepspeed or int(state.get("world", 1)) != self.world:
-            raise RuntimeError(f"{ckpt}: written with deepspeed={state.get('deepspeed', False)}, "
-                               f"{state.get('world', 1)} process(es); resume it the same way (or start afresh)")
-        blob = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        if self.deepspeed:
-            # DeepSpeed restores the trainable weights (ZeRO: from its fp32 master shards) and the optimizer.
-            self.model.load_checkpoint(str(ckpt), tag="ds", load_module_strict=False, load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
-        else:
-            with torch.no_grad():
-                for n, p in backbone.named_parameters():
-                    if n in tensors:
-                        p.copy_(tensors[n])
-            self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
-        rngs = blob.get("torch_rng_all") or [blob["torch_rng"]]
-        torch.set_rng_state(rngs[self.accelerator.process_index] if len(rngs) == self.world else blob["torch_rng"])
-        random.setstate(ast.literal_eval(state["python_rng"]))
-        for name, (_, put) in self.extra_state.items():
-            put(state["extra"].get(name, {}))
-        self.step_no = state["step"]
-        if self.is_main and (self.out / "metrics.jsonl").exists():
-            rows = [r for r in (self.out / "metrics.jsonl").read_text().splitlines() if r.strip()]
-            kept = [r for r in rows if json.loads(r)["step"] <= self.step_no]
-            atomic.write_text(self.out / "metrics.jsonl", "".join(r + "\n" for r in kept))
-        if not self.quiet:
-            print(f"[deltalign] resuming {self.out} from {ckpt.name} (step {self.step_no})", flush=True)
-
     def to_device(self, batch: dict) -> dict:
         """Move every tensor of a batch to this process's device."""
         from deltalign.data.batching import to_device
@@ -486,4 +325,4 @@ class Engine:
         """Wait for every process; drop the checkpoints of a run that completed."""
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            shutil.rmtree(self.out / CKPT_DIR, ignore_errors=True)
+            shutil.rmtree(self.out / checkpoint.CKPT_DIR, ignore_errors=True)

@@ -36,7 +36,7 @@ from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.data.batching import length_grouped_batches
 from deltalign.data.formats import load_rows, prompt_examples
 from deltalign.data.tokenize import tokenize_prompt
-from deltalign.engine import Engine, TrainConfig
+from deltalign.engine import Engine, TrainConfig, release_free_memory
 from deltalign.evaluation import policy_report
 from deltalign.generation import GenerationConfig, decode, generate, stop_token_ids
 from deltalign.losses import (AdaptiveKLController, FixedKLController, gae_advantages, kl_penalty_rewards,
@@ -265,6 +265,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         adv, returns = gae_advantages(rewards, old_v, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:  # over the global batch (every process's rollouts)
             adv = masked_whiten(adv, mask, all_sum=engine.all_sum)
+        release_free_memory()  # what generation and scoring freed, before the updates allocate theirs
         t_score = time.time() - t0 - t_gen
 
         # 3.5 PPO epochs over shuffled minibatches, one update each

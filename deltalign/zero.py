@@ -1,0 +1,96 @@
+"""DeepSpeed ZeRO under the engine: the few places where ZeRO needs more than accelerate does by itself.
+
+The engine (:mod:`deltalign.engine`) calls these; stages never do. What each one is for:
+
+* :func:`skip_shm_build` -- on CPU, DeepSpeed would JIT-compile a shared-memory all-reduce at start-up;
+* :func:`configure` -- the engine owns accumulation, its normalisation and the update boundary, so DeepSpeed's
+  own gradient-accumulation scaling is switched off and the boundary is the caller's
+  (``managed_gradient_accumulation: false``): every backward only accumulates, ``step()`` reduces and updates,
+  so any number of backward calls per update works (PPO: policy + critic);
+* :func:`clear_gradients` -- ZeRO-3 keeps reduced gradients in a flat buffer it never clears (the first backward
+  of an update copies, later ones add): zeroed after each update, a parameter first reached by a later backward
+  (PPO's critic, after the policy) starts from 0, not from the previous update's gradient;
+* :func:`gathered` -- ZeRO-3 shards every parameter, the frozen base included: code that runs on rank 0 only
+  (evaluation, generation, saving) needs the full weights and ZeRO-3's hooks off;
+* :func:`full_tensors` -- the full values of (sharded) parameters, for checkpoints and saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def skip_shm_build() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op at start-up (minutes on a 2-core machine, and
+    a C++ toolchain needed); without it DeepSpeed falls back to plain torch.distributed (gloo), which is what we
+    use anyway. Set DELTALIGN_DS_SHM=1 to let DeepSpeed build and use it."""
+    if os.environ.get("DELTALIGN_DS_SHM", "0") == "1":
+        return
+    import importlib
+
+    try:  # not `import deepspeed.comm.torch as m`: deepspeed.comm re-exports `torch`, which that would bind
+        ds_torch = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        return
+    ds_torch.build_shm_op = lambda: None
+
+
+def configure(ds: dict, micro_batch_size: int, world: int, max_grad_norm: float) -> None:
+    """Adjust the DeepSpeed config (in place) before ``accelerator.prepare``: accumulation, boundary, clipping."""
+    # The engine owns accumulation and its normalisation: DeepSpeed must neither divide the loss by its
+    # gradient_accumulation_steps nor decide the boundary itself.
+    ds["gradient_accumulation_steps"] = 1
+    ds["managed_gradient_accumulation"] = False
+    ds["gradient_clipping"] = float(max_grad_norm)
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = micro_batch_size  # informational (throughput logs)
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * world
+
+
+def clear_gradients(ds_engine, zero_stage: int) -> None:
+    """After an update: zero ZeRO-3's flat buffer of reduced gradient partitions (see the module docstring)."""
+    flat = getattr(ds_engine.optimizer, "grad_partitions_flat_buffer", None)
+    if zero_stage == 3 and flat is not None:
+        flat.zero_()
+
+
+@contextlib.contextmanager
+def gathered(ds_engine, backbone):
+    """Every process must enter this together. Inside, each process holds the full weights gathered from the
+    ZeRO-3 shards, with ZeRO-3's module hooks off (no collective in a forward); yields ``backbone``."""
+    import deepspeed
+    from deepspeed.runtime.zero import parameter_offload
+    from transformers.integrations import deepspeed as hf_ds
+
+    # As deepspeed.runtime.zero.stage3.unwrap_model_for_generation, plus the start-of-forward hook, whose
+    # step reset is itself a collective (rank 0 alone in a forward would wait for the others forever).
+    opt = ds_engine.optimizer
+    offload = getattr(opt, "parameter_offload", None) or opt
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(list(ds_engine.module.parameters())):
+        for hook in [*offload.forward_hooks, *offload.backward_hooks, offload.fwd_pre_hook]:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        depth = len(parameter_offload.FWD_MODULE_STACK)
+        # transformers' generate() turns on synced_gpus (an all-reduce per token) when it sees ZeRO-3;
+        # with the weights gathered each process generates on its own, so hide ZeRO-3 from it meanwhile.
+        hf_ref, hf_ds._hf_deepspeed_config_weak_ref = hf_ds._hf_deepspeed_config_weak_ref, None
+        try:
+            yield backbone
+        finally:
+            hf_ds._hf_deepspeed_config_weak_ref = hf_ref
+            offload.setup_zero_stage3_hooks()
+            del parameter_offload.FWD_MODULE_STACK[depth:]
+
+
+def full_tensors(named: list[tuple[str, torch.nn.Parameter]], zero_stage: int) -> dict[str, torch.Tensor]:
+    """CPU copies of the full values of these parameters (ZeRO-3: gathered; every process must call it)."""
+    ctx = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+    with ctx:
+        return {n: p.detach().cpu().clone() for n, p in named}
