@@ -136,6 +136,7 @@ def main() -> int:
         rewards, _ = kl_penalty_rewards(score, old_lp, ref_lp, rmask, s.kl_coef)
         adv, returns = gae_advantages(rewards, old_v, rmask, 1.0, 0.95)
         adv = masked_whiten(adv, rmask)
+        release_free_memory()
         for _ in range(s.ppo_epochs):
             for mb in torch.randperm(B, generator=g).split(s.ppo_mini_batch_size):
                 lp = lm_logprobs(policy, mb)
@@ -145,7 +146,7 @@ def main() -> int:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                release_free_memory()  # as our engine does after every update
+        release_free_memory()  # as our PPO stage does at its phase boundaries
         timer.step_end()
 
     emit({"side": "naive", "stage": "ppo", **timer.summary(), "threads": s.threads})

@@ -299,6 +299,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                     stats[k] = stats.get(k, 0.0) + v.item() * share
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + upd.get("grad_norm", 0.0)
 
+        release_free_memory()  # and what the updates freed, before the next rollout
+
         # 3.6 KL controller, metrics
         n_global = engine.global_sum(len(idx))
         mean_kl = engine.global_sum(float(kl.sum(1).sum())) / n_global  # the same value on every process
