@@ -38,6 +38,16 @@ def skip_shm_build() -> None:
     ds_torch.build_shm_op = lambda: None
 
 
+def check_supported(quantization: str, zero_stage: int) -> None:
+    """Refuse what is known not to work before DeepSpeed fails obscurely: a 4-bit base under ZeRO-3 (DeepSpeed
+    would have to shard bitsandbytes' packed 4-bit tensors; that needs ``zero3_init_flag`` and
+    ``bnb_4bit_quant_storage`` and is not supported here yet)."""
+    if zero_stage == 3 and quantization != "none":
+        raise ValueError(f"model.quantization={quantization!r} (QLoRA) is not supported under DeepSpeed ZeRO-3 yet; "
+                         "use configs/accelerate/zero2.yaml, or model.quantization=none with ZeRO-3 "
+                         "(ZeRO-3 already shards the base across processes)")
+
+
 def configure(ds: dict, micro_batch_size: int, world: int, max_grad_norm: float) -> None:
     """Adjust the DeepSpeed config (in place) before ``accelerator.prepare``: accumulation, boundary, clipping."""
     # The engine owns accumulation and its normalisation: DeepSpeed must neither divide the loss by its

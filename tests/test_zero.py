@@ -345,3 +345,12 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(batch):
     assert any(g.abs().sum() > 0 for g in grads[0].values())
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+def test_qlora_under_zero3_is_refused_with_a_clear_error():
+    from deltalign.zero import check_supported
+
+    check_supported("nf4", 2)  # ZeRO-2 leaves parameters whole
+    check_supported("none", 3)
+    with pytest.raises(ValueError, match="QLoRA.*not supported under DeepSpeed ZeRO-3.*zero2.yaml"):
+        check_supported("nf4", 3)
