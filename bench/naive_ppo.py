@@ -36,7 +36,7 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model, inject_adapter_in_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
-    from deltalign.backbone import load_tokenizer
+    from deltalign.backbone import load_tokenizer, train_without_dropout
     from deltalign.data.formats import load_rows, prompt_examples
     from deltalign.data.tokenize import tokenize_prompt
     from deltalign.engine import release_free_memory
@@ -65,10 +65,7 @@ def main() -> int:
         m.eval()  # dropout off, as in our stage and TRL's
         if s.ppo_gradient_checkpointing:  # as ours: training mode (transformers checkpoints only then), dropout off
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            m.train()
-            for mod in m.modules():
-                if isinstance(mod, torch.nn.Dropout) or hasattr(mod, "attention_dropout"):
-                    mod.eval()
+            train_without_dropout(m)
     params = [p for m in (policy, critic) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr)
 

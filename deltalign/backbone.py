@@ -276,13 +276,18 @@ class Backbone(nn.Module):
         return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.trainable_parameters())
 
     def train_without_dropout(self) -> "Backbone":
-        """Training mode (gradient checkpointing, which transformers runs only in training mode, stays on) with
-        every dropout off: LoRA dropout modules and attention dropout. PPO's ratio needs a deterministic policy."""
-        self.train()
-        for m in self.modules():
-            if isinstance(m, nn.Dropout) or hasattr(m, "attention_dropout"):
-                m.eval()
-        return self
+        """Training mode with every dropout off (see :func:`train_without_dropout`)."""
+        return train_without_dropout(self)
+
+
+def train_without_dropout(module: nn.Module) -> nn.Module:
+    """Training mode (gradient checkpointing, which transformers runs only in training mode, stays on) with
+    every dropout off: LoRA dropout modules and attention dropout. PPO's ratio needs a deterministic policy."""
+    module.train()
+    for m in module.modules():
+        if isinstance(m, nn.Dropout) or hasattr(m, "attention_dropout"):
+            m.eval()
+    return module
 
 
 def labelled_logits(backbone, model, batch: dict):

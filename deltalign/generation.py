@@ -94,8 +94,8 @@ class RowSampler:
             drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
             logp = logp.masked_fill(drop, float("-inf"))
         u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16))).to(logp)
-        return logp + gumbel.to(logp.device)
+        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))
+        return logp + gumbel.to(logp)
 
 
 @contextlib.contextmanager

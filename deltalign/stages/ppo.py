@@ -19,7 +19,8 @@ Each step (one rollout batch of prompts), as in "The N Implementation Details of
 
 Dropout is off throughout (as TRL), so the first minibatch's probability ratio is exactly 1; the model stays in
 training mode otherwise, so gradient checkpointing works. With several processes, each generates for its own
-prompts; advantages are whitened, losses averaged and the KL controller updated over the global batch. Sections: 1. load; 2. data; 3. loop (steps 1-6); 4. evaluate and save.
+prompts; advantages are whitened, losses averaged and the KL controller updated over the global batch.
+Sections: 1. load; 2. data; 3. loop (steps 1-6); 4. evaluate and save.
 """
 
 from __future__ import annotations
@@ -302,8 +303,9 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         release_free_memory()  # and what the updates freed, before the next rollout
 
         # 3.6 KL controller, metrics
-        n_global = engine.global_sum(len(idx))
-        mean_kl = engine.global_sum(float(kl.sum(1).sum())) / n_global  # the same value on every process
+        counts = torch.tensor([len(idx), float(kl.sum(1).sum())], dtype=torch.float64, device=engine.device)
+        n_global, kl_sum = engine.all_sum(counts).tolist()
+        mean_kl = kl_sum / n_global  # the same value on every process
         kl_ctl.update(mean_kl, int(n_global))
         metrics = {k: v / n_updates for k, v in stats.items()} | {
             "score": float(score.mean()), "kl": mean_kl, "kl_coef": kl_ctl.value,
