@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from deltalign.pipeline.config import NOT_HASHED
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,7 +33,7 @@ class ModelConfig:
     """``none`` or ``nf4`` (4-bit NormalFloat with double quantisation through bitsandbytes: QLoRA)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory. Off unless you trust the checkpoint."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = field(default=False, metadata=NOT_HASHED)
     """Recompute activations in backward (non-reentrant) to save memory."""
 
 

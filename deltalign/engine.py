@@ -37,13 +37,14 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from deltalign import checkpoint, zero
+from deltalign.pipeline.config import NOT_HASHED
 
 
 @dataclass
@@ -68,13 +69,13 @@ class TrainConfig:
     """Clip the global gradient norm to this (0: no clipping)."""
     seed: int = 0
     """Seed for data order, dropout and initialisation of fresh deltas."""
-    log_every: int = 5
+    log_every: int = field(default=5, metadata=NOT_HASHED)
     """Log training metrics every N optimizer steps."""
-    checkpoint_every: int = 50
+    checkpoint_every: int = field(default=50, metadata=NOT_HASHED)
     """Write a resumable checkpoint every N optimizer steps (0: never)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = field(default=2, metadata=NOT_HASHED)
     """How many recent checkpoints to keep."""
-    threads: int = 0
+    threads: int = field(default=0, metadata=NOT_HASHED)
     """torch CPU threads (0: leave torch's default)."""
 
 

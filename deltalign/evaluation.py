@@ -9,6 +9,7 @@ reward model's mean raw score of those responses.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +18,19 @@ from deltalign.backbone import response_logprobs
 from deltalign.data.batching import pad_batch
 from deltalign.data.tokenize import tokenize_prompt
 from deltalign.generation import GenerationConfig, checker_eval
+
+
+@dataclass
+class EvalConfig:
+    """The ``eval:`` section: ``python -m deltalign eval`` / ``make eval`` (not a stage: nothing is trained)."""
+
+    data: str = "embedded:pref_eval"
+    """Held-out prompts (any supported shape; responses are ignored) on which base and every finished policy
+    generate."""
+    limit: int = 0
+    """Use at most this many held-out prompts (0: all; ``--limit`` on the command line overrides it)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Decoding for the comparison (greedy by default)."""
 
 
 @torch.no_grad()

@@ -181,13 +181,18 @@ def test_field_docs_inherited_and_nested():
     assert "  sft.opt.name = sgd" in text and "sft.out = null" in text and 'sft.opt.betas = [0.9, 0.999]' in text
 
 
-def test_hash_stable_and_sensitive():
-    a, b = C.load(SECTIONS), C.load(SECTIONS)
-    assert C.hash_config(a) == C.hash_config(b) == C.hash_config({"sft": b["sft"], "run": b["run"]})
-    assert len(C.hash_config(a)) == 64
-    changed = C.load(SECTIONS, overrides=["sft.opt.betas=[0.9, 0.99]"])
-    assert C.hash_config(changed) != C.hash_config(a)
-    assert C.hash_config(a["sft"]) != C.hash_config(C.load(SECTIONS, overrides=["sft.lr=2.1e-4"])["sft"])
+def test_hashed_dict_leaves_out_settings_marked_not_hashed():
+    from deltalign.engine import TrainConfig
+
+    a, b = TrainConfig(), TrainConfig(threads=2, log_every=1, checkpoint_every=3, keep_checkpoints=9)
+    assert C.hashed_dict(a) == C.hashed_dict(b)
+    assert "threads" not in C.hashed_dict(a) and "lr" in C.hashed_dict(a)
+    assert C.hashed_dict(TrainConfig(lr=1e-3)) != C.hashed_dict(a)
+    m = C.hashed_dict(ModelConfig())
+    assert "gradient_checkpointing" not in m and "path" in m
+    text = C.help_text("sft", TrainConfig)
+    assert any("sft.threads" in ln and "(not hashed" in ln for ln in text.splitlines())
+    assert not any("sft.lr " in ln and "not hashed" in ln for ln in text.splitlines())
 
 
 def test_real_backbone_configs(tmp_path):

@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
-    e.add_argument("--limit", type=int, default=0, help="use at most this many held-out prompts (0: all)")
+    e.add_argument("--limit", type=int, default=0,
+                   help="use at most this many held-out prompts (default: eval.limit)")
     x = sub.add_parser("export", help="merge the policy (and reward model) into standalone HF model directories")
     g = sub.add_parser("generate", help="responses of base, a stage or an exported model to your prompts")
     pl = sub.add_parser("plots", help="write <run dir>/plots/<stage>.png training curves of every finished stage")
@@ -204,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Pipeline(cfgs, args.run_dir).run_dir
         for png in plot_run(run_dir):  # cheap, and useful even if the comparison below fails
             print(f"wrote {png}")
-        dpo = cfgs["dpo"]
-        print(markdown_table(compare_run(run_dir, cfgs["model"], dpo.eval_data, dpo.generation, args.limit)))
+        ev = cfgs["eval"]
+        print(markdown_table(compare_run(run_dir, cfgs["model"], ev.data, ev.generation, args.limit or ev.limit)))
         print(f"written to {run_dir / 'eval_table.json'}")
         if (run_dir / "export" / "model" / "config.json").exists():
             print(f"exported model (plain transformers loads it): {run_dir / 'export' / 'model'}")

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import difflib
 import functools
-import hashlib
 import inspect
 import json
 import textwrap
@@ -160,10 +159,28 @@ def dump_yaml(configs: dict) -> str:
     return yaml.safe_dump(to_dict(configs), sort_keys=False, allow_unicode=True)
 
 
-def hash_config(obj) -> str:
-    """sha256 hex digest of the canonical JSON (sorted keys) of ``to_dict(obj)``."""
-    blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+NOT_HASHED = {"hashed": False}
+"""Field metadata of a setting that cannot change a stage's results (threads, logging, checkpoint cadence, ...):
+``threads: int = field(default=0, metadata=NOT_HASHED)``. :func:`hashed_dict` leaves such settings out of the
+content hash, and ``--help`` marks them "(not hashed)"."""
+
+
+def is_hashed(cls, name: str) -> bool:
+    """Whether field ``name`` of dataclass ``cls`` is part of the content hash (see :data:`NOT_HASHED`)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.metadata.get("hashed", True)
+
+
+def hashed_dict(obj):
+    """:func:`to_dict` without the settings marked :data:`NOT_HASHED` (at any depth): what a content hash covers."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: hashed_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if f.init and f.metadata.get("hashed", True)}
+    if isinstance(obj, dict):
+        return {str(k): hashed_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [hashed_dict(v) for v in obj]
+    return to_dict(obj)
 
 
 # --- loading ------------------------------------------------------------------------------------------------------
@@ -259,6 +276,9 @@ def help_text(section: str, cls) -> str:
     rows = []
     for name, doc in field_docs(cls).items():
         tp = functools.reduce(lambda c, n: _fields(c)[n], name.split("."), cls)
+        owner = functools.reduce(lambda c, n: _fields(c)[n], name.split(".")[:-1], cls)
+        if not is_hashed(owner, name.rsplit(".", 1)[-1]):
+            doc = f"{doc} (not hashed: changing it never reruns a stage)"
         left = f"  {section}.{name}"
         if inst is not None and not _is_dc(tp):
             v = to_dict(functools.reduce(getattr, name.split("."), inst))

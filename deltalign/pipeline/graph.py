@@ -59,8 +59,11 @@ def stage_module(name: str):
 
 
 def sections() -> dict[str, type]:
-    """Every config section: run, model, and one per stage (same word as the stage)."""
-    return {"run": RunConfig, "model": ModelConfig} | {n: stage_module(n).Config for n in STAGES}
+    """Every config section: run, model, one per stage (same word as the stage), and eval (the comparison)."""
+    from deltalign.evaluation import EvalConfig
+
+    return {"run": RunConfig, "model": ModelConfig} | {n: stage_module(n).Config for n in STAGES} | \
+        {"eval": EvalConfig}
 
 
 def is_main_process() -> bool:
