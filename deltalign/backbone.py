@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
-from deltalign.pipeline.config import NOT_HASHED
+from deltalign.pipeline.config import setting
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,25 +28,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ModelConfig:
     path: str = "models/SmolLM2-135M-Instruct"
     """Local HF checkpoint directory of the frozen base. ``tiny`` builds a tiny random Llama on the fly (tests)."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Compute/storage dtype of the base: float32 (the right choice on CPU), bfloat16 or float16."""
-    quantization: str = "none"
+    quantization: Literal["none", "nf4"] = "none"
     """``none`` or ``nf4`` (4-bit NormalFloat with double quantisation through bitsandbytes: QLoRA)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory. Off unless you trust the checkpoint."""
-    gradient_checkpointing: bool = field(default=False, metadata=NOT_HASHED)
+    gradient_checkpointing: bool = setting(False, hashed=False)
     """Recompute activations in backward (non-reentrant) to save memory."""
 
 
 @dataclass
 class AdapterConfig:
-    method: str = "lora"
+    method: Literal["lora", "dora", "ia3"] = "lora"
     """Delta method: ``lora``, ``dora`` (weight-decomposed LoRA) or ``ia3`` (learned rescaling vectors)."""
-    r: int = 16
+    r: int = setting(16, ge=1)
     """LoRA rank."""
-    alpha: int = 32
+    alpha: int = setting(32, ge=1)
     """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.05
+    dropout: float = setting(0.05, ge=0, lt=1)
     """Dropout on the LoRA input."""
     target_modules: list[str] | str = "all-linear"
     """Modules that get the delta: ``all-linear`` (every linear layer but the LM head) or a list of names."""
@@ -112,6 +113,12 @@ def load_base(cfg: ModelConfig):
     elif cfg.quantization != "none":
         raise ValueError(f"model.quantization must be 'none' or 'nf4' (got {cfg.quantization!r})")
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    for m in model.modules():
+        # bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit weight IN PLACE (bf16 scales) at its first
+        # eval-mode forward without grad: the frozen base would change, a reference forward would differ from a
+        # training forward, and layers narrower than a quantisation block fail. Keep one representation.
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
     model.requires_grad_(False)
     model.eval()  # no dropout in the frozen base; adapters have their own dropout switched by train()
     if cfg.gradient_checkpointing:
@@ -167,8 +174,15 @@ class Backbone(nn.Module):
         self._mark(name, trainable)
 
     def load_adapter(self, name: str, path: str | Path, trainable: bool = False) -> None:
-        """Load a saved PEFT adapter as ``name``: frozen by default (a reference), or trainable (a copy to train)."""
+        """Load a saved PEFT adapter as ``name``: frozen by default (a reference), or trainable (a copy to train).
+        Only ``adapter_model.safetensors`` is read: a pickled ``adapter_model.bin`` is refused."""
         from peft import PeftModel
+
+        weights = Path(path) / "adapter_model.safetensors"
+        if not weights.is_file():
+            pickled = " (it has a pickled adapter_model.bin, which deltalign never loads)" \
+                if (Path(path) / "adapter_model.bin").exists() else ""
+            raise FileNotFoundError(f"{path}: no adapter_model.safetensors{pickled}")
 
         if not self.adapters:
             self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=trainable)
@@ -284,12 +298,32 @@ class Backbone(nn.Module):
 
 def train_without_dropout(module: nn.Module) -> nn.Module:
     """Training mode (gradient checkpointing, which transformers runs only in training mode, stays on) with
-    every dropout off: LoRA dropout modules and attention dropout. PPO's ratio needs a deterministic policy."""
+    every dropout off: LoRA dropout modules and attention dropout. A stage's ``disable_dropout`` setting calls
+    this: the trained forward is then the same function as a reference or old-policy forward in eval mode."""
     module.train()
     for m in module.modules():
         if isinstance(m, nn.Dropout) or hasattr(m, "attention_dropout"):
             m.eval()
     return module
+
+
+def train_mode(module: nn.Module, dropout: bool = True) -> nn.Module:
+    """Training mode, with every dropout off unless ``dropout`` (a stage's ``disable_dropout`` setting)."""
+    return module.train() if dropout else train_without_dropout(module)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Eval mode for the block, then EACH module's own training flag back -- not one ``train(flag)`` for the
+    whole tree, which would switch every dropout back on after :func:`train_without_dropout`. Every place that
+    evaluates inside a training run uses this (scoring, reference log-probs, held-out loss, generation)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def labelled_logits(backbone, model, batch: dict):

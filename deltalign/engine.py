@@ -37,45 +37,45 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from deltalign import checkpoint, zero
-from deltalign.pipeline.config import NOT_HASHED
+from deltalign.pipeline.config import setting
 
 
 @dataclass
 class TrainConfig:
-    lr: float = 2e-4
+    lr: float = setting(2e-4, gt=0)
     """Peak learning rate (AdamW)."""
-    batch_size: int = 8
+    batch_size: int = setting(8, ge=1)
     """Rows (or pairs) per micro-batch per process."""
-    grad_accum: int = 1
+    grad_accum: int = setting(1, ge=1)
     """Micro-batches per optimizer step per process."""
-    epochs: float = 1.0
+    epochs: float = setting(1.0, gt=0)
     """Passes over the training data (fractions allowed); ignored when max_steps > 0."""
-    max_steps: int = 0
+    max_steps: int = setting(0, ge=0)
     """Stop after this many optimizer steps (0: use epochs)."""
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = setting(0.05, ge=0, le=1)
     """Share of the steps with linear warmup, then cosine decay to min_lr_ratio * lr."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = setting(0.1, ge=0, le=1)
     """Final learning rate as a share of the peak."""
-    weight_decay: float = 0.0
+    weight_decay: float = setting(0.0, ge=0)
     """AdamW weight decay on the trainable parameters."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = setting(1.0, ge=0)
     """Clip the global gradient norm to this (0: no clipping)."""
     seed: int = 0
     """Seed for data order, dropout and initialisation of fresh deltas."""
-    log_every: int = field(default=5, metadata=NOT_HASHED)
+    log_every: int = setting(5, ge=1, hashed=False)
     """Log training metrics every N optimizer steps."""
-    checkpoint_every: int = field(default=50, metadata=NOT_HASHED)
+    checkpoint_every: int = setting(50, ge=0, hashed=False)
     """Write a resumable checkpoint every N optimizer steps (0: never)."""
-    keep_checkpoints: int = field(default=2, metadata=NOT_HASHED)
+    keep_checkpoints: int = setting(2, ge=1, hashed=False)
     """How many recent checkpoints to keep."""
-    threads: int = field(default=0, metadata=NOT_HASHED)
+    threads: int = setting(0, ge=0, hashed=False)
     """torch CPU threads (0: leave torch's default)."""
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from deltalign.backbone import response_logprobs
+from deltalign.backbone import eval_mode, response_logprobs
 from deltalign.data.batching import pad_batch
 from deltalign.data.tokenize import tokenize_prompt
 from deltalign.generation import GenerationConfig, checker_eval
@@ -56,30 +56,28 @@ def policy_report(backbone, examples: list, gen_cfg: GenerationConfig, policies:
     """
     if not examples or not checker:
         return {}
-    was_training = backbone.training
-    backbone.eval()
-    rm = reward_model
-    if rm is None and rm_dir is not None and Path(rm_dir, "manifest.json").exists():
-        from deltalign.rewards.model import RewardModel
+    with eval_mode(backbone):
+        rm = reward_model
+        if rm is None and rm_dir is not None and Path(rm_dir, "manifest.json").exists():
+            from deltalign.rewards.model import RewardModel
 
-        rm = RewardModel.load(backbone, rm_dir)
-    prompt_ids = [tokenize_prompt(ex.prompt, backbone.tokenizer, ex.conversational) for ex in examples]
-    report = {}
-    for label, adapter in policies.items():
-        res = checker_eval(backbone, examples, gen_cfg, adapter)
-        row = {"checker_score": res["checker_score"], "n": res["n"],
-               "mean_response_tokens": res["mean_response_tokens"], "samples": res["samples"][:3]}
-        if adapter != reference:
-            lp = sequence_logprobs(backbone, prompt_ids, res["response_ids"], adapter)
-            ref = sequence_logprobs(backbone, prompt_ids, res["response_ids"], reference)
-            row["kl_to_reference"] = float((lp - ref).mean())
-        else:
-            row["kl_to_reference"] = 0.0
-        if rm is not None:
-            responses = [s for s in backbone.tokenizer.batch_decode(res["response_ids"], skip_special_tokens=True)]
-            row["rm_score"] = float(rm.score([ex.prompt for ex in examples], responses).mean())
-        report[label] = row
-    backbone.train(was_training)
+            rm = RewardModel.load(backbone, rm_dir)
+        prompt_ids = [tokenize_prompt(ex.prompt, backbone.tokenizer, ex.conversational) for ex in examples]
+        report = {}
+        for label, adapter in policies.items():
+            res = checker_eval(backbone, examples, gen_cfg, adapter)
+            row = {"checker_score": res["checker_score"], "n": res["n"],
+                   "mean_response_tokens": res["mean_response_tokens"], "samples": res["samples"][:3]}
+            if adapter != reference:
+                lp = sequence_logprobs(backbone, prompt_ids, res["response_ids"], adapter)
+                ref = sequence_logprobs(backbone, prompt_ids, res["response_ids"], reference)
+                row["kl_to_reference"] = float((lp - ref).mean())
+            else:
+                row["kl_to_reference"] = 0.0
+            if rm is not None:
+                responses = [s for s in backbone.tokenizer.batch_decode(res["response_ids"], skip_special_tokens=True)]
+                row["rm_score"] = float(rm.score([ex.prompt for ex in examples], responses).mean())
+            report[label] = row
     return report
 
 
@@ -90,7 +88,7 @@ def compare_run(run_dir: str | Path, model_cfg, eval_data: str, gen_cfg: Generat
     """The base and every finished policy stage of a run, on one backbone, against the SFT reference."""
     from deltalign import atomic
     from deltalign.backbone import Backbone
-    from deltalign.data.formats import load_rows, preference_examples
+    from deltalign.data.formats import load_rows, prompt_examples
 
     run_dir = Path(run_dir)
     backbone = Backbone.load(model_cfg)
@@ -100,7 +98,7 @@ def compare_run(run_dir: str | Path, model_cfg, eval_data: str, gen_cfg: Generat
             backbone.load_adapter(stage, run_dir / stage, trainable=False)
             policies[stage] = stage
     reference = "sft" if "sft" in policies else None
-    examples = preference_examples(load_rows(eval_data, "test"), eval_data)[: limit or None]
+    examples = prompt_examples(load_rows(eval_data, "test"), eval_data)[: limit or None]
     report = policy_report(backbone, examples, gen_cfg, policies, reference, rm_dir=run_dir / "rm")
     atomic.write_json(run_dir / "eval_table.json", report)
     return report

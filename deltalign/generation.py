@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deltalign.backbone import eval_mode
+from deltalign.pipeline.config import setting
 from deltalign.data.tokenize import tokenize_prompt
 from deltalign.rewards.checker import score_batch
 
@@ -28,24 +30,20 @@ _MARK = "\u2063deltalign-end-of-turn\u2063"  # unlikely text, used to find what 
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 48
+    max_new_tokens: int = setting(48, ge=1)
     """Maximum number of tokens generated per response (the stop token counts)."""
-    temperature: float = 0.0
+    temperature: float = setting(0.0, ge=0)
     """Sampling temperature; 0 means greedy decoding."""
-    top_p: float = 1.0
+    top_p: float = setting(1.0, gt=0, le=1)
     """Nucleus sampling: keep the smallest set of tokens with this total probability (1 = all; sampling only)."""
-    batch_size: int = 16
+    batch_size: int = setting(16, ge=1)
     """Prompts per generation batch."""
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"generation.max_new_tokens must be >= 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            raise ValueError(f"generation.temperature must be >= 0 (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"generation.top_p must be in (0, 1] (got {self.top_p})")
-        if self.batch_size < 1:
-            raise ValueError(f"generation.batch_size must be >= 1 (got {self.batch_size})")
+        """The declared ranges (as the config loader checks them), for configs built in code."""
+        from deltalign.pipeline.config import check
+
+        check(self, "generation")
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -98,18 +96,6 @@ class RowSampler:
         return logp + gumbel.to(logp)
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    """Eval mode for the block, then each module's own training flag back (not one flag for the whole tree)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed: int = 0,
              row_seeds: list[int] | None = None) -> list[list[int]]:
     """Response ids for each prompt (in input order), ending with the stop token if one was generated.
@@ -131,7 +117,7 @@ def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed:
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # longest first: OOM shows early
     out: list[list[int] | None] = [None] * len(prompt_ids)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             width = max(len(prompt_ids[i]) for i in idx)

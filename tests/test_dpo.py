@@ -1,13 +1,14 @@
 """DPO stage: reference = the frozen SFT adapter, policy = a separate trainable copy, one backbone."""
 
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, response_logprobs
-from deltalign.data.batching import pair_batch
+from deltalign.data.batching import length_grouped_batches, pair_batch
 from deltalign.data.formats import load_rows, preference_examples
 from deltalign.data.tokenize import tokenize_all, tokenize_pair
 from deltalign.losses import dpo_sigmoid_loss
@@ -94,18 +95,82 @@ def test_cached_and_recomputed_reference_give_the_same_training(tmp_path, sft_di
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("loss", ["ipo", "simpo"])
-def test_other_losses_run(tmp_path, sft_dir, loss):
-    out, _ = _run(tmp_path, sft_dir, loss=loss, beta=2.0 if loss == "simpo" else 0.1)
+def _train_rows(out):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+@pytest.fixture
+def sft_dir_dropout(tmp_path):
+    """Like ``sft_dir`` but with the default adapter dropout (0.05) in its saved config."""
+    bb = Backbone.load(ModelConfig(path="tiny"))
+    torch.manual_seed(3)
+    bb.add_adapter("sft", AdapterConfig(r=4))
+    assert AdapterConfig().dropout == 0.05
+    with torch.no_grad():
+        for p in bb.adapter_parameters("sft").values():
+            p.add_(torch.randn_like(p) * 0.05)
+    bb.save_adapter("sft", tmp_path / "sft-dropout")
+    return tmp_path / "sft-dropout"
+
+
+def test_first_loss_is_ln2_with_adapter_dropout_configured(tmp_path, sft_dir_dropout):
+    """disable_dropout (default on): the policy's training forward is the reference's function, so the first
+    sigmoid loss is ln 2 even though the adapters carry dropout 0.05; with dropout left on it is not."""
+    ln2 = float(torch.log(torch.tensor(2.0)))
+    out, _ = _run(tmp_path / "off", sft_dir_dropout, nll_weight=0.0, max_steps=1)
+    assert abs(_train_rows(out)[0]["loss"] - ln2) < 1e-6
+    out, _ = _run(tmp_path / "on", sft_dir_dropout, nll_weight=0.0, max_steps=1, disable_dropout=False)
+    assert abs(_train_rows(out)[0]["loss"] - ln2) > 1e-4
+
+
+def test_pair_loss_hand_values():
+    """IPO per-token (default) vs summed log-ratios; SimPO with its own beta (dpo.beta plays no part)."""
+    pol, ref, lengths = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -18.0]), torch.tensor([2.0, 4.0])
+    ipo = dpo.Config(loss="ipo", beta=0.1)
+    # per token: h = (-10+12)/2 - (-20+18)/4 = 1.5; loss = (1.5 - 1/(2*0.1))^2 = 12.25
+    assert dpo.pair_loss(ipo, pol, ref, lengths)[0].item() == pytest.approx(12.25)
+    # summed: h = 2 - (-2) = 4; loss = (4 - 5)^2 = 1
+    ipo.ipo_normalize = False
+    assert dpo.pair_loss(ipo, pol, ref, lengths)[0].item() == pytest.approx(1.0)
+    lengths = torch.tensor([2.0, 5.0])
+    for beta in (0.1, 7.0):  # rc = 2 * -10/2 = -10, rr = 2 * -20/5 = -8: loss = softplus(-(-10 + 8 - 0.5))
+        simpo = dpo.Config(loss="simpo", beta=beta, simpo_beta=2.0, simpo_gamma=0.5)
+        loss, rc, rr = dpo.pair_loss(simpo, pol, ref, lengths)
+        assert loss.item() == pytest.approx(math.log1p(math.exp(2.5)))
+        assert (rc.item(), rr.item()) == pytest.approx((-10.0, -8.0))
+
+
+def test_rpo_nll_is_a_mean_over_the_steps_chosen_tokens(tmp_path, sft_dir):
+    """Step 1 (policy == SFT): nll_chosen = -(sum of chosen-token log-probs) / (number of chosen tokens) over
+    the step's pairs, and loss = ln 2 + nll_weight * nll_chosen."""
+    out, _ = _run(tmp_path, sft_dir, nll_weight=2.0, max_steps=1, grad_accum=2, batch_size=2)
+    row = _train_rows(out)[0]
+    bb = Backbone.load(ModelConfig(path="tiny"))
+    bb.load_adapter("sft", sft_dir)
+    ex = preference_examples(load_rows("embedded:pref_train"), "embedded:pref_train")
+    items, _ = tokenize_all(ex, tokenize_pair, bb.tokenizer, 256, "embedded:pref_train")
+    lengths = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in items]
+    step = [i for b in length_grouped_batches(lengths, 2, 0, 0)[:2] for i in b]  # the first step's 2 x 2 pairs
+    lp = dpo.pair_logprobs(bb, bb, [items[i] for i in step], 4, "cpu", "sft")[:, 0]
+    nll = float(-lp.sum() / sum(len(items[i]["chosen_ids"]) for i in step))
+    assert row["nll_chosen"] == pytest.approx(nll, abs=2e-6)
+    assert row["loss"] == pytest.approx(math.log(2) + 2.0 * nll, abs=5e-6)
+
+
+@pytest.mark.parametrize("loss,first_loss", [("ipo", (1 / (2 * 0.1)) ** 2), ("simpo", None)])
+def test_other_losses_first_step(tmp_path, sft_dir, loss, first_loss):
+    """IPO's first loss is (1/(2 beta))^2 (policy == reference); SimPO's follows from its logged rewards."""
+    out, _ = _run(tmp_path, sft_dir, loss=loss, batch_size=1)
+    row = _train_rows(out)[0]
+    if first_loss is None:  # one pair per step: loss = -logsigmoid(r_c - r_r - gamma)
+        first_loss = math.log1p(math.exp(-(row["reward_chosen"] - row["reward_rejected"] - 0.5)))
+    assert row["loss"] == pytest.approx(first_loss, abs=1e-5)
     assert (out / "adapter_model.safetensors").exists()
 
 
 def test_base_reference_when_no_sft(tmp_path):
+    """No SFT at all: the reference is the base with adapters off and a fresh policy starts equal to it (LoRA B
+    starts at 0), so the first loss is ln 2."""
     cfg = dpo.Config(**FAST, reference="base", init="fresh", adapter=AdapterConfig(r=4))
     dpo.run(cfg, ModelConfig(path="tiny"), tmp_path / "dpo", {})
-    assert (tmp_path / "dpo" / "adapter_model.safetensors").exists()
-
-
-def test_bad_choice_is_a_clear_error():
-    with pytest.raises(ValueError, match="dpo.loss"):
-        dpo.Config(loss="hinge-ish")
+    assert _train_rows(tmp_path / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -82,7 +82,7 @@ def test_merged_policy_matches_adapter_model_and_is_complete(run):
     assert "`tiny`" in card and sft_hash[:16] in card and "dpo (merged)" in card and "reward_accuracy" in card
     m = json.loads((run / "export" / "manifest.json").read_text())["metrics"]
     assert m["policy"] == "dpo" and m["model"]["max_abs_logit_diff"] < 1e-4
-    assert set(m["sources"]) == {"sft", "rm", "dpo"} and export.is_current(run)
+    assert set(m["sources"]) == {"sft", "rm", "dpo"}
     assert (run / "export" / "adapter" / "adapter_model.safetensors").exists()
 
 
@@ -189,7 +189,7 @@ def test_qlora_merges_into_a_full_precision_base(run, tmp_path, monkeypatch):
     assert m["model"]["max_abs_logit_diff"] < 1e-4
 
 
-def test_auto_policy_choice_and_staleness(run, tmp_path):
+def test_auto_policy_choice(run):
     done = {s: run / s for s in ("sft", "rm", "dpo")}
     assert export.choose_policy(export.Config(), done) == "dpo"
     assert export.choose_policy(export.Config(), {"sft": run / "sft"}) == "sft"
@@ -198,14 +198,6 @@ def test_auto_policy_choice_and_staleness(run, tmp_path):
         export.choose_policy(export.Config(policy="ppo"), done)
     with pytest.raises(FileNotFoundError, match="nothing to export"):
         export.choose_policy(export.Config(), {"rm": run / "rm"})
-    copy = tmp_path / "run"
-    for s in ("sft", "dpo", "export"):
-        shutil.copytree(run / s, copy / s)
-    assert not export.is_current(copy)  # rm is gone since the export
-    m = json.loads((run / "export" / "manifest.json").read_text())
-    m["metrics"]["sources"].pop("rm")
-    (copy / "export" / "manifest.json").write_text(json.dumps(m))
-    assert export.is_current(copy)
 
 
 def test_existing_destination_is_refused_unless_overwrite(run, tmp_path, capsys):

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from deltalign.data.formats import DataError
 from deltalign.pipeline import config as configs
+from deltalign.pipeline.checks import check_model, check_source, preflight
 from deltalign.pipeline.graph import STAGES, Pipeline, sections
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -173,44 +175,16 @@ def export_command(args, cfgs) -> int:
     return 0
 
 
+USER_ERRORS = (configs.ConfigError, DataError, FileNotFoundError, FileExistsError)
+"""Bad input: a one-line message and exit code 2, no traceback (DELTALIGN_TRACEBACK=1 shows it anyway)."""
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command in ("export", "generate", "plots"):
-        for flag in ("policy", "dtype"):
-            if getattr(args, flag, None) is not None:
-                args.overrides.append(f"export.{flag}={getattr(args, flag)}")
-        if getattr(args, "overwrite", False) and not args.out:  # applies to export.out from the YAML
-            args.overrides.append("export.overwrite=true")
-        try:
-            cfgs = configs.load(sections(), args.config, args.overrides)
-        except (configs.ConfigError, ValueError) as e:
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
-        try:
-            if args.command == "plots":
-                from deltalign.plots import plot_run
-
-                for png in plot_run(Pipeline(cfgs, args.run_dir).run_dir):
-                    print(f"wrote {png}")
-                return 0
-            return export_command(args, cfgs) if args.command == "export" else generate_command(args, cfgs)
-        except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    if args.command == "eval":
-        from deltalign.evaluation import compare_run, markdown_table
-        from deltalign.plots import plot_run
-
-        cfgs = configs.load(sections(), args.config, args.overrides)
-        run_dir = Pipeline(cfgs, args.run_dir).run_dir
-        for png in plot_run(run_dir):  # cheap, and useful even if the comparison below fails
-            print(f"wrote {png}")
-        ev = cfgs["eval"]
-        print(markdown_table(compare_run(run_dir, cfgs["model"], ev.data, ev.generation, args.limit or ev.limit)))
-        print(f"written to {run_dir / 'eval_table.json'}")
-        if (run_dir / "export" / "model" / "config.json").exists():
-            print(f"exported model (plain transformers loads it): {run_dir / 'export' / 'model'}")
-        return 0
     if args.command == "run":
         unknown = [s for s in args.stages if s not in STAGES]
         if unknown:
@@ -221,17 +195,58 @@ def main(argv: list[str] | None = None) -> int:
                   "[--run-dir DIR] [--force]\n")
             print(stage_help(args.stages or list(STAGES)))
             return 0 if args.help else 2
-        try:
-            cfgs = configs.load(sections(), args.config, args.overrides)
-        except configs.ConfigError as e:
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
-        try:
-            Pipeline(cfgs, args.run_dir).run(args.stages, force=args.force)
-        except (DataError, FileNotFoundError, FileExistsError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    for flag in ("policy", "dtype"):
+        if getattr(args, flag, None) is not None:
+            args.overrides.append(f"export.{flag}={getattr(args, flag)}")
+    if getattr(args, "overwrite", False) and not args.out:  # applies to export.out from the YAML
+        args.overrides.append("export.overwrite=true")
+    # export and generate also report their own bad arguments as ValueError (e.g. an --out inside the run)
+    handled = USER_ERRORS + ((ValueError,) if args.command in ("export", "generate") else ())
+    try:
+        cfgs = configs.load(sections(), args.config, args.overrides)
+        return COMMANDS[args.command](args, cfgs)
+    except handled as e:
+        if os.environ.get("DELTALIGN_TRACEBACK") == "1":
+            raise
+        kind = "config error" if isinstance(e, configs.ConfigError) else "error"
+        print(f"{kind}: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def run_command(args, cfgs) -> int:
+    pipe = Pipeline(cfgs, args.run_dir)
+    preflight(cfgs, pipe.plan(args.stages), pipe.run_dir)  # before any model loads or stage runs
+    pipe.run(args.stages, force=args.force)
     return 0
+
+
+def eval_command(args, cfgs) -> int:
+    from deltalign.evaluation import compare_run, markdown_table
+    from deltalign.plots import plot_run
+
+    ev = cfgs["eval"]
+    run_dir = Pipeline(cfgs, args.run_dir).run_dir
+    check_model(cfgs["model"])
+    check_source(ev.data, "prompt", "eval.data", "test")
+    for png in plot_run(run_dir):  # cheap, and useful even if the comparison below fails
+        print(f"wrote {png}")
+    print(markdown_table(compare_run(run_dir, cfgs["model"], ev.data, ev.generation, args.limit or ev.limit)))
+    print(f"written to {run_dir / 'eval_table.json'}")
+    if (run_dir / "export" / "model" / "config.json").exists():
+        print(f"exported model (plain transformers loads it): {run_dir / 'export' / 'model'}")
+    return 0
+
+
+def plots_command(args, cfgs) -> int:
+    from deltalign.plots import plot_run
+
+    for png in plot_run(Pipeline(cfgs, args.run_dir).run_dir):
+        print(f"wrote {png}")
+    return 0
+
+
+COMMANDS = {"run": run_command, "eval": eval_command, "export": export_command, "generate": generate_command,
+            "plots": plots_command}
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ def _coerce(tp, v, key: str, where: str):
     elif isinstance(tp, type) and origin is None and isinstance(v, (tp, str)):
         with contextlib.suppress(Exception):  # other classes: Path, an Enum by value, ...
             return v if isinstance(v, tp) else tp(v)
+    if origin is typing.Literal:
+        raise ConfigError(f"{key}: expected one of {', '.join(map(str, args))}, got {v!r} (in {where})")
     name = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
     raise ConfigError(f"{key}: expected {name}, got {v!r} (in {where})")
 
@@ -112,7 +114,11 @@ def _check(cls, d, where: str, prefix: str) -> dict:
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in known:
             raise _unknown("key", key, [f"{prefix}.{n}" if prefix else n for n in field_docs(cls)], where)
-        out[k] = _check(known[k], v, where, key) if _is_dc(known[k]) else _coerce(known[k], v, key, where)
+        if _is_dc(known[k]):
+            out[k] = _check(known[k], v, where, key)
+        else:
+            out[k] = _coerce(known[k], v, key, where)
+            _check_bounds(cls, k, out[k], key, where)
     return out
 
 
@@ -151,12 +157,55 @@ def from_dict(cls, d: dict, where: str = "<dict>", prefix: str = ""):
                 base = {} if default is dataclasses.MISSING or default is None else to_dict(default)
                 v = from_dict(tp, _deep_merge(base, v), where, f"{prefix}.{f.name}" if prefix else f.name)
             kw[f.name] = v
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a rule across settings (``__post_init__``): the message names the keys
+        raise ConfigError(f"{e} (in {where})") from None
 
 
 def dump_yaml(configs: dict) -> str:
     """The resolved ``{section: instance}`` configs as YAML, in field order (what a run directory records)."""
     return yaml.safe_dump(to_dict(configs), sort_keys=False, allow_unicode=True)
+
+
+def setting(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, hashed: bool = True,
+            ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None):
+    """A dataclass field with a checked range and/or hashing flag: ``lr: float = setting(2e-4, gt=0)``.
+    :func:`load` refuses a value outside ``[ge|gt, le|lt]`` with the dotted key and its source."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"bounds": bounds} | ({} if hashed else {"hashed": False})
+    return dataclasses.field(default=default, default_factory=factory, metadata=meta)
+
+
+_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+        "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def bounds_text(cls, name: str) -> str:
+    """``"> 0"``, ``">= 0 and < 1"`` ...: the range declared with :func:`setting` ('' if none)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return " and ".join(f"{_OPS[k][0]} {b:g}" for k, b in f.metadata.get("bounds", {}).items())
+
+
+def _check_bounds(cls, name: str, value, key: str, where: str) -> None:
+    f = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+    if f is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    for k, b in f.metadata.get("bounds", {}).items():
+        if not _OPS[k][1](value, b):
+            raise ConfigError(f"{key}: must be {bounds_text(cls, name)}, got {value!r} (in {where})")
+
+
+def check(obj, prefix: str, where: str = "<code>") -> None:
+    """Check the declared ranges of an already built dataclass (and its nested ones), as :func:`load` does."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            check(v, f"{prefix}.{f.name}", where)
+        else:
+            _check_bounds(type(obj), f.name, v, f"{prefix}.{f.name}", where)
 
 
 NOT_HASHED = {"hashed": False}
@@ -237,7 +286,8 @@ def load(sections: dict[str, type], path: str | None = None, overrides: list[str
                 raise _unknown("section", str(name), list(sections), where)
             if body is not None:  # an empty section ("dpo:") keeps the defaults
                 merged[name] = _deep_merge(merged[name], _check(sections[name], body, where, name))
-    return {name: from_dict(cls, merged[name], path or "defaults", name) for name, cls in sections.items()}
+    where = " and ".join([str(p) for p in (base, path) if p] + ([SET] if overrides else [])) or "defaults"
+    return {name: from_dict(cls, merged[name], where, name) for name, cls in sections.items()}
 
 
 # --- documentation -----------------------------------------------------------------------------------------------
@@ -277,7 +327,10 @@ def help_text(section: str, cls) -> str:
     for name, doc in field_docs(cls).items():
         tp = functools.reduce(lambda c, n: _fields(c)[n], name.split("."), cls)
         owner = functools.reduce(lambda c, n: _fields(c)[n], name.split(".")[:-1], cls)
-        if not is_hashed(owner, name.rsplit(".", 1)[-1]):
+        leaf = name.rsplit(".", 1)[-1]
+        if bounds_text(owner, leaf):
+            doc = f"{doc} [{bounds_text(owner, leaf)}]"
+        if not is_hashed(owner, leaf):
             doc = f"{doc} (not hashed: changing it never reruns a stage)"
         left = f"  {section}.{name}"
         if inst is not None and not _is_dc(tp):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from deltalign.backbone import Backbone, ModelConfig
+from deltalign.backbone import Backbone, ModelConfig, eval_mode
 from deltalign.data.batching import length_grouped_batches, pad_batch
 from deltalign.data.formats import PrefExample
 from deltalign.data.tokenize import tokenize_pair
@@ -64,13 +64,9 @@ class RewardModel:
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw scores [B] of already tokenised ``prompt + response`` rows (any padding side)."""
         bb = self.backbone
-        was_training = bb.training
-        bb.eval()  # no adapter dropout: a score is a deterministic function of the text
-        try:
-            with bb.using(self.name):
-                values = bb(input_ids.to(self.device), attention_mask.to(self.device), head=self.name)
-        finally:
-            bb.train(was_training)
+        # no adapter dropout: a score is a deterministic function of the text; each module's mode comes back
+        with eval_mode(bb), bb.using(self.name):
+            values = bb(input_ids.to(self.device), attention_mask.to(self.device), head=self.name)
         return last_token_values(values, attention_mask.to(values.device)).float()
 
     def tokenize(self, prompt: list[dict] | str, response: str) -> list[int]:

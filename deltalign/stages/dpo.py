@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
 
 from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, response_logprobs
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, response_logprobs, train_mode
 from deltalign.data.batching import length_grouped_batches, pair_batch, to_device
 from deltalign.data.formats import load_rows, preference_examples
 from deltalign.data.tokenize import tokenize_all, tokenize_pair
@@ -28,8 +29,10 @@ from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig
 from deltalign.losses import dpo_sigmoid_loss, ipo_loss, simpo_loss
 from deltalign.evaluation import policy_report
+from deltalign.pipeline.config import setting
 
 NAME = "dpo"
+READS = {"data": "pref", "eval_data": "pref"}  # setting -> row shape (checked before the run)
 REFERENCE = "sft"  # the reference IS the SFT adapter (frozen), under its own name
 
 
@@ -41,42 +44,48 @@ class Config(TrainConfig):
     """Held-out pairs: prompts for generation, pairs for held-out reward accuracy ('' to skip)."""
     split: str = "train"
     """Split to read when ``data`` is a `datasets` id."""
-    max_length: int = 256
+    max_length: int = setting(256, ge=2)
     """Maximum tokens of prompt + response."""
-    truncation: str = "completion"
+    truncation: Literal["completion", "drop", "error"] = "completion"
     """Too-long pairs: ``completion`` (cut the responses), ``drop`` or ``error``."""
-    loss: str = "sigmoid"
-    """``sigmoid`` (DPO, Rafailov et al. 2023), ``ipo`` (Azar et al. 2023) or ``simpo`` (reference-free)."""
-    beta: float = 0.1
-    """Strength of the implicit KL constraint (0.1 everywhere: TRL, OpenRLHF, LLaMA-Factory). SimPO uses ~2."""
-    label_smoothing: float = 0.0
-    """Conservative DPO: assumed share of flipped labels (sigmoid loss only)."""
-    simpo_gamma: float = 0.5
-    """SimPO target reward margin."""
-    nll_weight: float = 0.0
-    """Add this times the chosen response's mean token NLL (RPO, Pang et al. 2024; TRL's ``rpo_alpha``): keeps the
-    chosen likelihood, end-of-turn token included, from collapsing while the margin grows."""
-    reference: str = "sft"
-    """``sft``: the SFT adapter, frozen (right once SFT ran); ``base``: the backbone with adapters off."""
-    init: str = "sft"
+    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    """``sigmoid`` (DPO, Rafailov et al. 2023), ``ipo`` (Azar et al. 2023) or ``simpo`` (Meng et al. 2024,
+    reference-free)."""
+    beta: float = setting(0.1, gt=0)
+    """Strength of the implicit KL constraint for ``sigmoid`` and ``ipo`` (0.1 everywhere: TRL, OpenRLHF,
+    LLaMA-Factory). SimPO has its own ``simpo_beta``."""
+    label_smoothing: float = setting(0.0, ge=0, lt=0.5)
+    """Conservative DPO: assumed share of flipped labels (``sigmoid`` only)."""
+    ipo_normalize: bool = True
+    """IPO on per-token log-ratios (each response's log-ratio divided by its length: the IPO paper's form and
+    TRL's); false: on summed log-ratios."""
+    simpo_beta: float = setting(2.0, gt=0)
+    """SimPO's reward scale (the paper's 2.0; applies to ``loss: simpo`` only)."""
+    simpo_gamma: float = setting(0.5, ge=0)
+    """SimPO target reward margin (``loss: simpo`` only)."""
+    nll_weight: float = setting(0.0, ge=0)
+    """Add this times the chosen responses' token NLL, averaged over every chosen token of the step (RPO, Pang et
+    al. 2024; TRL's ``rpo_alpha``): keeps the chosen likelihood, end-of-turn token included, from collapsing while
+    the margin grows."""
+    reference: Literal["sft", "base"] = "sft"
+    """``sft``: the SFT adapter, frozen (the rule once SFT ran); ``base``: the backbone with adapters off, allowed
+    only in a run without an SFT stage."""
+    init: Literal["sft", "fresh"] = "sft"
     """Policy start: ``sft`` (a trainable copy of the SFT adapter) or ``fresh`` (a new adapter)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    """The delta to train when ``init: fresh``."""
+    """The delta this stage trains (``dpo``), when ``init: fresh``; with ``init: sft`` it is a copy of the SFT
+    adapter and keeps the SFT adapter's own settings (these are then unused)."""
+    disable_dropout: bool = True
+    """Switch every dropout off while training (adapter dropout included), as TRL does: the policy's forward is
+    then the same function as the reference's, so the first loss is exactly ln 2."""
     cache_reference: bool = True
     """Compute reference log-probs once and cache them; false: recompute them every step."""
     eval_checker: bool = True
     """After training: generate on held-out prompts and score with the checker (policy vs reference)."""
-    eval_limit: int = 0
+    eval_limit: int = setting(0, ge=0)
     """Use at most this many held-out prompts for generation (0: all)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Decoding for held-out generations."""
-
-    def __post_init__(self):
-        for key, value, allowed in [("loss", self.loss, ("sigmoid", "ipo", "simpo")),
-                                    ("reference", self.reference, ("sft", "base")),
-                                    ("init", self.init, ("sft", "fresh"))]:
-            if value not in allowed:
-                raise ValueError(f"dpo.{key} must be one of {allowed} (got {value!r})")
 
 
 def pair_loss(cfg: Config, pol: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor):
@@ -85,8 +94,9 @@ def pair_loss(cfg: Config, pol: torch.Tensor, ref: torch.Tensor, lengths: torch.
     if cfg.loss == "sigmoid":
         return dpo_sigmoid_loss(pol[:n], pol[n:], ref[:n], ref[n:], cfg.beta, cfg.label_smoothing)
     if cfg.loss == "ipo":
-        return ipo_loss(pol[:n], pol[n:], ref[:n], ref[n:], cfg.beta)
-    return simpo_loss(pol[:n], pol[n:], lengths[:n], lengths[n:], cfg.beta, cfg.simpo_gamma)
+        per_token = (lengths[:n], lengths[n:]) if cfg.ipo_normalize else (None, None)
+        return ipo_loss(pol[:n], pol[n:], ref[:n], ref[n:], cfg.beta, *per_token)
+    return simpo_loss(pol[:n], pol[n:], lengths[:n], lengths[n:], cfg.simpo_beta, cfg.simpo_gamma)
 
 
 def reference_of(backbone) -> str | None:
@@ -97,15 +107,12 @@ def reference_of(backbone) -> str | None:
 def pair_logprobs(backbone, model, pairs: list[dict], batch_size: int, device, adapter: str | None) -> torch.Tensor:
     """Summed response log-probs under ``adapter`` (None: adapters off) for every pair: [N, 2] (chosen, rejected)."""
     out = torch.zeros(len(pairs), 2)
-    was_training = model.training
-    model.eval()
-    with backbone.using(adapter):
+    with eval_mode(model), backbone.using(adapter):
         for idx in length_grouped_batches([len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs],
                                           batch_size, 0, 0, shuffle=False):
             lp = response_logprobs(backbone, model, to_device(pair_batch([pairs[i] for i in idx],
                                                                          backbone.tokenizer.pad_token_id), device))
             out[idx] = lp.view(2, -1).T.cpu()
-    model.train(was_training)
     return out
 
 
@@ -197,28 +204,30 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         return cache.get(idx, lambda todo: pair_logprobs(backbone, model, [train[i] for i in todo], len(todo),
                                                           engine.device, reference_of(backbone)))
 
-    # 4. loop
-    model.train()
+    # 4. loop: the pair loss is a mean over the step's pairs; RPO's NLL a mean over the step's chosen tokens
+    train_mode(model, dropout=not cfg.disable_dropout)
     for step, micro in engine.steps(batches):
         total = engine.global_sum(sum(len(idx) for idx in micro))
-        sums = {"loss": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0, "accuracy": 0.0, "nll_chosen": 0.0}
+        chosen_tokens = engine.global_sum(sum(len(train[i]["chosen_ids"]) for idx in micro for i in idx))
+        sums = {"loss": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0, "accuracy": 0.0}
+        nll_sum = 0.0
         for idx in engine.accumulate(micro):
             mb = to_device(pair_batch([train[i] for i in idx], tok.pad_token_id), engine.device)
             ref = reference(idx)
             policy = response_logprobs(backbone, model, mb)
             ref = torch.cat([ref[:, 0], ref[:, 1]]).to(policy)
-            lengths = mb["response_lengths"].to(policy)
-            loss, r_c, r_r = pair_loss(cfg, policy, ref, lengths)
-            nll = -policy[: len(idx)] / lengths[: len(idx)]
-            loss = loss + cfg.nll_weight * nll if cfg.nll_weight else loss
-            engine.backward(loss.sum(), total)
-            sums["nll_chosen"] += nll.sum().item()
+            loss, r_c, r_r = pair_loss(cfg, policy, ref, mb["response_lengths"].to(policy))
+            nll = -policy[: len(idx)].sum()  # summed over this micro-batch's chosen tokens
+            # backward(x, total) divides by the step's pairs: the NLL is rescaled to a mean over its tokens
+            engine.backward(loss.sum() + cfg.nll_weight * nll * (total / chosen_tokens), total)
+            nll_sum += nll.item()
             sums["loss"] += loss.sum().item()
             sums["reward_chosen"] += r_c.sum().item()
             sums["reward_rejected"] += r_r.sum().item()
             sums["accuracy"] += (r_c > r_r).float().sum().item()
         local = total / engine.world
-        metrics = {k: v / local for k, v in sums.items()}
+        metrics = {k: v / local for k, v in sums.items()} | {"nll_chosen": nll_sum / (chosen_tokens / engine.world)}
+        metrics["loss"] += cfg.nll_weight * metrics["nll_chosen"]
         cache.save()
         engine.step(metrics | {"margin": metrics["reward_chosen"] - metrics["reward_rejected"]})
 

@@ -25,6 +25,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -44,9 +45,9 @@ CHECK_PROMPTS = ["What do bees make? Answer in all lowercase letters.",
 
 @dataclass
 class Config:
-    policy: str = "auto"
+    policy: Literal["auto", "sft", "dpo", "ppo"] = "auto"
     """Policy adapter to merge: ``auto`` (the last finished of ppo, dpo, sft), or ``sft``, ``dpo``, ``ppo``."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the exported weights: float32, bfloat16 or float16 (the merge itself is always float32)."""
     max_shard_size: str = "2GB"
     """Safetensors files larger than this are split into shards with an index (e.g. 500MB, 2GB)."""
@@ -59,16 +60,10 @@ class Config:
     overwrite: bool = False
     """Allow replacing an existing ``out`` directory (without it, an existing one is an error)."""
 
-    def __post_init__(self):
-        if self.policy not in ("auto", *POLICIES):
-            raise ValueError(f"export.policy must be one of auto, sft, dpo, ppo (got {self.policy!r})")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"export.dtype must be one of {sorted(DTYPES)} (got {self.dtype!r})")
-
     def upstream(self) -> list[str]:
         """Stages the export needs (run first if missing, hashed): the named policy; none for ``auto``, which picks
         among whatever finished (passed as ``uses``). ``python -m deltalign export`` re-exports when any of those
-        changed since the last export (the pipeline hashes them: ``Stage.hash_uses``; :func:`is_current` checks it)."""
+        changed since the last export (the pipeline hashes them: ``Stage.hash_uses``)."""
         return [] if self.policy == "auto" else [self.policy]
 
 
@@ -76,22 +71,6 @@ class Config:
 
 def finished(dirs: dict[str, Path]) -> dict[str, Path]:
     return {s: Path(p) for s, p in dirs.items() if (Path(p) / MANIFEST).exists()}
-
-
-def sources(run_dir: str | Path) -> dict[str, str]:
-    """Content hash of every finished stage an export can read: the export is current while these are unchanged."""
-    out = {}
-    for s in SOURCES:
-        m = Path(run_dir, s, MANIFEST)
-        if m.exists():
-            out[s] = json.loads(m.read_text())["hash"]
-    return out
-
-
-def is_current(run_dir: str | Path) -> bool:
-    """A finished export exists and was made from the stages that are finished now, unchanged."""
-    m = Path(run_dir, NAME, MANIFEST)
-    return m.exists() and json.loads(m.read_text()).get("metrics", {}).get("sources") == sources(run_dir)
 
 
 def choose_policy(cfg: Config, done: dict[str, Path]) -> str:

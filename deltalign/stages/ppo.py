@@ -28,12 +28,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
 
 from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, train_mode
 from deltalign.data.batching import length_grouped_batches
 from deltalign.data.formats import load_rows, prompt_examples
 from deltalign.data.tokenize import tokenize_prompt
@@ -45,8 +46,10 @@ from deltalign.losses import (AdaptiveKLController, FixedKLController, gae_advan
                               token_logprobs)
 from deltalign.rewards.composite import CompositeReward
 from deltalign.rewards.model import HEAD_FILE, RewardModel
+from deltalign.pipeline.config import setting
 
 NAME = "ppo"
+READS = {"data": "prompt", "eval_data": "prompt"}  # setting -> row shape (checked before the run)
 REFERENCE = "sft"
 REWARD = "rm"
 CRITIC = "critic"
@@ -58,12 +61,12 @@ def _rollout_default() -> GenerationConfig:
 
 @dataclass
 class Config(TrainConfig):
-    lr: float = 3e-5
+    lr: float = setting(3e-5, gt=0)
     """Peak learning rate for policy and critic deltas (LoRA PPO: 1e-5 to 5e-5; TRL's example uses 3e-6 for
     full fine-tuning, LoRA needs larger steps)."""
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = setting(0.0, ge=0, le=1)
     """Share of the updates with linear warmup (PPO usually runs without)."""
-    batch_size: int = 16
+    batch_size: int = setting(16, ge=1)
     """Prompts per rollout per process (one PPO step)."""
     data: str = "embedded:pref_train"
     """Prompts: prompt-only rows, or SFT / preference rows (their responses are ignored)."""
@@ -71,62 +74,71 @@ class Config(TrainConfig):
     """Held-out prompts for the final checker / KL / reward report ('' to skip)."""
     split: str = "train"
     """Split to read when ``data`` is a `datasets` id."""
-    max_prompt_length: int = 192
+    max_prompt_length: int = setting(192, ge=1)
     """Prompts longer than this many tokens are dropped (and counted)."""
     rollout: GenerationConfig = field(default_factory=_rollout_default)
     """Sampling for rollouts: temperature 1 and top-p 1 sample the policy itself, so the PPO ratio is exact
     (log-probs are computed at the same temperature; top-p < 1 makes them approximate)."""
-    missing_eos_penalty: float = 1.0
+    missing_eos_penalty: float = setting(1.0, ge=0)
     """Subtracted from the score of a response that hits max_new_tokens without a stop token (TRL: 1.0)."""
-    rm_weight: float = 1.0
+    rm_weight: float = setting(1.0, ge=0)
     """Weight of the normalised reward-model score (0: no reward model; then ``critic_init`` must be fresh)."""
     rules: dict[str, float] = field(default_factory=dict)
     """Rule-based rewards and their weights: ``checker`` (the embedded task's checker) or ``module:function``
     (``f(prompts, responses) -> list[float]``)."""
-    kl_coef: float = 0.05
+    kl_coef: float = setting(0.05, ge=0)
     """Per-token KL penalty coefficient against the SFT reference (TRL 0.05; OpenRLHF's init_kl_coef 0.01)."""
-    kl_target: float = 0.0
+    kl_target: float = setting(0.0, ge=0)
     """> 0: adapt kl_coef towards this KL per response (Ziegler et al. 2019: 6 with horizon 10000); 0: fixed."""
-    kl_horizon: float = 10000.0
+    kl_horizon: float = setting(10000.0, gt=0)
     """Adaptive KL controller horizon (in responses)."""
-    gamma: float = 1.0
+    gamma: float = setting(1.0, ge=0, le=1)
     """Discount (1.0: TRL, OpenRLHF; the reward comes once, at the end)."""
-    lam: float = 0.95
+    lam: float = setting(0.95, ge=0, le=1)
     """GAE lambda (0.95: TRL, OpenRLHF, cleanrl)."""
-    clip: float = 0.2
+    clip: float = setting(0.2, gt=0)
     """Policy ratio clip epsilon (0.2: Schulman et al. 2017 and every RLHF PPO since)."""
-    value_clip: float = 0.2
+    value_clip: float = setting(0.2, gt=0)
     """Value clip around the old values (0.2: TRL's cliprange_value, OpenRLHF's value_clip)."""
-    vf_coef: float = 0.1
+    vf_coef: float = setting(0.1, ge=0)
     """Weight of the value loss (0.1: TRL)."""
-    ent_coef: float = 0.0
+    ent_coef: float = setting(0.0, ge=0)
     """Entropy bonus weight (0: TRL and OpenRLHF default; entropy is always logged)."""
-    ppo_epochs: int = 4
+    ppo_epochs: int = setting(4, ge=1)
     """Passes over each rollout batch (4: TRL's num_ppo_epochs)."""
-    mini_batch_size: int = 8
+    mini_batch_size: int = setting(8, ge=2)
     """Responses per optimizer update within a rollout batch."""
     whiten_advantages: bool = True
     """Normalise advantages over the rollout batch (TRL, OpenRLHF)."""
-    critic_init: str = "rm"
+    critic_init: Literal["rm", "fresh"] = "rm"
     """``rm``: the critic starts as a copy of the reward adapter + head; ``fresh``: a new adapter and head."""
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    """The critic's delta when ``critic_init: fresh``."""
+    critic_adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The critic's delta (``critic``), when ``critic_init: fresh``; with ``critic_init: rm`` it is a copy of the
+    rm adapter and keeps that adapter's settings (these are then unused). The policy (``ppo``) is always a copy
+    of the SFT adapter."""
+    disable_dropout: bool = True
+    """Switch every dropout off (adapter dropout included), as TRL does: old log-probs, reference log-probs,
+    values and the trained forward are then one deterministic function, so the first PPO ratio is exactly 1."""
     eval_checker: bool = True
     """After training: generate on held-out prompts (greedy) and report checker, KL and reward-model scores."""
-    eval_limit: int = 0
+    eval_limit: int = setting(0, ge=0)
     """Use at most this many held-out prompts (0: all)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Decoding for the held-out report."""
 
     def __post_init__(self):
-        if self.critic_init not in ("rm", "fresh"):
-            raise ValueError(f"ppo.critic_init must be 'rm' or 'fresh' (got {self.critic_init!r})")
         if self.grad_accum != 1:
             raise ValueError("ppo.grad_accum must be 1 (a step is one rollout batch; use mini_batch_size)")
-        if self.mini_batch_size < 2 or self.batch_size < self.mini_batch_size:
-            raise ValueError("ppo needs 2 <= mini_batch_size <= batch_size")
+        if self.batch_size < self.mini_batch_size:
+            raise ValueError(f"ppo.mini_batch_size ({self.mini_batch_size}) must be <= ppo.batch_size "
+                             f"({self.batch_size})")
         if self.rollout.temperature <= 0:
             raise ValueError("ppo.rollout.temperature must be > 0 (PPO samples from the policy)")
+        if self.rm_weight == 0 and self.critic_init == "rm":
+            raise ValueError("ppo.critic_init 'rm' needs a reward model, but ppo.rm_weight is 0: "
+                             "set ppo.critic_init=fresh")
+        if self.rm_weight == 0 and not self.rules:
+            raise ValueError("ppo has no reward: ppo.rm_weight is 0 and ppo.rules is empty")
 
 
 # --- rollout tensors ------------------------------------------------------------------------------------------
@@ -199,7 +211,7 @@ def load_roles(cfg: Config, model_cfg: ModelConfig, upstream: dict[str, Path]) -
                 head.proj.bias.sub_(mean).div_(std)
     else:
         torch.manual_seed(cfg.seed)
-        backbone.add_adapter(CRITIC, cfg.adapter, trainable=True)
+        backbone.add_adapter(CRITIC, cfg.critic_adapter, trainable=True)
         backbone.add_head(CRITIC, trainable=True)
     backbone.load_adapter(NAME, upstream["sft"], trainable=True)
     return backbone, rm
@@ -234,7 +246,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                 "critic_init": cfg.critic_init, "trainable_params": backbone.trainable_numel()}, kind="setup")
 
     # 3. loop: one rollout batch per step
-    backbone.train_without_dropout()  # old and new log-probs come from the same function; checkpointing stays on
+    # disable_dropout (default): old and new log-probs come from the same function; checkpointing stays on
+    train_mode(backbone, dropout=not cfg.disable_dropout)
     for step, micro in engine.steps(batches):
         idx = micro[0]
         # 3.1 rollout with the policy

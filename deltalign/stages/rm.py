@@ -12,26 +12,28 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
 
 from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pair_batch, to_device
 from deltalign.data.formats import load_rows, preference_examples
 from deltalign.data.tokenize import tokenize_all, tokenize_pair
 from deltalign.engine import Engine, TrainConfig
 from deltalign.losses import bradley_terry_loss
+from deltalign.pipeline.config import setting
 from deltalign.rewards.model import HEAD_FILE, STATS_FILE, last_token_values
 
 NAME = "rm"
-INITS = ("sft", "fresh")
+READS = {"data": "pref", "eval_data": "pref"}  # setting -> row shape (checked before the run)
 
 
 @dataclass
 class Config(TrainConfig):
-    lr: float = 1e-4
+    lr: float = setting(1e-4, gt=0)
     """Peak learning rate (AdamW). 1e-4 is the usual LoRA reward-model rate (1e-5 for full fine-tuning), 1 epoch."""
     data: str = "embedded:pref_train"
     """Training pairs: a .json/.jsonl/.parquet file, ``embedded:<split>``, or a `datasets` id."""
@@ -39,22 +41,26 @@ class Config(TrainConfig):
     """Held-out pairs in the same shapes ('' to skip held-out evaluation)."""
     split: str = "train"
     """Split to read when ``data`` is a `datasets` id."""
-    max_length: int = 256
+    max_length: int = setting(256, ge=2)
     """Maximum tokens of prompt + each response."""
-    truncation: str = "completion"
+    truncation: Literal["completion", "drop", "error"] = "completion"
     """Too-long pairs: ``completion`` (cut the responses), ``drop`` or ``error``."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    """The delta to train when ``init`` is ``fresh`` (with ``sft`` the SFT adapter's own config is kept)."""
-    init: str = "sft"
+    """The delta this stage trains (``rm``), when ``init: fresh``; with ``init: sft`` it is a copy of the SFT
+    adapter and keeps the SFT adapter's own settings (these are then unused)."""
+    init: Literal["sft", "fresh"] = "sft"
     """``sft``: start from a trainable copy of the SFT adapter (the sft folder is only read); ``fresh``: a new one."""
     margin: bool = True
     """Subtract a ``margin`` column (when the data has one) inside the loss: -logsigmoid(r_c - r_r - m)."""
-    magnitude_coef: float = 0.0
+    magnitude_coef: float = setting(0.0, ge=0)
     """Penalty c * (r_c + r_r)^2 that keeps rewards centred near 0 (0: off; 0.01 is TRL's usual value)."""
-    eval_batch_size: int = 16
+    eval_batch_size: int = setting(16, ge=1)
     """Pairs per batch for held-out evaluation and the reward statistics."""
-    stats_pairs: int = 200
+    stats_pairs: int = setting(200, ge=0)
     """Training pairs scored after training for the reward mean/std that PPO normalises with (0: all)."""
+    disable_dropout: bool = True
+    """Switch every dropout off while training (adapter dropout included), as TRL does for preference stages:
+    the score trained on is then the same function as the score used later."""
 
 
 def batch_of(items: list[dict], idx: list[int], pad_id: int, device) -> dict:
@@ -73,15 +79,13 @@ def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def score_all(model, items: list[dict], batch_size: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected scores of every pair (in a length-sorted order; both sides stay aligned)."""
-    was_training = model.training
-    model.eval()
     rc, rr = [], []
     lengths = [len(x["prompt_ids"]) + max(len(x["chosen_ids"]), len(x["rejected_ids"])) for x in items]
-    for idx in length_grouped_batches(lengths, batch_size, 0, 0, shuffle=False):
-        c, r = pair_scores(model, batch_of(items, idx, pad_id, device))
-        rc.append(c.float().cpu())
-        rr.append(r.float().cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for idx in length_grouped_batches(lengths, batch_size, 0, 0, shuffle=False):
+            c, r = pair_scores(model, batch_of(items, idx, pad_id, device))
+            rc.append(c.float().cpu())
+            rr.append(r.float().cpu())
     return torch.cat(rc), torch.cat(rr)
 
 
@@ -98,8 +102,6 @@ def heldout(model, items, cfg: Config, pad_id: int, device) -> dict | None:
 
 def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, Path] | None = None) -> dict:
     out_dir = Path(out_dir)
-    if cfg.init not in INITS:
-        raise ValueError(f"rm.init must be one of {INITS} (got {cfg.init!r})")
     sft_dir = Path((upstream or {}).get("sft", "")) if cfg.init == "sft" else None
     if sft_dir is not None and not (sft_dir / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"rm.init is 'sft' but no finished sft adapter was found in {str(sft_dir)!r}")
@@ -148,7 +150,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             atomic.write_json(before_file, evals["before"])
 
     # 4. loop: chosen and rejected in one forward; per-pair loss summed, normalised over the step's pairs
-    model.train()
+    train_mode(model, dropout=not cfg.disable_dropout)
     pads = PadCounter()
     for step, micro in engine.steps(batches):
         micro = [batch_of(train, idx, pad, engine.device) for idx in micro]

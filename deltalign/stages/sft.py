@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
 
 from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, labelled_logits
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, labelled_logits, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batch, to_device
 from deltalign.data.formats import load_rows, sft_examples
 from deltalign.data.tokenize import tokenize_all, tokenize_sft
 from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig, checker_eval
 from deltalign.losses import sft_loss_sum
+from deltalign.pipeline.config import setting
 
 NAME = "sft"
+READS = {"data": "sft", "eval_data": "sft"}  # setting -> row shape (checked before the run)
 
 
 @dataclass
@@ -32,17 +35,20 @@ class Config(TrainConfig):
     """Held-out data in the same shapes ('' to skip held-out evaluation)."""
     split: str = "train"
     """Split to read when ``data`` is a `datasets` id."""
-    max_length: int = 256
+    max_length: int = setting(256, ge=2)
     """Maximum tokens per example (prompt + completion)."""
-    truncation: str = "completion"
+    truncation: Literal["completion", "drop", "error"] = "completion"
     """Too-long examples: ``completion`` (cut the completion), ``drop`` or ``error``."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    """The delta to train."""
-    eval_batch_size: int = 16
+    """The delta this stage trains (a fresh ``sft`` adapter)."""
+    disable_dropout: bool = False
+    """Switch every dropout off while training (adapter dropout included). Off for SFT, where dropout is a
+    regulariser; the preference and RL stages default to on, where a forward must match its reference's."""
+    eval_batch_size: int = setting(16, ge=1)
     """Rows per batch for held-out loss."""
     eval_checker: bool = True
     """Generate on held-out prompts and score them with the embedded checker (base and after training)."""
-    eval_limit: int = 0
+    eval_limit: int = setting(0, ge=0)
     """Use at most this many held-out examples for generation (0: all)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Decoding for held-out generations."""
@@ -56,15 +62,13 @@ def batch_of(items: list[dict], idx: list[int], pad_id: int, device) -> dict:
 @torch.no_grad()
 def heldout_loss(backbone, model, items: list[dict], batch_size: int, device) -> float:
     """Mean token cross-entropy on held-out completions."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     pad = backbone.tokenizer.pad_token_id
-    for idx in length_grouped_batches([len(x["input_ids"]) for x in items], batch_size, 0, 0, shuffle=False):
-        logits, targets, _ = labelled_logits(backbone, model, batch_of(items, idx, pad, device))
-        loss_sum, n = sft_loss_sum(logits, targets)
-        total, count = total + float(loss_sum), count + int(n)
-    model.train(was_training)
+    with eval_mode(model):
+        for idx in length_grouped_batches([len(x["input_ids"]) for x in items], batch_size, 0, 0, shuffle=False):
+            logits, targets, _ = labelled_logits(backbone, model, batch_of(items, idx, pad, device))
+            loss_sum, n = sft_loss_sum(logits, targets)
+            total, count = total + float(loss_sum), count + int(n)
     return total / max(count, 1)
 
 
@@ -111,7 +115,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             atomic.write_json(base_file, evals["base"])
 
     # 4. loop
-    model.train()
+    train_mode(model, dropout=not cfg.disable_dropout)
     pads = PadCounter()
     for step, micro in engine.steps(batches):
         micro = [batch_of(train, idx, tok.pad_token_id, engine.device) for idx in micro]

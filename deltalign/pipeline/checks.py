@@ -1,0 +1,94 @@
+"""Checks of a planned run, before any model loads and before the first stage trains.
+
+:func:`preflight` runs after the config loaded (which already checked every key, type, choice and range) and
+before :meth:`Pipeline.run`: it checks what a setting's type cannot -- the base model directory, the house rule
+for references, user reward functions, and every data source a planned stage reads (it exists, its first rows
+parse into the shape the stage needs). A problem raises a one-line :class:`ConfigError`, :class:`DataError` or
+:class:`FileNotFoundError` naming the setting, or the file, row and field; nothing in the run directory is
+touched. Each stage declares what it reads in its module: ``READS = {"data": "sft", "eval_data": "sft"}`` (the
+setting, then the shape: ``sft``, ``pref`` or ``prompt``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from deltalign.data.formats import DataError, load_rows, preference_examples, prompt_examples, sft_examples
+from deltalign.pipeline.config import ConfigError
+
+SHAPES = {"sft": sft_examples, "pref": preference_examples, "prompt": prompt_examples}
+FIRST_ROWS = 32  # rows parsed per source before the run (the stage itself validates every row)
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def check_model(model_cfg) -> None:
+    """``model.path`` is ``tiny`` or a local Hugging Face checkpoint with a readable config and safetensors."""
+    if model_cfg.path == "tiny":
+        return
+    path = Path(model_cfg.path)
+    hint = " (run `make model` to build the embedded default)" if "SmolLM2" in model_cfg.path else ""
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.path {model_cfg.path!r} is not a local checkpoint directory{hint}")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path {model_cfg.path!r}: no readable config.json ({type(e).__name__})") from None
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"model.path {model_cfg.path!r}: no *.safetensors weights (deltalign loads weights "
+                          "through safetensors only, never pickled .bin files)")
+
+
+def check_reference(cfgs: dict, plan: list[str], run_dir: Path) -> None:
+    """The house rule: once an SFT delta exists, the reference policy is that delta, frozen -- never the bare
+    base with adapters off. ``dpo.reference: base`` is refused in a run that has (or will have) an SFT stage.
+    PPO has no such setting: its reference is always the SFT adapter."""
+    if "dpo" not in plan or cfgs["dpo"].reference != "base":
+        return
+    if "sft" in plan or (run_dir / "sft" / "manifest.json").exists():
+        raise ConfigError("dpo.reference=base, but this run has an SFT stage: once an SFT delta exists the "
+                          "reference is that delta, frozen (against the bare base, DPO would pull the policy "
+                          "away from what SFT taught); use dpo.reference=sft, or a run without sft")
+
+
+def check_rules(cfgs: dict, plan: list[str]) -> None:
+    """Every rule-based reward of a planned stage imports and is callable."""
+    from deltalign.rewards.composite import rule_function
+
+    for name in plan:
+        for spec in getattr(cfgs[name], "rules", None) or {}:
+            try:
+                rule_function(spec)
+            except ValueError as e:
+                raise ConfigError(f"{name}.rules: {e}") from None
+
+
+def check_source(source: str, shape: str, key: str, split: str = "train") -> None:
+    """``source`` exists and its first rows parse as ``shape`` (errors name ``key``, or the file/row/field)."""
+    p = Path(source)
+    if p.suffix in LOCAL_SUFFIXES and not p.exists():
+        raise FileNotFoundError(f"{key}: data file {source!r} does not exist")
+    rows = load_rows(source, split)
+    if not rows:
+        raise DataError("no rows", source)
+    SHAPES[shape](rows[:FIRST_ROWS], source)
+
+
+def check_data(cfgs: dict, plan: list[str]) -> None:
+    """Every data source a planned stage reads (its module's ``READS``), and the eval section's when asked."""
+    from deltalign.pipeline.graph import stage_module
+
+    for name in plan:
+        cfg = cfgs[name]
+        for field, shape in getattr(stage_module(name), "READS", {}).items():
+            source = getattr(cfg, field)
+            if source:
+                check_source(source, shape, f"{name}.{field}", cfg.split if field == "data" else "test")
+
+
+def preflight(cfgs: dict, plan: list[str], run_dir: Path) -> None:
+    """All of the above, cheapest first."""
+    check_model(cfgs["model"])
+    check_reference(cfgs, plan, Path(run_dir))
+    check_rules(cfgs, plan)
+    check_data(cfgs, plan)

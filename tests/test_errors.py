@@ -1,0 +1,92 @@
+"""Bad input: exit code 2, one line on stderr naming the setting (or the file, row and field), no traceback, and
+nothing in the run directory changed -- all before any model loads or any stage runs."""
+
+import json
+
+import pytest
+
+from deltalign.pipeline.cli import main
+
+TINY = ["--config", "configs/tiny.yaml"]
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def _files(tmp):
+    """Data files and model directories for the cases below."""
+    sft_ok = {"prompt": "Say hi.", "completion": "hi"}
+    nocfg = tmp / "model-noconfig"
+    nocfg.mkdir()
+    pickled = tmp / "model-pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80")
+    return {
+        "sft_missing_field": _write(tmp / "sft_bad.jsonl", [sft_ok, {"prompt": "Say hi."}]),
+        "sft_not_json": _write(tmp / "sft_notjson.jsonl", [sft_ok, "{not json"]),
+        "pref_empty_chosen": _write(tmp / "pref_bad.jsonl", [{"prompt": "Q", "chosen": "", "rejected": "no"}]),
+        "pref_as_sft": _write(tmp / "sft_for_dpo.jsonl", [sft_ok]),
+        "no_rows": _write(tmp / "empty.jsonl", []),
+        "missing": str(tmp / "nope.jsonl"),
+        "model_noconfig": str(nocfg),
+        "model_pickled": str(pickled),
+    }
+
+
+# (command and settings, what the one-line message must name)
+CASES = [
+    (["run", "dpo", "--set", "dpo.loss=foo"], "dpo.loss"),
+    (["run", "dpo", "--set", "dpo.beta=-1"], "dpo.beta"),
+    (["run", "sft", "--set", "sft.lr=-1e-4"], "sft.lr"),
+    (["run", "sft", "--set", "sft.lr=fast"], "sft.lr"),
+    (["run", "sft", "--set", "sft.batch_size=0"], "sft.batch_size"),
+    (["run", "sft", "--set", "sft.adapter.method=lorax"], "sft.adapter.method"),
+    (["run", "sft", "--set", "sft.adapter.dropout=1.5"], "sft.adapter.dropout"),
+    (["run", "sft", "--set", "sft.learning_rate=1e-4"], "sft.lr"),  # unknown key, with the suggestion
+    (["run", "sft", "--set", "sfft.lr=1e-4"], "sfft"),
+    (["run", "sft", "--set", "model.quantization=int3"], "model.quantization"),
+    (["run", "sft", "--set", "sft.truncation=sometimes"], "sft.truncation"),
+    (["run", "sft", "--set", "sft.warmup_ratio=2"], "sft.warmup_ratio"),
+    (["run", "sft", "--set", "sft.generation.top_p=0"], "sft.generation.top_p"),
+    (["run", "ppo", "--set", "ppo.mini_batch_size=64"], "ppo.mini_batch_size"),
+    (["run", "ppo", "--set", "ppo.rollout.temperature=0"], "ppo.rollout.temperature"),
+    (["run", "ppo", "--set", "ppo.rules={nosuch_module_xyz:f: 1.0}"], "ppo.rules"),
+    (["run", "dpo", "--set", "dpo.label_smoothing=0.7"], "dpo.label_smoothing"),
+    (["run", "dpo", "--set", "dpo.simpo_beta=0"], "dpo.simpo_beta"),
+    (["run", "rm", "--set", "rm.init=maybe"], "rm.init"),
+    (["run", "sft", "dpo", "--set", "dpo.reference=base"], "dpo.reference"),  # the house rule
+    (["run", "sft", "--config", "configs/nope.yaml"], "configs/nope.yaml"),
+    (["run", "sft", "--set", "sft.data={missing}"], "nope.jsonl"),
+    (["run", "sft", "--set", "sft.data={sft_missing_field}"], "sft_bad.jsonl: row 1"),
+    (["run", "sft", "--set", "sft.eval_data={sft_not_json}"], "sft_notjson.jsonl: row 1"),
+    (["run", "dpo", "--set", "dpo.data={pref_empty_chosen}"], "pref_bad.jsonl: row 0: field 'chosen'"),
+    (["run", "dpo", "--set", "dpo.data={pref_as_sft}"], "sft_for_dpo.jsonl: row 0"),
+    (["run", "sft", "--set", "sft.data={no_rows}"], "empty.jsonl"),
+    (["run", "sft", "--set", "sft.data=embedded:nosuch"], "no embedded split"),
+    (["run", "sft", "--set", "model.path=/nonexistent/model"], "model.path"),
+    (["run", "sft", "--set", "model.path={model_noconfig}"], "config.json"),
+    (["run", "sft", "--set", "model.path={model_pickled}"], "safetensors"),
+    (["eval", "--set", "eval.data={missing}"], "eval.data"),
+    (["eval", "--set", "eval.generation.max_new_tokens=0"], "eval.generation.max_new_tokens"),
+    (["export", "--set", "export.policy=bogus"], "export.policy"),
+]
+
+
+@pytest.mark.parametrize("args,names", CASES, ids=[" ".join(a[-1:]) + f"-{i}" for i, (a, _) in enumerate(CASES)])
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, capsys, args, names):
+    files = _files(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("mine")
+    for key, value in files.items():
+        args = [a.replace("{" + key + "}", value) for a in args]
+    config = [] if "--config" in args else TINY
+    rc = main([args[0], *args[1:], *config, "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert names in err, err
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["keep.txt"]  # nothing written, nothing archived
