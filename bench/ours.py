@@ -47,7 +47,7 @@ def overrides(stage: str, s: Settings) -> list[str]:
                      f"dpo.max_length={s.max_length}", "dpo.reference=base", "dpo.init=fresh", "dpo.loss=sigmoid",
                      f"dpo.beta={s.dpo_beta}", "dpo.nll_weight=0", "dpo.eval_checker=false"]
     elif stage == "ppo":
-        o += lora + [f"ppo.data={s.pref_data}", f"ppo.max_steps={s.ppo_steps}", f"ppo.batch_size={s.batch_size}",
+        o += [f"ppo.data={s.pref_data}", f"ppo.max_steps={s.ppo_steps}", f"ppo.batch_size={s.batch_size}",
                      f"ppo.mini_batch_size={s.ppo_mini_batch_size}", f"ppo.ppo_epochs={s.ppo_epochs}",
                      f"ppo.max_prompt_length={s.max_prompt_length}", f"ppo.rollout.max_new_tokens={s.max_new_tokens}",
                      f"ppo.rollout.temperature={s.temperature}", "ppo.rollout.top_p=1.0",

@@ -9,8 +9,9 @@ What is matched to our side (``bench/common.py`` Settings): the checkpoint (fp32
 targets (``all-linear``), rows or pairs per optimizer step, max sequence length, optimizer steps, learning rate,
 AdamW (``adamw_torch``), grad-norm clipping 1.0, CPU threads. TRL defaults that differ from ours and would change
 the work done are turned back: ``gradient_checkpointing=False`` (TRL's SFT/DPO/Reward configs default to True),
-``bf16=False`` (TRL defaults to True), ``disable_dropout=False`` (ours keeps LoRA dropout in training), no packing,
-no padding-free. SFT data are our ``messages`` rows as conversational prompt/completion, so TRL trains on the
+``bf16=False`` (TRL defaults to True), no packing, no padding-free. Dropout: TRL's reward and DPO trainers
+switch it off by default (``disable_dropout=True``), as ours do (``rm/dpo.disable_dropout``); SFT keeps it on both
+sides. SFT data are our ``messages`` rows as conversational prompt/completion, so TRL trains on the
 completion only, as ours does. The DPO reference is the base with the adapter disabled (peft model, no
 ``ref_model``), computed every step (``precompute_ref_log_probs=False``), as ours does on first use of a pair.
 
@@ -124,7 +125,7 @@ def run_rm(s: Settings, timer: StepTimer, dims: dict, out: str) -> None:
     from trl import RewardConfig, RewardTrainer
 
     tok = tokenizer(s)
-    args = RewardConfig(**common_args(s, out), max_length=s.max_length, disable_dropout=False)
+    args = RewardConfig(**common_args(s, out), max_length=s.max_length, disable_dropout=True)
     trainer = counting(RewardTrainer, timer, dims, "rm")(
         model=load_seq_cls(s, tok), args=args, train_dataset=Dataset.from_list(pref_rows_for_trl(s.pref_data)),
         processing_class=tok, peft_config=lora(s, "SEQ_CLS"), callbacks=[timing_callback(timer)])
@@ -137,7 +138,7 @@ def run_dpo(s: Settings, timer: StepTimer, dims: dict, out: str) -> None:
 
     tok = tokenizer(s)
     args = DPOConfig(**common_args(s, out), max_length=s.max_length, beta=s.dpo_beta, loss_type=["sigmoid"],
-                     precompute_ref_log_probs=False, disable_dropout=False, padding_free=False)
+                     precompute_ref_log_probs=False, disable_dropout=True, padding_free=False)
     trainer = counting(DPOTrainer, timer, dims, "dpo")(
         model=load_lm(s), ref_model=None, args=args,
         train_dataset=Dataset.from_list(pref_rows_for_trl(s.pref_data)), processing_class=tok,

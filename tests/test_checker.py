@@ -119,7 +119,3 @@ def test_score_batch():
     assert C.score_batch([], []) == []
     with pytest.raises(ValueError):
         C.score_batch(prompts, ["paris."])
-
-
-def test_checker_name():
-    assert C.CHECKER_NAME == "constraint-checker-v1"

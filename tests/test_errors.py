@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from deltalign.backbone import AdapterConfig
 from deltalign.pipeline.cli import main
 
 TINY = ["--config", "configs/tiny.yaml"]
@@ -90,3 +91,12 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(tmp_path, capsys, a
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert names in err, err
     assert sorted(p.name for p in run_dir.rglob("*")) == ["keep.txt"]  # nothing written, nothing archived
+
+
+def test_a_pickled_adapter_is_refused(tmp_path, tiny_backbone):
+    """Adapters load from safetensors only: a folder with adapter_model.bin is refused, never unpickled."""
+    tiny_backbone.add_adapter("sft", AdapterConfig(r=2))
+    tiny_backbone.save_adapter("sft", tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").rename(tmp_path / "a" / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match="adapter_model.bin"):
+        tiny_backbone.load_adapter("other", tmp_path / "a")
