@@ -331,7 +331,7 @@ def help_text(section: str, cls) -> str:
         if bounds_text(owner, leaf):
             doc = f"{doc} [{bounds_text(owner, leaf)}]"
         if not is_hashed(owner, leaf):
-            doc = f"{doc} (not hashed: changing it never reruns a stage)"
+            doc = f"{doc} (not hashed)"
         left = f"  {section}.{name}"
         if inst is not None and not _is_dc(tp):
             v = to_dict(functools.reduce(getattr, name.split("."), inst))
