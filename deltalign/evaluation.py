@@ -10,6 +10,7 @@ reward model's mean raw score of those responses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from deltalign.backbone import eval_mode, response_logprobs
 from deltalign.data.batching import pad_batch
 from deltalign.data.tokenize import tokenize_prompt
 from deltalign.generation import GenerationConfig, checker_eval
+from deltalign.pipeline.config import setting
 
 
 @dataclass
@@ -27,10 +29,13 @@ class EvalConfig:
     data: str = "embedded:pref_eval"
     """Held-out prompts (any supported shape; responses are ignored) on which base and every finished policy
     generate."""
-    limit: int = 0
+    limit: int = setting(0, ge=0)
     """Use at most this many held-out prompts (0: all; ``--limit`` on the command line overrides it)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Decoding for the comparison (greedy by default)."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A held-out row with a problem of its own: ``error`` stops naming file/row/field; ``skip`` leaves it out
+    (one log line each)."""
 
 
 @torch.no_grad()
@@ -84,7 +89,8 @@ def policy_report(backbone, examples: list, gen_cfg: GenerationConfig, policies:
 POLICY_STAGES = ("sft", "dpo", "ppo")
 
 
-def compare_run(run_dir: str | Path, model_cfg, eval_data: str, gen_cfg: GenerationConfig, limit: int = 0) -> dict:
+def compare_run(run_dir: str | Path, model_cfg, eval_data: str, gen_cfg: GenerationConfig, limit: int = 0,
+                bad_rows: str = "error") -> dict:
     """The base and every finished policy stage of a run, on one backbone, against the SFT reference."""
     from deltalign import atomic
     from deltalign.backbone import Backbone
@@ -98,7 +104,7 @@ def compare_run(run_dir: str | Path, model_cfg, eval_data: str, gen_cfg: Generat
             backbone.load_adapter(stage, run_dir / stage, trainable=False)
             policies[stage] = stage
     reference = "sft" if "sft" in policies else None
-    examples = prompt_examples(load_rows(eval_data, "test"), eval_data)[: limit or None]
+    examples = prompt_examples(load_rows(eval_data, "test"), eval_data, bad_rows)[: limit or None]
     report = policy_report(backbone, examples, gen_cfg, policies, reference, rm_dir=run_dir / "rm")
     atomic.write_json(run_dir / "eval_table.json", report)
     return report

@@ -316,6 +316,140 @@ def test_render_prompt(tok):
     assert T.render_prompt([user("hi")], tok, True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+# ---------------------------------------------------------------------------------- bad rows, keep_end
+
+
+def hh_pair(question, chosen, rejected, before=""):
+    """HH-style ``chosen``/``rejected`` dialogues: ``before`` (earlier turns), then one question and two answers."""
+    return {"chosen": f"{before}\n\nHuman: {question}\n\nAssistant: {chosen}",
+            "rejected": f"{before}\n\nHuman: {question}\n\nAssistant: {rejected}"}
+
+
+LONG_Q = "a long question " * 30
+HH_ROWS = [
+    hh_pair("Sure?", "Yes.", "No.", before="\n\nHuman: Q0?\n\nAssistant: A."),
+    hh_pair("Q1?", "One.", "Two."),
+    {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",  # odd: differ before the last turn
+     "rejected": "\n\nHuman: a\n\nAssistant: X\n\nHuman: c\n\nAssistant: e"},
+    hh_pair("Q3?", "Three.", "Four."),
+    hh_pair("hi", "hello", " "),  # odd: empty final response
+    hh_pair(LONG_Q, "ok", "no"),  # row 5: a prompt longer than the max_length used below
+]
+GOOD_ROWS = [0, 1, 3, 5]
+
+
+def test_bad_rows_error_names_file_row_and_field(tmp_path):
+    src = write_jsonl(tmp_path / "hh.jsonl", HH_ROWS)
+    with pytest.raises(DataError, match=r"hh.jsonl: row 2: field 'chosen': chosen and rejected differ before"):
+        F.preference_examples(F.load_rows(src), src, bad_rows="error")
+    rows = F.load_rows(src)
+    with pytest.raises(DataError, match=r"hh.jsonl: row 4: field 'rejected': empty text"):
+        F.preference_examples(rows[:2] + rows[1:2] + rows[3:], src)  # the default is "error"
+    with pytest.raises(ValueError, match="bad_rows"):
+        F.preference_examples(rows, src, bad_rows="ignore")
+
+
+def test_bad_rows_skip_keeps_good_rows_logs_one_line_each(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "hh.jsonl", HH_ROWS)
+    rows, lines = F.load_rows(src), []
+    ex = F.preference_examples(rows, src, bad_rows="skip", log=lines.append)
+    assert [e.row for e in ex] == GOOD_ROWS and len(rows) - len(ex) == 2  # the skipped count
+    assert [e.chosen for e in ex[:2]] == ["Yes.", "One."] and ex[0].prompt[-1] == user("Sure?")
+    assert len(lines) == 2
+    assert f"{src}: row 2: field 'chosen': chosen and rejected differ" in lines[0]
+    assert f"{src}: row 4: field 'rejected': empty text" in lines[1]
+    assert capsys.readouterr().err == ""
+    F.preference_examples(rows, src, bad_rows="skip")  # default log: one line per bad row on stderr
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "row 2: field 'chosen'" in err[0] and "row 4: field 'rejected'" in err[1]
+
+
+def test_bad_rows_skip_sft_and_prompt_rows():
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "a"}, {"messages": [user("x"), asst("y")]}, {"text": 1}]
+    lines = []
+    ex = F.sft_examples(rows, "s.jsonl", bad_rows="skip", log=lines.append)
+    assert [e.row for e in ex] == [0, 2] and len(lines) == 2
+    assert "s.jsonl: row 1: field 'completion': missing field" in lines[0] and "s.jsonl: row 3: " in lines[1]
+    lines.clear()
+    ex = F.prompt_examples([{"prompt": ""}, {"prompt": "go"}, {"other": 1}], "p.jsonl", bad_rows="skip",
+                           log=lines.append)
+    assert [(e.row, e.prompt) for e in ex] == [(1, "go")] and len(lines) == 2
+    assert "p.jsonl: row 0: field 'prompt': empty text" in lines[0] and "p.jsonl: row 2: no prompt" in lines[1]
+
+
+def test_every_row_bad_still_raises():
+    with pytest.raises(DataError, match=r"^s.jsonl: every row is bad \(2 skipped\)"):
+        F.sft_examples([{"prompt": "a"}, {"completion": "b"}], "s.jsonl", bad_rows="skip", log=lambda line: None)
+    assert F.sft_examples([], "s.jsonl", bad_rows="skip") == []  # nothing to check (load_rows rejects no rows)
+
+
+def test_row_numbers_stay_right_after_skipped_rows(tmp_path, tok):
+    src = write_jsonl(tmp_path / "hh.jsonl", HH_ROWS)
+    ex = F.preference_examples(F.load_rows(src), src, bad_rows="skip", log=lambda line: None)
+    n = len(T.tokenize_prompt(ex[-1].prompt, tok, True))
+    assert n > 64  # row 5's prompt alone is longer than max_length
+    with pytest.raises(DataError, match=rf"hh.jsonl: row 5: field 'prompt': prompt has {n} tokens, max_length is 64"):
+        T.tokenize_all(ex, T.tokenize_pair, tok, 64, src)
+    lines = []
+    items, dropped = T.tokenize_all(ex, T.tokenize_pair, tok, 64, src, "completion", bad_rows="skip",
+                                    log=lines.append)
+    assert len(items) == 3 and dropped == 0 and len(lines) == 1
+    assert f"{src}: row 5: field 'prompt': prompt has {n} tokens" in lines[0]
+    # every row ends up as an item, dropped (truncation 'drop') or skipped (logged): 6 rows, 3 skipped in all
+    assert len(HH_ROWS) - len(items) - dropped == 3
+    items, dropped = T.tokenize_all(ex, T.tokenize_pair, tok, 64, src, "drop", bad_rows="skip", log=lines.append)
+    assert (len(items), dropped, len(lines)) == (3, 1, 1)
+
+
+def test_tokenize_all_skip_every_row_or_tokenizer_problem_still_raises(tok):
+    ex = F.sft_examples([{"messages": [user("x" * 80), asst("y")]}, {"prompt": [user("z" * 80)], "completion": "w"}],
+                        "f.jsonl")
+    with pytest.raises(DataError, match=r"^f.jsonl: no usable rows: 2 bad"):
+        T.tokenize_all(ex, T.tokenize_sft, tok, 20, "f.jsonl", bad_rows="skip", log=lambda line: None)
+    bare = build_tokenizer()
+    bare.chat_template = None
+    lines = []
+    with pytest.raises(DataError, match=r"f.jsonl: row 0: field 'messages': .*chat_template"):
+        T.tokenize_all(ex, T.tokenize_sft, bare, 200, "f.jsonl", bad_rows="skip", log=lines.append)
+    assert lines == []  # not a bad row: the tokenizer is wrong for every row
+
+
+def test_keep_end_cuts_a_long_prompt_from_the_left(tok):
+    ex = F.sft_examples([{"prompt": [user(LONG_Q)], "completion": "abc"}], "s")[0]
+    prompt = T.tokenize_prompt(ex.prompt, tok, True)
+    whole = T.tokenize_sft(ex, tok, 10_000)["input_ids"][len(prompt):]  # "abc" + end of turn
+    max_length = len(whole) + 40
+    assert len(prompt) > max_length
+    with pytest.raises(DataError, match="field 'prompt': prompt has"):
+        T.tokenize_sft(ex, tok, max_length, "completion", where="s: row 0")
+    out = T.tokenize_sft(ex, tok, max_length, "keep_end")
+    assert len(out["input_ids"]) == max_length
+    assert out["input_ids"] == prompt[-40:] + whole  # the END of the prompt, the completion intact
+    assert out["labels"] == [-100] * 40 + whole
+    # a long response too: the prompt keeps its last max_length // 2 tokens, the response is cut from the right
+    long = F.sft_examples([{"prompt": [user(LONG_Q)], "completion": "abcdefghij" * 20}], "s")[0]
+    whole = T.tokenize_sft(long, tok, 10_000)["input_ids"][len(prompt):]
+    out = T.tokenize_sft(long, tok, 61, "keep_end")
+    assert out["input_ids"] == prompt[-30:] + whole[:31] and out["labels"][:30] == [-100] * 30
+    # a prompt that fits is never cut while the response fits; a short prompt keeps all of itself
+    short = F.sft_examples([{"prompt": [user("hi")], "completion": "abcdefghij" * 20}], "s")[0]
+    n = len(T.tokenize_prompt(short.prompt, tok, True))
+    assert T.tokenize_sft(short, tok, 10_000, "keep_end") == T.tokenize_sft(short, tok, 10_000, "error")
+    assert T.tokenize_sft(short, tok, 3 * n, "keep_end") == T.tokenize_sft(short, tok, 3 * n, "completion")
+
+
+def test_keep_end_pairs_share_one_cut_prompt(tok):
+    ex = F.preference_examples([hh_pair(LONG_Q, "ok", "no, not at all")], "hh.jsonl")[0]
+    prompt = T.tokenize_prompt(ex.prompt, tok, True)
+    full = T.tokenize_pair(ex, tok, 10_000)
+    longest = max(len(full["chosen_ids"]), len(full["rejected_ids"]))
+    out = T.tokenize_pair(ex, tok, longest + 30, "keep_end")
+    assert out["prompt_ids"] == prompt[-30:]
+    assert (out["chosen_ids"], out["rejected_ids"]) == (full["chosen_ids"], full["rejected_ids"])
+    assert len(out["prompt_ids"]) + len(out["rejected_ids"]) == longest + 30
+    assert "keep_end" in T.TRUNCATION
+
+
 # --------------------------------------------------------------------------------------------- batching
 
 

@@ -1,12 +1,15 @@
 """Load rows from files, the embedded set or `datasets`, and validate them into SFT and preference examples.
 
 Every problem is a :class:`DataError` whose message names the source, the 0-based row and the field, e.g.
-``data/x.jsonl: row 12: field 'chosen': empty text``. Rows are parsed 1:1 (row ``i`` of :func:`load_rows`
-becomes example ``i``), so later stages can name rows with :func:`where` too.
+``data/x.jsonl: row 12: field 'chosen': empty text``. Every example carries ``row``, its row in the source, so
+later stages name rows with :func:`where` too.
+
+Bad rows (see :mod:`deltalign.data.rows`): the builders take ``bad_rows="error"`` (the first bad row raises) or
+``"skip"`` (each bad row is left out with one line to ``log``, stderr by default). They return the list of
+examples; the number skipped is ``len(rows) - len(examples)``. A source whose rows are all bad still raises.
 
 Accepted shapes are listed in :data:`SFT_SHAPES` and :data:`PREF_SHAPES` (also quoted by the errors).
-HH-style dialogues are split at the last ``"\\n\\nAssistant:"`` both share; the shared part becomes messages.
-Columns a shape does not use are kept in ``extra`` on the example.
+HH-style dialogues are split by :mod:`deltalign.data.hh`. Columns a shape does not use are kept in ``extra``.
 """
 
 from __future__ import annotations
@@ -14,17 +17,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+from deltalign.data.hh import split_hh
+from deltalign.data.rows import (DataError, Log, check_messages, check_response, check_text, extra_columns, has,
+                                 parse_rows, require, where)
+
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_DIR = Path("data/embedded")  # relative to the working directory (the repo root), like tiny.TINY_DIR
-HH_ASSISTANT = "\n\nAssistant:"
-_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _SFT_KEYS = ("messages", "prompt", "completion")
 _PREF_KEYS = ("prompt", "chosen", "rejected", "margin")
 SFT_SHAPES = ("'messages' (list of {role, content}, the last one assistant); 'prompt' + 'completion' (strings); "
@@ -34,26 +37,12 @@ PREF_SHAPES = ("'prompt' + 'chosen' + 'rejected' (strings; or a messages prompt 
                "(message lists, or HH-style '\\n\\nHuman: ...\\n\\nAssistant: ...' strings); optional 'margin'")
 
 
-class DataError(ValueError):
-    """A data problem; the message reads ``<source>: row <i>: field '<name>': <what is wrong>``."""
-
-    def __init__(self, message: str, where: str = "", field: str | None = None):
-        self.where, self.field, self.detail = where, field, message
-        text = message if field is None else f"field {field!r}: {message}"
-        super().__init__(f"{where}: {text}" if where else text)
-
-
-def where(source: str, row: int) -> str:
-    """The location prefix used in every message: ``"<source>: row <row>"``."""
-    return f"{source}: row {row}"
-
-
 @dataclass
 class SFTExample:
     """One supervised example: loss goes on ``completion`` only.
 
     ``prompt`` is a list of ``{role, content}`` messages when ``conversational`` else a plain string.
-    ``prompt_field`` names the column the prompt came from (for error messages).
+    ``prompt_field`` names the column the prompt came from (for error messages); ``row`` is the source row.
     """
 
     prompt: list[dict] | str
@@ -61,6 +50,7 @@ class SFTExample:
     conversational: bool
     extra: dict = field(default_factory=dict)
     prompt_field: str = "prompt"
+    row: int | None = None
 
 
 @dataclass
@@ -73,6 +63,7 @@ class PrefExample:
     conversational: bool
     margin: float | None = None
     extra: dict = field(default_factory=dict)
+    row: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -187,114 +178,61 @@ def _read_datasets(source: str, split: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------- validation
 
 
-def _has(row: dict, key: str) -> bool:
-    return key in row and row[key] is not None
-
-
-def _extra(row: dict, used: tuple[str, ...], known: tuple[str, ...]) -> dict:
-    """Columns the shape did not use; known shape columns that are merely null (mixed schemas) are left out."""
-    return {k: v for k, v in row.items() if k not in used and not (k in known and v is None)}
-
-
-def _text(value: Any, loc: str, fld: str) -> str:
-    if not isinstance(value, str):
-        raise DataError(f"expected a string, got {type(value).__name__}", loc, fld)
-    if not value.strip():
-        raise DataError("empty text", loc, fld)
-    return value
-
-
-def _messages(value: Any, loc: str, fld: str) -> list[dict]:
-    """Validate a list of ``{role, content}`` messages; returns copies holding only role and content."""
-    if not isinstance(value, list):
-        raise DataError(f"expected a list of {{role, content}} messages, got {type(value).__name__}", loc, fld)
-    if not value:
-        raise DataError("empty list of messages", loc, fld)
-    out = []
-    for j, m in enumerate(value):
-        f = f"{fld}[{j}]"
-        if not isinstance(m, dict):
-            raise DataError(f"expected a {{role, content}} object, got {type(m).__name__}", loc, f)
-        for key in ("role", "content"):
-            if m.get(key) is None:
-                raise DataError("missing field", loc, f"{f}.{key}")
-        if m["role"] not in ROLES:
-            raise DataError(f"unknown role {m['role']!r}; expected one of {list(ROLES)}", loc, f"{f}.role")
-        out.append({"role": m["role"], "content": _text(m["content"], loc, f"{f}.content")})
-    return out
-
-
-def _required(row: dict, keys: tuple[str, ...], loc: str) -> None:
-    for k in keys:
-        if not _has(row, k):
-            raise DataError("missing field", loc, k)
-
-
-def _response(value: Any, loc: str, fld: str) -> tuple[list[dict], str]:
-    """A response given as a string or as messages ending with the assistant one: ``(context, text)``."""
-    if isinstance(value, str):
-        return [], _text(value, loc, fld)
-    if not isinstance(value, list):
-        raise DataError(f"expected a string or a list of messages, got {type(value).__name__}", loc, fld)
-    msgs = _messages(value, loc, fld)
-    if msgs[-1]["role"] != "assistant":
-        raise DataError(f"the last message must be the assistant response, got role {msgs[-1]['role']!r}",
-                        loc, fld)
-    return msgs[:-1], msgs[-1]["content"]
-
-
-def sft_examples(rows: list[dict], source: str) -> list[SFTExample]:
-    """Validate rows into :class:`SFTExample` (row ``i`` -> example ``i``); raises :class:`DataError`."""
-    return [_sft_row(row, where(source, i)) for i, row in enumerate(rows)]
+def sft_examples(rows: list[dict], source: str, bad_rows: str = "error", log: Log | None = None) -> list[SFTExample]:
+    """Validate rows into :class:`SFTExample`; bad rows raise or are skipped per ``bad_rows`` (module docstring)."""
+    return parse_rows(rows, source, _sft_row, bad_rows, log)
 
 
 def _sft_row(row: dict, loc: str) -> SFTExample:
-    if _has(row, "messages"):
-        msgs = _messages(row["messages"], loc, "messages")
+    if has(row, "messages"):
+        msgs = check_messages(row["messages"], loc, "messages")
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"the last message must be the assistant completion, got role {msgs[-1]['role']!r}",
                             loc, "messages")
         if len(msgs) < 2:
             raise DataError("needs at least one prompt message before the assistant completion", loc, "messages")
-        return SFTExample(msgs[:-1], msgs[-1]["content"], True, _extra(row, ("messages",), _SFT_KEYS), "messages")
-    if _has(row, "prompt") or _has(row, "completion"):
-        _required(row, ("prompt", "completion"), loc)
-        extra = _extra(row, ("prompt", "completion"), _SFT_KEYS)
+        return SFTExample(msgs[:-1], msgs[-1]["content"], True, extra_columns(row, ("messages",), _SFT_KEYS),
+                          "messages")
+    if has(row, "prompt") or has(row, "completion"):
+        require(row, ("prompt", "completion"), loc)
+        extra = extra_columns(row, ("prompt", "completion"), _SFT_KEYS)
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, str):
-            return SFTExample(_text(prompt, loc, "prompt"), _text(completion, loc, "completion"), False, extra)
+            return SFTExample(check_text(prompt, loc, "prompt"), check_text(completion, loc, "completion"), False,
+                              extra)
         if isinstance(prompt, list):
-            context, text = _response(completion, loc, "completion")
+            context, text = check_response(completion, loc, "completion")
             if context:
                 raise DataError("expected one assistant message (the prompt goes in 'prompt')", loc, "completion")
-            return SFTExample(_messages(prompt, loc, "prompt"), text, True, extra)
+            return SFTExample(check_messages(prompt, loc, "prompt"), text, True, extra)
         raise DataError(f"expected a string or a list of messages, got {type(prompt).__name__}", loc, "prompt")
     raise DataError(f"unrecognised row shape (columns {sorted(row)}); accepted SFT shapes: {SFT_SHAPES}", loc)
 
 
-def preference_examples(rows: list[dict], source: str) -> list[PrefExample]:
-    """Validate rows into :class:`PrefExample` (row ``i`` -> example ``i``); raises :class:`DataError`."""
-    return [_pref_row(row, where(source, i)) for i, row in enumerate(rows)]
+def preference_examples(rows: list[dict], source: str, bad_rows: str = "error",
+                        log: Log | None = None) -> list[PrefExample]:
+    """Validate rows into :class:`PrefExample`; bad rows raise or are skipped per ``bad_rows`` (module docstring)."""
+    return parse_rows(rows, source, _pref_row, bad_rows, log)
 
 
 def _pref_row(row: dict, loc: str) -> PrefExample:
-    if not any(_has(row, k) for k in ("prompt", "chosen", "rejected")):
+    if not any(has(row, k) for k in ("prompt", "chosen", "rejected")):
         raise DataError(f"unrecognised row shape (columns {sorted(row)}); accepted preference shapes: {PREF_SHAPES}",
                         loc)
-    _required(row, ("chosen", "rejected"), loc)
+    require(row, ("chosen", "rejected"), loc)
     margin = row.get("margin")
     if margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
             raise DataError(f"expected a finite number, got {margin!r}", loc, "margin")
         margin = float(margin)
-    extra = _extra(row, ("prompt", "chosen", "rejected", "margin"), _PREF_KEYS)
+    extra = extra_columns(row, ("prompt", "chosen", "rejected", "margin"), _PREF_KEYS)
     raw_c, raw_r = row["chosen"], row["rejected"]
-    if not _has(row, "prompt") and isinstance(raw_c, str) and isinstance(raw_r, str):
-        prompt, chosen, rejected = _split_hh(_text(raw_c, loc, "chosen"), _text(raw_r, loc, "rejected"), loc)
+    if not has(row, "prompt") and isinstance(raw_c, str) and isinstance(raw_r, str):
+        prompt, chosen, rejected = split_hh(check_text(raw_c, loc, "chosen"), check_text(raw_r, loc, "rejected"), loc)
         conversational = True
     else:
-        ctx_c, chosen = _response(raw_c, loc, "chosen")
-        ctx_r, rejected = _response(raw_r, loc, "rejected")
+        ctx_c, chosen = check_response(raw_c, loc, "chosen")
+        ctx_r, rejected = check_response(raw_r, loc, "rejected")
         if ctx_c and ctx_r and ctx_c != ctx_r:
             raise DataError("the conversation before the final assistant message differs from 'chosen'",
                             loc, "rejected")
@@ -305,23 +243,24 @@ def _pref_row(row: dict, loc: str) -> PrefExample:
     return PrefExample(prompt, chosen, rejected, conversational, margin, extra)
 
 
-def prompt_examples(rows: list[dict], source: str) -> list[SFTExample | PrefExample]:
+def prompt_examples(rows: list[dict], source: str, bad_rows: str = "error",
+                    log: Log | None = None) -> list[SFTExample | PrefExample]:
     """Prompts to generate from (PPO rollouts): prompt-only rows (``prompt``: a string or messages), or any SFT or
-    preference row, whose responses are validated but not used. Each result has ``prompt`` and ``conversational``."""
-    out: list[SFTExample | PrefExample] = []
-    for i, row in enumerate(rows):
-        loc = where(source, i)
-        if any(_has(row, k) for k in ("chosen", "rejected")):
-            out.append(_pref_row(row, loc))
-        elif any(_has(row, k) for k in ("messages", "completion")):
-            out.append(_sft_row(row, loc))
-        elif _has(row, "prompt"):
-            p = row["prompt"]
-            prompt = _messages(p, loc, "prompt") if isinstance(p, list) else _text(p, loc, "prompt")
-            out.append(SFTExample(prompt, "", isinstance(p, list), _extra(row, ("prompt",), _SFT_KEYS)))
-        else:
-            raise DataError(f"no prompt (columns {sorted(row)}); give 'prompt', or an SFT or preference row", loc)
-    return out
+    preference row, whose responses are validated but not used. Each result has ``prompt``, ``conversational``
+    and ``row``; bad rows raise or are skipped per ``bad_rows`` (module docstring)."""
+    return parse_rows(rows, source, _prompt_row, bad_rows, log)
+
+
+def _prompt_row(row: dict, loc: str) -> SFTExample | PrefExample:
+    if any(has(row, k) for k in ("chosen", "rejected")):
+        return _pref_row(row, loc)
+    if any(has(row, k) for k in ("messages", "completion")):
+        return _sft_row(row, loc)
+    if has(row, "prompt"):
+        p = row["prompt"]
+        prompt = check_messages(p, loc, "prompt") if isinstance(p, list) else check_text(p, loc, "prompt")
+        return SFTExample(prompt, "", isinstance(p, list), extra_columns(row, ("prompt",), _SFT_KEYS))
+    raise DataError(f"no prompt (columns {sorted(row)}); give 'prompt', or an SFT or preference row", loc)
 
 
 def _pref_prompt(value: Any, ctx: list[dict], any_list: bool, loc: str) -> tuple[list[dict] | str, bool]:
@@ -331,45 +270,14 @@ def _pref_prompt(value: Any, ctx: list[dict], any_list: bool, loc: str) -> tuple
             raise DataError("missing field (and 'chosen'/'rejected' hold no prompt conversation)", loc, "prompt")
         return ctx, True
     if isinstance(value, list):
-        prompt = _messages(value, loc, "prompt")
+        prompt = check_messages(value, loc, "prompt")
         if ctx and ctx != prompt:
             raise DataError("the conversation before the final assistant message differs from 'prompt'",
                             loc, "chosen")
         return prompt, True
-    text = _text(value, loc, "prompt")
+    text = check_text(value, loc, "prompt")
     if ctx:  # UltraFeedback: a string prompt, and responses that repeat it as the last user message
         if ctx[-1]["role"] != "user" or ctx[-1]["content"].strip() != text.strip():
             raise DataError("does not match the last user message of the 'chosen' conversation", loc, "prompt")
         return ctx, True
     return ([{"role": "user", "content": text}], True) if any_list else (text, False)
-
-
-def _split_hh(chosen: str, rejected: str, loc: str) -> tuple[list[dict], str, str]:
-    """Split HH-style dialogues at the last ``"\\n\\nAssistant:"`` they share; the shared part becomes messages."""
-    common = os.path.commonprefix([chosen, rejected])
-    k = common.rfind(HH_ASSISTANT)
-    if k < 0:
-        raise DataError(f"no shared {HH_ASSISTANT!r} marker in 'chosen' and 'rejected' (HH-style rows without "
-                        "'prompt' must be whole '\\n\\nHuman: ...\\n\\nAssistant: ...' dialogues)", loc, "chosen")
-    cut = k + len(HH_ASSISTANT)
-    responses = []
-    for fld, text in (("chosen", chosen), ("rejected", rejected)):
-        resp = text[cut:]
-        if "\n\nHuman:" in resp or HH_ASSISTANT in resp:
-            raise DataError("chosen and rejected differ before their final assistant turn", loc, fld)
-        responses.append(_text(resp.strip(), loc, fld))
-    return _hh_messages(chosen[:k], loc), responses[0], responses[1]
-
-
-def _hh_messages(text: str, loc: str) -> list[dict]:
-    """``"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c"`` -> user/assistant/user messages."""
-    parts = _HH_TURN.split(text)  # [lead, role, content, role, content, ...]
-    msgs = []
-    if parts[0].strip():
-        msgs.append({"role": "system", "content": parts[0].strip()})
-    for role, content in zip(parts[1::2], parts[2::2]):
-        role = "user" if role == "Human" else "assistant"
-        msgs.append({"role": role, "content": _text(content.strip(), loc, f"chosen ({role} turn {len(msgs)})")})
-    if not msgs:
-        raise DataError("empty text before the final assistant turn", loc, "chosen")
-    return msgs

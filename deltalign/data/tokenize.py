@@ -11,19 +11,35 @@ prompt and response are tokenised separately, exactly as generation sees the pro
 prompt tokens only, chosen by position, never by token id: the end-of-turn / eos token is always labelled,
 even when ``pad_token == eos_token``.
 
-Truncation (prompt + response longer than ``max_length``): ``"completion"`` cuts the response from the right
-(a cut response has no end-of-turn, as it did not end); ``"error"`` raises :class:`DataError`; ``"drop"``
-returns ``None``. A prompt that alone leaves no room (``>= max_length`` tokens) raises under ``"completion"``
-and ``"error"``, and is dropped (``None``) under ``"drop"``.
+Truncation, when prompt + response is longer than ``max_length`` (:data:`TRUNCATION`; for a pair, the longer
+response counts and both share one prompt):
+
+- ``"completion"``: the response is cut from the right (a cut response has no end-of-turn, as it did not end);
+  a prompt that alone leaves no room (``>= max_length`` tokens) is a bad row.
+- ``"keep_end"`` (TRL's ``keep_end``): the prompt is cut from the left to its last
+  ``max(max_length - len(response), max_length // 2)`` tokens (a shorter prompt stays whole), then the response
+  is cut from the right to fill the rest. Never fails; the cut is on tokens, so a cut chat prompt may lose its
+  first turns and their template text.
+- ``"drop"``: the example is left out (``None``; counted by :func:`tokenize_all`), too-long prompts too.
+- ``"error"``: a bad row (prompt and response alike).
+
+A bad row raises :class:`DataError` naming source/row/field, or under ``bad_rows="skip"`` (:mod:`deltalign.data.rows`)
+:func:`tokenize_all` leaves it out with one log line. Tokenizer problems (no chat template, no eos, a template that
+is not prefix-stable) are :class:`TokenizerError` and always raise.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from deltalign.data.formats import DataError, PrefExample, SFTExample, where as _where
+from deltalign.data.formats import PrefExample, SFTExample
+from deltalign.data.rows import DataError, Log, check_bad_rows, skip_or_raise, where as _where
 
-TRUNCATION = ("completion", "error", "drop")
+TRUNCATION = ("completion", "keep_end", "drop", "error")
+
+
+class TokenizerError(DataError):
+    """The tokenizer cannot render this data (not a problem of the row): never skipped as a bad row."""
 
 
 def _encode(text: str, tokenizer) -> list[int]:
@@ -32,8 +48,8 @@ def _encode(text: str, tokenizer) -> list[int]:
 
 def _need_template(tokenizer, loc: str, fld: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError("conversational data needs a tokenizer with a chat_template, and this one has none",
-                        loc, fld)
+        raise TokenizerError("conversational data needs a tokenizer with a chat_template, and this one has none",
+                             loc, fld)
 
 
 def render_prompt(prompt: list[dict] | str, tokenizer, conversational: bool, where: str = "",
@@ -55,34 +71,39 @@ def _response_ids(prompt, rendered_prompt: str, response: str, tokenizer, conver
     """Ids of the response including its end-of-turn (conversational) or eos (plain)."""
     if not conversational:
         if tokenizer.eos_token_id is None:
-            raise DataError("plain-text data needs a tokenizer with an eos token", loc, fld)
+            raise TokenizerError("plain-text data needs a tokenizer with an eos token", loc, fld)
         return _encode(response, tokenizer) + [tokenizer.eos_token_id]
     full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}],
                                          add_generation_prompt=False, tokenize=False)
     if not full.startswith(rendered_prompt):
-        raise DataError("the chat template is not prefix-stable: rendering prompt + assistant message does not "
-                        "start with the rendered prompt (with generation prompt), so the completion cannot be "
-                        "separated from the prompt", loc, fld)
+        raise TokenizerError("the chat template is not prefix-stable: rendering prompt + assistant message does "
+                             "not start with the rendered prompt (with generation prompt), so the completion cannot "
+                             "be separated from the prompt", loc, fld)
     return _encode(full[len(rendered_prompt):], tokenizer)
 
 
-def _fit(prompt_len: int, response: list[int], max_length: int, truncation: str, loc: str,
-         prompt_field: str, response_field: str) -> list[int] | None:
-    """Apply the truncation policy to one response; None means "drop the example"."""
+def _fit(prompt: list[int], responses: list[list[int]], max_length: int, truncation: str, loc: str,
+         prompt_field: str, response_fields: list[str]) -> tuple[list[int], list[list[int]]] | None:
+    """Apply the truncation policy to a prompt and its responses; None means "drop the example"."""
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
-    if prompt_len >= max_length:
+    n = len(prompt)
+    if truncation == "keep_end":
+        keep = min(n, max(max_length - max(map(len, responses)), max_length // 2))
+        return prompt[n - keep:], [r[: max_length - keep] for r in responses]
+    if n >= max_length:
         if truncation == "drop":
             return None
-        raise DataError(f"prompt has {prompt_len} tokens, max_length is {max_length}", loc, prompt_field)
-    if prompt_len + len(response) <= max_length:
-        return response
-    if truncation == "drop":
-        return None
-    if truncation == "error":
-        raise DataError(f"prompt + response has {prompt_len + len(response)} tokens, max_length is {max_length}"
-                        " (use truncation 'completion' or 'drop')", loc, response_field)
-    return response[: max_length - prompt_len]
+        raise DataError(f"prompt has {n} tokens, max_length is {max_length} (truncation 'keep_end' keeps its end)",
+                        loc, prompt_field)
+    for fld, r in zip(response_fields, responses):
+        if n + len(r) > max_length:
+            if truncation == "drop":
+                return None
+            if truncation == "error":
+                raise DataError(f"prompt + response has {n + len(r)} tokens, max_length is {max_length} (use "
+                                "truncation 'completion', 'keep_end' or 'drop')", loc, fld)
+    return prompt, [r[: max_length - n] for r in responses]
 
 
 def tokenize_sft(ex: SFTExample, tokenizer, max_length: int, truncation: str = "completion",
@@ -93,12 +114,12 @@ def tokenize_sft(ex: SFTExample, tokenizer, max_length: int, truncation: str = "
     """
     pf = ex.prompt_field
     rendered = render_prompt(ex.prompt, tokenizer, ex.conversational, where, pf)
-    prompt_ids = _encode(rendered, tokenizer)
     fld = "messages" if pf == "messages" else "completion"
     completion = _response_ids(ex.prompt, rendered, ex.completion, tokenizer, ex.conversational, where, fld)
-    completion = _fit(len(prompt_ids), completion, max_length, truncation, where, pf, fld)
-    if completion is None:
+    fit = _fit(_encode(rendered, tokenizer), [completion], max_length, truncation, where, pf, [fld])
+    if fit is None:
         return None
+    prompt_ids, (completion,) = fit
     return {"input_ids": prompt_ids + completion, "labels": [-100] * len(prompt_ids) + completion}
 
 
@@ -109,29 +130,42 @@ def tokenize_pair(ex: PrefExample, tokenizer, max_length: int, truncation: str =
     The prompt is rendered once; ``max_length`` bounds prompt + each response. ``None`` if dropped.
     """
     rendered = render_prompt(ex.prompt, tokenizer, ex.conversational, where, "prompt")
-    prompt_ids = _encode(rendered, tokenizer)
-    out = {"prompt_ids": prompt_ids}
-    for fld, text in (("chosen", ex.chosen), ("rejected", ex.rejected)):
-        ids = _response_ids(ex.prompt, rendered, text, tokenizer, ex.conversational, where, fld)
-        ids = _fit(len(prompt_ids), ids, max_length, truncation, where, "prompt", fld)
-        if ids is None:
-            return None
-        out[f"{fld}_ids"] = ids
-    out["margin"] = ex.margin
-    return out
+    fields = ["chosen", "rejected"]
+    responses = [_response_ids(ex.prompt, rendered, text, tokenizer, ex.conversational, where, fld)
+                 for fld, text in zip(fields, (ex.chosen, ex.rejected))]
+    fit = _fit(_encode(rendered, tokenizer), responses, max_length, truncation, where, "prompt", fields)
+    if fit is None:
+        return None
+    prompt_ids, (chosen, rejected) = fit
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "margin": ex.margin}
 
 
 def tokenize_all(examples: list, fn: Callable, tokenizer, max_length: int, source: str,
-                 truncation: str = "completion") -> tuple[list[dict], int]:
+                 truncation: str = "completion", bad_rows: str = "error",
+                 log: Log | None = None) -> tuple[list[dict], int]:
     """Run ``fn`` (:func:`tokenize_sft` or :func:`tokenize_pair`) on every example; returns ``(items, n_dropped)``.
 
-    Example ``i`` is row ``i`` of ``source``, so errors name the file and row.
+    Errors name the example's source row (``ex.row``; its index when unset). ``n_dropped`` counts truncation
+    ``"drop"``; bad rows follow ``bad_rows`` (skipped ones are logged, not counted), so after the builders every
+    source row is an item, dropped, or skipped: ``n_skipped = len(rows) - len(items) - n_dropped``.
+    Raises :class:`DataError` if rows were skipped and none is left.
     """
-    items, dropped = [], 0
+    check_bad_rows(bad_rows)
+    items, dropped, skipped = [], 0, 0
     for i, ex in enumerate(examples):
-        item = fn(ex, tokenizer, max_length, truncation, _where(source, i))
+        loc = _where(source, i if ex.row is None else ex.row)
+        try:
+            item = fn(ex, tokenizer, max_length, truncation, loc)
+        except TokenizerError:
+            raise
+        except DataError as e:
+            skip_or_raise(e, bad_rows, log)
+            skipped += 1
+            continue
         if item is None:
             dropped += 1
         else:
             items.append(item)
+    if skipped and not items:
+        raise DataError(f"no usable rows: {skipped} bad, {dropped} dropped by truncation {truncation!r}", source)
     return items, dropped

@@ -6,7 +6,8 @@ for references, user reward functions, and every data source a planned stage rea
 parse into the shape the stage needs). A problem raises a one-line :class:`ConfigError`, :class:`DataError` or
 :class:`FileNotFoundError` naming the setting, or the file, row and field; nothing in the run directory is
 touched. Each stage declares what it reads in its module: ``READS = {"data": "sft", "eval_data": "sft"}`` (the
-setting, then the shape: ``sft``, ``pref`` or ``prompt``).
+setting, then the shape: ``sft``, ``pref`` or ``prompt``). Every row is validated (not tokenised), under the
+stage's ``bad_rows`` rule, so a bad row in DPO's data stops the run before SFT trains, not after.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from deltalign.data.formats import DataError, load_rows, preference_examples, pr
 from deltalign.pipeline.config import ConfigError
 
 SHAPES = {"sft": sft_examples, "pref": preference_examples, "prompt": prompt_examples}
-FIRST_ROWS = 32  # rows parsed per source before the run (the stage itself validates every row)
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
@@ -63,15 +63,16 @@ def check_rules(cfgs: dict, plan: list[str]) -> None:
                 raise ConfigError(f"{name}.rules: {e}") from None
 
 
-def check_source(source: str, shape: str, key: str, split: str = "train") -> None:
-    """``source`` exists and its first rows parse as ``shape`` (errors name ``key``, or the file/row/field)."""
+def check_source(source: str, shape: str, key: str, split: str = "train", bad_rows: str = "error") -> None:
+    """``source`` exists and its rows parse as ``shape`` (errors name ``key``, or the file/row/field); under
+    ``bad_rows: skip`` only a source with no usable row fails (the stage logs each skipped row itself)."""
     p = Path(source)
     if p.suffix in LOCAL_SUFFIXES and not p.exists():
         raise FileNotFoundError(f"{key}: data file {source!r} does not exist")
     rows = load_rows(source, split)
     if not rows:
         raise DataError("no rows", source)
-    SHAPES[shape](rows[:FIRST_ROWS], source)
+    SHAPES[shape](rows, source, bad_rows, lambda line: None)
 
 
 def check_data(cfgs: dict, plan: list[str]) -> None:
@@ -83,7 +84,8 @@ def check_data(cfgs: dict, plan: list[str]) -> None:
         for field, shape in getattr(stage_module(name), "READS", {}).items():
             source = getattr(cfg, field)
             if source:
-                check_source(source, shape, f"{name}.{field}", cfg.split if field == "data" else "test")
+                split = cfg.split if field == "data" else "test"
+                check_source(source, shape, f"{name}.{field}", split, getattr(cfg, "bad_rows", "error"))
 
 
 def preflight(cfgs: dict, plan: list[str], run_dir: Path) -> None:

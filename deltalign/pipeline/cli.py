@@ -227,10 +227,11 @@ def eval_command(args, cfgs) -> int:
     ev = cfgs["eval"]
     run_dir = Pipeline(cfgs, args.run_dir).run_dir
     check_model(cfgs["model"])
-    check_source(ev.data, "prompt", "eval.data", "test")
+    check_source(ev.data, "prompt", "eval.data", "test", ev.bad_rows)
     for png in plot_run(run_dir):  # cheap, and useful even if the comparison below fails
         print(f"wrote {png}")
-    print(markdown_table(compare_run(run_dir, cfgs["model"], ev.data, ev.generation, args.limit or ev.limit)))
+    print(markdown_table(compare_run(run_dir, cfgs["model"], ev.data, ev.generation, args.limit or ev.limit,
+                                     ev.bad_rows)))
     print(f"written to {run_dir / 'eval_table.json'}")
     if (run_dir / "export" / "model" / "config.json").exists():
         print(f"exported model (plain transformers loads it): {run_dir / 'export' / 'model'}")

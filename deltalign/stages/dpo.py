@@ -23,8 +23,7 @@ import torch
 from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, response_logprobs, train_mode
 from deltalign.data.batching import length_grouped_batches, pair_batch, to_device
-from deltalign.data.formats import load_rows, preference_examples
-from deltalign.data.tokenize import tokenize_all, tokenize_pair
+from deltalign.data.splits import load_split
 from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig
 from deltalign.losses import dpo_sigmoid_loss, ipo_loss, simpo_loss
@@ -46,8 +45,14 @@ class Config(TrainConfig):
     """Split to read when ``data`` is a `datasets` id."""
     max_length: int = setting(256, ge=2)
     """Maximum tokens of prompt + response."""
-    truncation: Literal["completion", "drop", "error"] = "completion"
-    """Too-long pairs: ``completion`` (cut the responses), ``drop`` or ``error``."""
+    truncation: Literal["completion", "keep_end", "drop", "error"] = "completion"
+    """Too-long rows (training and held-out alike): ``completion`` (cut the response; a prompt that alone fills
+    max_length is a bad row), ``keep_end`` (keep the end of a long prompt, then cut the response: never fails),
+    ``drop`` (leave the row out, counted) or ``error`` (a bad row)."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
+    assistant turn, a prompt that cannot fit): ``error`` stops the stage naming file/row/field; ``skip`` leaves it
+    out with one log line naming it, and counts it in the metrics (``data.*.skipped``)."""
     loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
     """``sigmoid`` (DPO, Rafailov et al. 2023), ``ipo`` (Azar et al. 2023) or ``simpo`` (Meng et al. 2024,
     reference-free)."""
@@ -156,9 +161,8 @@ class ReferenceCache:
             self.dirty = False
 
 
-def heldout_pairs(backbone, model, examples: list, cfg: Config, device) -> dict:
-    """Implicit-reward accuracy and margin of the trained policy on held-out preference pairs."""
-    pairs, _ = tokenize_all(examples, tokenize_pair, backbone.tokenizer, cfg.max_length, cfg.eval_data, "completion")
+def heldout_pairs(backbone, model, pairs: list[dict], cfg: Config, device) -> dict:
+    """Implicit-reward accuracy and margin of the trained policy on held-out (tokenised) preference pairs."""
     pol = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, NAME)
     ref = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, reference_of(backbone))
     margin = cfg.beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
@@ -181,17 +185,18 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     backbone.activate(NAME)
     tok = backbone.tokenizer
 
-    # 2. data
-    train_ex = preference_examples(load_rows(cfg.data, cfg.split), cfg.data)
-    train, dropped = tokenize_all(train_ex, tokenize_pair, tok, cfg.max_length, cfg.data, cfg.truncation)
-    eval_ex = preference_examples(load_rows(cfg.eval_data, "test"), cfg.eval_data) if cfg.eval_data else []
+    # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
+    data = load_split(cfg.data, cfg.split, "pref", tok, cfg.max_length, cfg.truncation, cfg.bad_rows)
+    held = load_split(cfg.eval_data, "test", "pref", tok, cfg.max_length, cfg.truncation, cfg.bad_rows)
+    train, eval_ex = data.items, held.examples
     lengths = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in train]
 
     def batches(epoch: int) -> list[list[int]]:
         return length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
 
     model = engine.prepare(backbone, engine.total_steps(len(batches(0))))
-    engine.log({"train_pairs": len(train), "dropped": dropped, "steps": engine.n_steps,
+    engine.log({"train_pairs": len(train), "skipped": data.counts["skipped"], "dropped": data.counts["dropped"],
+                "heldout_skipped": held.counts["skipped"], "steps": engine.n_steps,
                 "reference": cfg.reference, "init": cfg.init}, kind="setup")
 
     # 3. reference log-probs: computed once per example on first use, kept in the run dir by content key
@@ -239,10 +244,11 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             metrics = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
                                     {"reference": reference, NAME: NAME}, reference=reference,
                                     rm_dir=upstream.get("rm"), checker=cfg.eval_checker)
-            if eval_ex:
-                metrics["heldout_pairs"] = heldout_pairs(backbone, model, eval_ex, cfg, engine.device)
+            if held.items:
+                metrics["heldout_pairs"] = heldout_pairs(backbone, model, held.items, cfg, engine.device)
             engine.log({f"{label}/{k}": v for label, row in metrics.items() for k, v in row.items()
                         if isinstance(v, (int, float))}, kind="eval")
+            metrics["data"] = {"train": data.counts, "eval": held.counts}
             backbone.save_adapter(NAME, out_dir)
             atomic.write_json(out_dir / "eval.json", metrics)
     engine.finish()

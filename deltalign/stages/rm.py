@@ -20,8 +20,7 @@ import torch
 from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pair_batch, to_device
-from deltalign.data.formats import load_rows, preference_examples
-from deltalign.data.tokenize import tokenize_all, tokenize_pair
+from deltalign.data.splits import load_split
 from deltalign.engine import Engine, TrainConfig
 from deltalign.losses import bradley_terry_loss
 from deltalign.pipeline.config import setting
@@ -43,8 +42,14 @@ class Config(TrainConfig):
     """Split to read when ``data`` is a `datasets` id."""
     max_length: int = setting(256, ge=2)
     """Maximum tokens of prompt + each response."""
-    truncation: Literal["completion", "drop", "error"] = "completion"
-    """Too-long pairs: ``completion`` (cut the responses), ``drop`` or ``error``."""
+    truncation: Literal["completion", "keep_end", "drop", "error"] = "completion"
+    """Too-long rows (training and held-out alike): ``completion`` (cut the response; a prompt that alone fills
+    max_length is a bad row), ``keep_end`` (keep the end of a long prompt, then cut the response: never fails),
+    ``drop`` (leave the row out, counted) or ``error`` (a bad row)."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
+    assistant turn, a prompt that cannot fit): ``error`` stops the stage naming file/row/field; ``skip`` leaves it
+    out with one log line naming it, and counts it in the metrics (``data.*.skipped``)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The delta this stage trains (``rm``), when ``init: fresh``; with ``init: sft`` it is a copy of the SFT
     adapter and keeps the SFT adapter's own settings (these are then unused)."""
@@ -118,12 +123,11 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     backbone.add_head(NAME, trainable=True)
     pad = backbone.tokenizer.pad_token_id
 
-    # 2. data
-    train_ex = preference_examples(load_rows(cfg.data, cfg.split), cfg.data)
-    train, dropped = tokenize_all(train_ex, tokenize_pair, backbone.tokenizer, cfg.max_length, cfg.data,
-                                  cfg.truncation)
-    eval_ex = preference_examples(load_rows(cfg.eval_data, "test"), cfg.eval_data) if cfg.eval_data else []
-    held, _ = tokenize_all(eval_ex, tokenize_pair, backbone.tokenizer, cfg.max_length, cfg.eval_data, "completion")
+    # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
+    rules = (backbone.tokenizer, cfg.max_length, cfg.truncation, cfg.bad_rows)
+    data = load_split(cfg.data, cfg.split, "pref", *rules)
+    held_split = load_split(cfg.eval_data, "test", "pref", *rules)
+    train, held = data.items, held_split.items
     if not cfg.margin:
         for x in train:
             x["margin"] = None
@@ -134,12 +138,13 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     n_steps = engine.total_steps(len(batches(0)))
     model = engine.prepare(backbone, n_steps)
-    engine.log({"train_pairs": len(train), "dropped": dropped, "heldout_pairs": len(held), "init": cfg.init,
+    engine.log({"train_pairs": len(train), "skipped": data.counts["skipped"], "dropped": data.counts["dropped"],
+                "heldout_pairs": len(held), "heldout_skipped": held_split.counts["skipped"], "init": cfg.init,
                 "trainable_params": backbone.trainable_numel(), "steps": n_steps},
                kind="setup")
 
     # 3. before training: the initial adapter (SFT copy or base) with the fresh head; kept across a resume
-    evals: dict = {"init": cfg.init}
+    evals: dict = {"init": cfg.init, "data": {"train": data.counts, "eval": held_split.counts}}
     before_file = out_dir / "eval_before.json"
     with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
         if before_file.exists():

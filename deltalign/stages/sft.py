@@ -16,8 +16,7 @@ import torch
 from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, labelled_logits, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batch, to_device
-from deltalign.data.formats import load_rows, sft_examples
-from deltalign.data.tokenize import tokenize_all, tokenize_sft
+from deltalign.data.splits import load_split
 from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig, checker_eval
 from deltalign.losses import sft_loss_sum
@@ -37,8 +36,14 @@ class Config(TrainConfig):
     """Split to read when ``data`` is a `datasets` id."""
     max_length: int = setting(256, ge=2)
     """Maximum tokens per example (prompt + completion)."""
-    truncation: Literal["completion", "drop", "error"] = "completion"
-    """Too-long examples: ``completion`` (cut the completion), ``drop`` or ``error``."""
+    truncation: Literal["completion", "keep_end", "drop", "error"] = "completion"
+    """Too-long rows (training and held-out alike): ``completion`` (cut the response; a prompt that alone fills
+    max_length is a bad row), ``keep_end`` (keep the end of a long prompt, then cut the response: never fails),
+    ``drop`` (leave the row out, counted) or ``error`` (a bad row)."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
+    assistant turn, a prompt that cannot fit): ``error`` stops the stage naming file/row/field; ``skip`` leaves it
+    out with one log line naming it, and counts it in the metrics (``data.*.skipped``)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The delta this stage trains (a fresh ``sft`` adapter)."""
     disable_dropout: bool = False
@@ -82,11 +87,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     backbone.add_adapter(NAME, cfg.adapter, trainable=True)
     tok = backbone.tokenizer
 
-    # 2. data
-    train_ex = sft_examples(load_rows(cfg.data, cfg.split), cfg.data)
-    train, dropped = tokenize_all(train_ex, tokenize_sft, tok, cfg.max_length, cfg.data, cfg.truncation)
-    eval_ex = sft_examples(load_rows(cfg.eval_data, "test"), cfg.eval_data) if cfg.eval_data else []
-    heldout, _ = tokenize_all(eval_ex, tokenize_sft, tok, cfg.max_length, cfg.eval_data, "completion")
+    # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
+    data = load_split(cfg.data, cfg.split, "sft", tok, cfg.max_length, cfg.truncation, cfg.bad_rows)
+    held = load_split(cfg.eval_data, "test", "sft", tok, cfg.max_length, cfg.truncation, cfg.bad_rows)
+    train, heldout, eval_ex = data.items, held.items, held.examples
     lengths = [len(x["input_ids"]) for x in train]
 
     def batches(epoch: int) -> list[list[int]]:
@@ -94,12 +98,13 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     n_steps = engine.total_steps(len(batches(0)))
     model = engine.prepare(backbone, n_steps)
-    engine.log({"train_examples": len(train), "dropped": dropped, "heldout_examples": len(heldout),
+    engine.log({"train_examples": len(train), "skipped": data.counts["skipped"], "dropped": data.counts["dropped"],
+                "heldout_examples": len(heldout), "heldout_skipped": held.counts["skipped"],
                 "trainable_params": backbone.trainable_numel(), "steps": n_steps},
                kind="setup")
 
     # 3. baseline: the base model (adapters off) on held-out data, measured once (kept across a resume)
-    evals: dict = {}
+    evals: dict = {"data": {"train": data.counts, "eval": held.counts}}
     gen_examples = eval_ex[: cfg.eval_limit or None]
     base_file = out_dir / "eval_base.json"
     with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
