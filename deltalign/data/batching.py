@@ -128,15 +128,3 @@ class PadCounter:
     def share(self) -> float:
         total = self.n_tokens + self.n_pad
         return self.n_pad / total if total else 0.0
-
-
-def pad_share(batches) -> float:
-    """Pad share over batches given as :func:`pad_batch` dicts or as lists of sequence lengths."""
-    counter = PadCounter()
-    for b in batches:
-        if isinstance(b, dict):
-            counter.add(b["n_tokens"], b["n_pad"])
-        else:
-            lens = list(b)
-            counter.add(sum(lens), len(lens) * max(lens, default=0) - sum(lens))
-    return counter.share
