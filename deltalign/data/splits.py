@@ -35,8 +35,13 @@ def load_split(source: str, split: str, kind: str, tokenizer=None, max_length: i
     """Read, validate and (for ``sft``/``pref``) tokenise one source; see the module docstring."""
     if not source:
         return Split()
+    return from_rows(load_rows(source, split), source, kind, tokenizer, max_length, truncation, bad_rows, log)
+
+
+def from_rows(rows: list[dict], source: str, kind: str, tokenizer=None, max_length: int = 0,
+              truncation: str = "completion", bad_rows: str = "error", log: Log | None = None) -> Split:
+    """:func:`load_split` of rows already read (``source`` names them in messages)."""
     build, tokenize = BUILDERS[kind]
-    rows = load_rows(source, split)
     examples = build(rows, source, bad_rows, log)
     items, dropped = [], 0
     if tokenize is not None:

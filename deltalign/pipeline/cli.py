@@ -53,7 +53,10 @@ def parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="merge the policy (and reward model) into standalone HF model directories")
     g = sub.add_parser("generate", help="responses of base, a stage or an exported model to your prompts")
     pl = sub.add_parser("plots", help="write <run dir>/plots/<stage>.png training curves of every finished stage")
-    for q in (x, g, pl):
+    d = sub.add_parser("doctor", help="check the environment, the model directory and the data of a config "
+                                      "before a long run (loads no weights); exit 2 on a problem")
+    d.add_argument("stages", nargs="*", help="stages to check (default: sft rm dpo ppo)")
+    for q in (x, g, pl, d):
         q.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
         q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         q.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
@@ -246,7 +249,17 @@ def plots_command(args, cfgs) -> int:
     return 0
 
 
-COMMANDS = {"run": run_command, "eval": eval_command, "export": export_command, "generate": generate_command,
+def doctor_command(args, cfgs) -> int:
+    from deltalign.pipeline.doctor import doctor
+
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        raise configs.ConfigError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    pipe = Pipeline(cfgs, args.run_dir)
+    return doctor(cfgs, pipe.plan(args.stages or ["sft", "rm", "dpo", "ppo"]), pipe.run_dir)
+
+
+COMMANDS = {"doctor": doctor_command, "run": run_command, "eval": eval_command, "export": export_command, "generate": generate_command,
             "plots": plots_command}
 
 

@@ -1,0 +1,185 @@
+"""``python -m deltalign doctor [STAGE ...]``: check the environment and a config before a long run.
+
+It loads no weights. It reads the model directory's config and tokenizer, checks that the chat template is
+prefix-stable (the completion can be cut from the prompt) and that padding differs from EOS, parses every data
+source the planned stages read (under their ``bad_rows`` rule), tokenises up to ``SAMPLE`` rows per source to
+report token-length percentiles against ``max_length``, and estimates each stage's steps, memory and time per
+step on this machine. It prints a short report, one finding per line (``ok``, ``note``, ``FAIL``); any ``FAIL``
+exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from deltalign.pipeline import checks
+
+SAMPLE = 2000  # rows tokenised per source for the length percentiles
+FLOP_SHARE = 0.35  # share of the measured matmul peak a training step reaches here (bench/results: 17-53%)
+
+
+class Report:
+    def __init__(self, out=print):
+        self.out, self.failed = out, False
+
+    def __call__(self, status: str, text: str) -> None:
+        self.failed |= status == "FAIL"
+        self.out(f"{status:<4}  {text}")
+
+
+def _matmul_gflops(seconds: float = 0.5) -> float:
+    """fp32 matmul throughput of this process (n=1024), a quick probe."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def model_facts(path: Path) -> dict:
+    """Parameter count (from the safetensors headers), hidden size, layers, vocab: no weights loaded."""
+    from safetensors import safe_open
+
+    cfg = json.loads((path / "config.json").read_text())
+    numel = 0
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                numel += math.prod(st.get_slice(k).get_shape())
+    return {"params": numel, "hidden": cfg.get("hidden_size", 0), "layers": cfg.get("num_hidden_layers", 0),
+            "vocab": cfg.get("vocab_size", 0)}
+
+
+def check_tokenizer(tok, report: Report) -> None:
+    """Chat template prefix-stable, pad distinct from EOS (``load_tokenizer`` already picked a spare pad)."""
+    if not getattr(tok, "chat_template", None):
+        report("note", "tokenizer has no chat template: only plain-text (prompt/completion string) data works")
+    else:
+        msgs = [{"role": "user", "content": "Hi?"}]
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": "Hello."}], tokenize=False)
+        if full.startswith(prompt):
+            report("ok", "chat template is prefix-stable (the completion is what follows the rendered prompt)")
+        else:
+            report("FAIL", "chat template is not prefix-stable: prompt + answer does not start with the prompt")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        report("FAIL", "pad token equals EOS: the model would never learn to stop")
+    else:
+        report("ok", f"pad token {tok.pad_token!r} differs from EOS {tok.eos_token!r}")
+
+
+def _lengths(split, kind: str, tok) -> list[int]:
+    from deltalign.data.tokenize import tokenize_prompt
+
+    if kind == "prompt":
+        return [len(tokenize_prompt(ex.prompt, tok, ex.conversational)) for ex in split.examples]
+    if kind == "sft":
+        return [len(x["input_ids"]) for x in split.items]
+    return [len(x["prompt_ids"]) + max(len(x["chosen_ids"]), len(x["rejected_ids"])) for x in split.items]
+
+
+def _pct(values: list[int], q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, float]:
+    """Rows, skipped rows and token lengths of every source the stage reads; returns the training rows and their
+    mean length in tokens (within max_length)."""
+    from deltalign.data.formats import load_rows
+    from deltalign.data.splits import from_rows
+
+    n_train, mean_len = 0, float(getattr(cfg, "max_length", 256))
+    for field, kind in getattr(module, "READS", {}).items():
+        source = getattr(cfg, field)
+        if not source:
+            continue
+        split = cfg.split if field == "data" else "test"
+        checks.check_source(source, kind, f"{name}.{field}", split, getattr(cfg, "bad_rows", "error"))
+        rows = load_rows(source, split)
+        # the first SAMPLE rows tokenised in full (no max_length), bad ones left out silently
+        full = from_rows(rows[:SAMPLE], source, kind, tok, 1 << 30, "completion", "skip", lambda line: None)
+        lengths = _lengths(full, kind, tok)
+        limit_key = "max_prompt_length" if kind == "prompt" else "max_length"
+        limit, rule = getattr(cfg, limit_key), getattr(cfg, "truncation", "drop")
+        over = sum(n > limit for n in lengths)
+        if field == "data":
+            n_train, mean_len = len(rows), sum(min(n, limit) for n in lengths) / max(len(lengths), 1)
+        what = "prompt tokens" if kind == "prompt" else "tokens"
+        line = (f"{name}.{field}: {source} ({len(rows)} rows, {full.counts['skipped']} bad in the first "
+                f"{len(full.examples) + full.counts['skipped']}); {what} p50 {_pct(lengths, .5)}, p90 "
+                f"{_pct(lengths, .9)}, p99 {_pct(lengths, .99)}, max {max(lengths)} vs {limit_key} {limit}")
+        if over:
+            line += f"; {over} of {len(lengths)} longer ({rule!r} applies)"
+        report("FAIL" if over and rule == "error" else ("note" if over else "ok"), line)
+    return n_train, mean_len
+
+
+def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: float, model_cfg, world: int) -> str:
+    """Steps, memory and time per step, to a factor of ~2: memory at ``max_length`` (activations without
+    checkpointing, logits in float32), time at the data's mean length (``length``); PPO's generation not
+    counted."""
+    batch = getattr(cfg, "batch_size", 1) * getattr(cfg, "grad_accum", 1) * world
+    per_epoch = math.ceil(rows / batch) if rows else 0
+    steps = cfg.max_steps if getattr(cfg, "max_steps", 0) else math.ceil(per_epoch * getattr(cfg, "epochs", 1.0))
+    bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[model_cfg.dtype]
+    weights = facts["params"] * (0.56 if model_cfg.quantization == "nf4" else bytes_per)
+    rows_per_forward = cfg.batch_size * (2 if name in ("rm", "dpo") else 1)
+    tokens = rows_per_forward * getattr(cfg, "max_length", 256)
+    act = tokens * facts["hidden"] * facts["layers"] * 34 * bytes_per / 4
+    memory = (weights + act + 2 * tokens * facts["vocab"] * 4) / 2**30
+    flops = 6 * facts["params"] * rows_per_forward * length * getattr(cfg, "grad_accum", 1)
+    seconds = flops / (gflops * 1e9 * FLOP_SHARE)
+    return (f"{name}: ~{steps} steps of {batch} rows; peak memory ~{memory:.1f} GiB (weights "
+            f"{weights / 2**30:.2f}); ~{seconds:.1f} s/step at the data's mean length {length:.0f} on this machine")
+
+
+def doctor(cfgs: dict, plan: list[str], run_dir: Path, out=print) -> int:
+    from transformers import __version__ as hf_version
+
+    from deltalign.backbone import load_tokenizer, resolve_path
+    from deltalign.pipeline.graph import stage_module
+
+    report = Report(out)
+    gflops = _matmul_gflops()
+    report("ok", f"python {platform.python_version()}, torch {torch.__version__}, transformers {hf_version}; "
+                 f"{torch.get_num_threads()} threads, fp32 matmul {gflops:.0f} GFLOP/s"
+                 + (", CUDA" if torch.cuda.is_available() else ", CPU only"))
+    model_cfg = cfgs["model"]
+    try:
+        checks.check_model(model_cfg)
+        path = resolve_path(model_cfg.path)
+        tok = load_tokenizer(path, model_cfg.trust_remote_code)
+        facts = model_facts(path)
+    except (FileNotFoundError, ValueError) as e:
+        report("FAIL", str(e))
+        return 2
+    report("ok", f"model {model_cfg.path}: {facts['params'] / 1e6:.1f}M parameters, {facts['layers']} layers, "
+                 f"hidden {facts['hidden']}, vocab {facts['vocab']} ({model_cfg.dtype}, {model_cfg.quantization})")
+    if model_cfg.dtype != "float32" and not torch.cuda.is_available():
+        report("note", f"model.dtype={model_cfg.dtype} on a CPU: no fast low-precision matmul here, float32 is faster")
+    check_tokenizer(tok, report)
+    for check in (lambda: checks.check_reference(cfgs, plan, run_dir), lambda: checks.check_rules(cfgs, plan)):
+        try:
+            check()
+        except ValueError as e:
+            report("FAIL", str(e))
+    for name in plan:
+        if not hasattr(stage_module(name), "READS"):
+            continue
+        try:
+            rows, length = check_stage_data(name, cfgs[name], stage_module(name), tok, report)
+        except (FileNotFoundError, ValueError) as e:
+            report("FAIL", " ".join(str(e).split()))
+            continue
+        report("note", estimate(name, cfgs[name], facts, rows, length, gflops, model_cfg, 1))
+    out("doctor: " + ("problems found (FAIL lines above)" if report.failed else "ready to run"))
+    return 2 if report.failed else 0
