@@ -269,3 +269,103 @@ def test_fixed_kl_controller():
     c2 = L.FixedKLController(1.0)
     c2.load_state_dict(c.state_dict())
     assert c2.value == 0.05
+
+
+# ------------------------------------------------------- critic-free group RL (GRPO family)
+
+GROUPS = [[1.0, 0.0, 0.0, 1.0], [3.0, 3.0, 3.0, 3.0]]
+
+
+def test_zero_variance_groups_counts_groups_whose_rewards_are_all_equal():
+    flags = L.zero_variance_groups(t([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [2.0, 2.0, 2.0], [0.5, 0.5, 0.50001]]))
+    assert flags.tolist() == [True, False, True, False]
+
+
+def test_grpo_advantages_group_mean_and_unbiased_std():
+    std = math.sqrt((4 * 0.25) / 3)  # Bessel: sum of squares / (G - 1)
+    close(L.grpo_advantages(t(GROUPS)), [[0.5 / (std + 1e-4), -0.5 / (std + 1e-4), -0.5 / (std + 1e-4),
+                                          0.5 / (std + 1e-4)], [0.0] * 4])
+    close(L.grpo_advantages(t([[0.0, 1.0, 2.0]])), [[-1 / (1 + 1e-4), 0.0, 1 / (1 + 1e-4)]])  # std 1
+
+
+def test_dr_grpo_advantages_subtract_the_group_mean_only():
+    close(L.dr_grpo_advantages(t(GROUPS)), [[0.5, -0.5, -0.5, 0.5], [0.0] * 4])
+    close(L.dr_grpo_advantages(t([[0.0, 10.0, 20.0]])), [[-10.0, 0.0, 10.0]])  # no std scaling
+
+
+def test_rloo_advantages_leave_one_out_baseline():
+    close(L.rloo_advantages(t(GROUPS)), [[2 / 3, -2 / 3, -2 / 3, 2 / 3], [0.0] * 4])
+    # 0 - (1 + 5)/2, 1 - (0 + 5)/2, 5 - (0 + 1)/2
+    close(L.rloo_advantages(t([[0.0, 1.0, 5.0]])), [[-3.0, -1.5, 4.5]])
+    with pytest.raises(ValueError, match="at least 2"):
+        L.rloo_advantages(t([[1.0]]))
+
+
+def test_k3_kl_hand_value_and_zero_when_equal():
+    close(L.k3_kl(t([math.log(0.5)]), t([math.log(0.25)])), [0.5 - math.log(0.5) - 1])  # e^d - d - 1, d = ref - lp
+    close(L.k3_kl(t([-1.3]), t([-1.3])), [0.0])
+    assert bool((L.k3_kl(t([-3.0, -0.1, -2.0]), t([-0.2, -2.5, -2.0])) >= 0).all())
+
+
+# rows are single tokens: ratio, advantage, mask (the last row is masked out)
+RATIOS, ADV, MASK1 = [1.5, 1.5, 0.5, 0.5, 1.25, 9.0], [1.0, -1.0, -1.0, 1.0, 2.0, 5.0], [1, 1, 1, 1, 1, 0]
+
+
+def _clip_inputs():
+    old = t([[-1.0]] * 6)
+    lp = (old + t([[math.log(r)] for r in RATIOS])).requires_grad_()
+    return lp, old, t(ADV), t([[m] for m in MASK1])
+
+
+def test_clipped_policy_loss_asymmetric_clipping_by_hand():
+    lp, old, adv, mask = _clip_inputs()
+    per_token, m = L.clipped_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    # 1.5 with A>0 clips at 1 + 0.28; 1.5 with A<0 is pessimistic (unclipped); 0.5 with A<0 clips at 1 - 0.2;
+    # 0.5 with A>0 unclipped; 1.25 with A=2 is inside the high clip (a symmetric 0.2 would clip it)
+    close(per_token.detach(), [[-1.28], [1.5], [0.8], [-0.5], [-2.5], [0.0]])
+    close(m["clip_high"], 1 / 5)
+    close(m["clip_low"], 1 / 5)
+    close(m["approx_kl"], sum((r - 1) - math.log(r) for r in RATIOS[:5]) / 5)
+    assert "kl" not in m
+    per_token.sum().backward()  # d(-A r)/d logp = -A r where unclipped, 0 where the clip is active
+    close(lp.grad, [[0.0], [1.5], [0.0], [-0.5], [-2.5], [0.0]])
+    _, sym = L.clipped_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    close(sym["clip_high"], 2 / 5)
+
+
+def test_clipped_policy_loss_k3_kl_term_to_the_reference():
+    lp = t([[math.log(0.5), -1.0]])
+    ref = t([[math.log(0.25), -1.0]])
+    kl = 0.5 - math.log(0.5) - 1
+    per_token, m = L.clipped_policy_loss(lp, lp.clone(), t([0.0]), t([[1, 1]]), 0.2, 0.28, ref_logprobs=ref, beta=0.1)
+    close(per_token, [[0.1 * kl, 0.0]])  # ratio 1, advantage 0: only beta * k3
+    close(m["kl"], kl / 2)
+    close(m["approx_kl"], 0.0)
+    close(m["clip_low"], 0.0)
+    close(m["clip_high"], 0.0)
+
+
+PER_TOKEN = [[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]]  # the 9s sit on masked positions
+MASK2 = [[1, 1, 1], [1, 0, 0]]
+
+
+def test_loss_aggregations_by_hand():
+    s, n = L.token_loss_sum(t(PER_TOKEN), t(MASK2))  # DAPO: every token of the batch weighs the same
+    close(s, 10.0), close(n, 4.0)
+    s, n = L.sequence_loss_sum(t(PER_TOKEN), t(MASK2))  # GRPO: mean per sequence, then over sequences
+    close(s, 2.0 + 4.0), close(n, 2.0)
+    s, n = L.constant_loss_sum(t(PER_TOKEN), t(MASK2), max_tokens=5)  # Dr. GRPO: sum / (sequences x 5)
+    close(s, 10.0), close(n, 10.0)
+
+
+@pytest.mark.parametrize("agg", ["token", "sequence", "constant"])
+def test_loss_aggregations_split_over_processes_sum_to_the_global_value(agg):
+    f = {"token": L.token_loss_sum, "sequence": L.sequence_loss_sum,
+         "constant": lambda x, m: L.constant_loss_sum(x, m, max_tokens=4)}[agg]
+    x = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [0.5, 0.0, 0.0], [7.0, 8.0, 0.0]])
+    m = t([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 0]])
+    s, n = f(x, m)
+    parts = [f(x[:2], m[:2]), f(x[2:], m[2:])]  # two processes, each dividing by the global count
+    total = sum(p[1] for p in parts)
+    close(total, n)
+    close(sum(p[0] / total for p in parts), s / n)

@@ -42,10 +42,10 @@ from deltalign.engine import Engine, TrainConfig, release_free_memory
 from deltalign.evaluation import policy_report
 from deltalign.generation import GenerationConfig, decode, generate, stop_token_ids
 from deltalign.losses import (AdaptiveKLController, FixedKLController, gae_advantages, kl_penalty_rewards,
-                              entropy_from_logits, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
-                              token_logprobs)
+                              masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
 from deltalign.rewards.composite import CompositeReward
 from deltalign.rewards.model import HEAD_FILE, RewardModel
+from deltalign.rollout import at_positions, policy_logprobs, rollout_batch, rollout_seed
 from deltalign.pipeline.config import setting
 
 NAME = "ppo"
@@ -141,50 +141,9 @@ class Config(TrainConfig):
             raise ValueError("ppo has no reward: ppo.rm_weight is 0 and ppo.rules is empty")
 
 
-# --- rollout tensors ------------------------------------------------------------------------------------------
-def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
-    """Right-padded ``prompt + response`` rows, and per response token the position whose hidden state predicts
-    it: ``input_ids``/``attention_mask`` [B, T]; ``positions``/``response_ids``/``response_mask`` [B, R]."""
-    B, T = len(prompts), max(len(p) + len(r) for p, r in zip(prompts, responses))
-    R = max(len(r) for r in responses)
-    ids, mask = torch.full((B, T), pad_id), torch.zeros(B, T, dtype=torch.long)
-    pos, rids, rmask = torch.zeros(B, R, dtype=torch.long), torch.full((B, R), pad_id), torch.zeros(B, R)
-    for b, (p, r) in enumerate(zip(prompts, responses)):
-        n = len(p) + len(r)
-        ids[b, :n], mask[b, :n] = torch.tensor(p + r), 1
-        pos[b] = torch.arange(len(p) - 1, len(p) - 1 + R).clamp(max=T - 1)
-        rids[b, :len(r)], rmask[b, :len(r)] = torch.tensor(r), 1.0
-    return {"input_ids": ids, "attention_mask": mask, "positions": pos, "response_ids": rids,
-            "response_mask": rmask}
-
-
-def _at_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``x`` [B, T, ...] gathered at ``positions`` [B, R] -> [B, R, ...]."""
-    idx = positions.view(*positions.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return x.gather(1, idx)
-
-
-def policy_logprobs(backbone, model, batch: dict, temperature: float, entropy: bool | str = False):
-    """Log-probs [B, R] of the response tokens under the active adapter at ``temperature``; with ``entropy``
-    also the per-token entropy [B, R] of that distribution (``"grad"``: differentiable, for an entropy bonus;
-    otherwise detached, a metric that costs no backward pass over the vocabulary)."""
-    hidden = _at_positions(model(batch["input_ids"], batch["attention_mask"]), batch["positions"])
-    logits = backbone.lm_logits(hidden) / temperature
-    lp = token_logprobs(logits, batch["response_ids"])
-    if not entropy:
-        return lp
-    return lp, entropy_from_logits(logits if torch.is_grad_enabled() and entropy == "grad" else logits.detach())
-
-
-def rollout_seed(seed: int, step: int, prompt: int) -> int:
-    """The sampling seed of one prompt's rollout at one step: independent of batch and process, so a run gives
-    the same rollouts in one process and in several."""
-    return (seed * 1_000_003 + step) * 1_000_003 + prompt
-
-
 def critic_values(model, batch: dict) -> torch.Tensor:
     """Critic values [B, R] at the positions that predict each response token."""
-    return _at_positions(model(batch["input_ids"], batch["attention_mask"], head=CRITIC), batch["positions"])
+    return at_positions(model(batch["input_ids"], batch["attention_mask"], head=CRITIC), batch["positions"])
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

@@ -1,0 +1,54 @@
+"""Rollout tensors and log-probs shared by the online RL stages (:mod:`~deltalign.stages.ppo`,
+:mod:`~deltalign.stages.grpo`): responses sampled from a policy adapter, laid out so one forward gives the
+log-prob of every response token under whichever adapter is active.
+
+* :func:`rollout_seed`: the sampling seed of one prompt at one step, independent of batch and process;
+* :func:`rollout_batch`: right-padded ``prompt + response`` rows and the position that predicts each response token;
+* :func:`policy_logprobs`: log-probs (and entropy) of the response tokens at the sampling temperature.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltalign.losses import entropy_from_logits, token_logprobs
+
+
+def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
+    """Right-padded ``prompt + response`` rows, and per response token the position whose hidden state predicts
+    it: ``input_ids``/``attention_mask`` [B, T]; ``positions``/``response_ids``/``response_mask`` [B, R]."""
+    B, T = len(prompts), max(len(p) + len(r) for p, r in zip(prompts, responses))
+    R = max(len(r) for r in responses)
+    ids, mask = torch.full((B, T), pad_id), torch.zeros(B, T, dtype=torch.long)
+    pos, rids, rmask = torch.zeros(B, R, dtype=torch.long), torch.full((B, R), pad_id), torch.zeros(B, R)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        ids[b, :n], mask[b, :n] = torch.tensor(p + r), 1
+        pos[b] = torch.arange(len(p) - 1, len(p) - 1 + R).clamp(max=T - 1)
+        rids[b, :len(r)], rmask[b, :len(r)] = torch.tensor(r), 1.0
+    return {"input_ids": ids, "attention_mask": mask, "positions": pos, "response_ids": rids,
+            "response_mask": rmask}
+
+
+def at_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, T, ...] gathered at ``positions`` [B, R] -> [B, R, ...]."""
+    idx = positions.view(*positions.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def policy_logprobs(backbone, model, batch: dict, temperature: float, entropy: bool | str = False):
+    """Log-probs [B, R] of the response tokens under the active adapter at ``temperature``; with ``entropy``
+    also the per-token entropy [B, R] of that distribution (``"grad"``: differentiable, for an entropy bonus;
+    otherwise detached, a metric that costs no backward pass over the vocabulary)."""
+    hidden = at_positions(model(batch["input_ids"], batch["attention_mask"]), batch["positions"])
+    logits = backbone.lm_logits(hidden) / temperature
+    lp = token_logprobs(logits, batch["response_ids"])
+    if not entropy:
+        return lp
+    return lp, entropy_from_logits(logits if torch.is_grad_enabled() and entropy == "grad" else logits.detach())
+
+
+def rollout_seed(seed: int, step: int, prompt: int) -> int:
+    """The sampling seed of one prompt's rollout at one step: independent of batch and process, so a run gives
+    the same rollouts in one process and in several."""
+    return (seed * 1_000_003 + step) * 1_000_003 + prompt
