@@ -13,13 +13,13 @@ NPROC   ?=
 LAUNCH   = $(if $(ACCELERATE)$(NPROC),.venv/bin/accelerate launch $(if $(ACCELERATE),--config_file $(ACCELERATE)) \
            $(if $(NPROC),--num_processes $(NPROC)) -m deltalign,$(PY) -m deltalign)
 ARGS     = --config $(CONFIG) $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
-STAGES  := sft rm dpo ppo
+STAGES  := sft rm dpo ppo grpo
 
 .PHONY: install model test eval export demo help $(STAGES)
 
 help:
 	@echo "make install | model | test | $(STAGES) | eval | export   (CONFIG=... RUN=... SET='k=v ...')"
-	@echo "look at a policy: $(PY) -m deltalign generate --from {base,sft,dpo,ppo,export,DIR} --prompt 'TEXT' [--run-dir RUN]"
+	@echo "look at a policy: $(PY) -m deltalign generate --from {base,sft,dpo,ppo,grpo,export,DIR} --prompt 'TEXT' [--run-dir RUN]"
 
 install: $(STAMP)
 
@@ -55,7 +55,7 @@ demo: $(STAMP) $(MODEL)
 	$(PY) -m deltalign run sft rm dpo export $(DEMO_ARGS)
 	$(PY) -m deltalign eval $(DEMO_ARGS)
 
-# Merge the last finished policy (ppo, else dpo, else sft; SET=export.policy=sft to choose) and the reward model
+# Merge the most recently finished policy (of ppo, grpo, dpo; else sft; SET=export.policy=sft to choose) and the reward model
 # into standalone HF model directories in <run>/export/ (re-exports when a stage changed). Then try it:
 #   python -m deltalign generate --from export --prompt "..." [--run-dir RUN]
 export: $(STAMP) $(MODEL)

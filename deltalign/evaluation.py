@@ -10,8 +10,8 @@ reward model's mean raw score of those responses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -86,7 +86,7 @@ def policy_report(backbone, examples: list, gen_cfg: GenerationConfig, policies:
     return report
 
 
-POLICY_STAGES = ("sft", "dpo", "ppo")
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo")
 
 
 def compare_run(run_dir: str | Path, model_cfg, eval_data: str, gen_cfg: GenerationConfig, limit: int = 0,

@@ -4,7 +4,8 @@ log-prob of every response token under whichever adapter is active.
 
 * :func:`rollout_seed`: the sampling seed of one prompt at one step, independent of batch and process;
 * :func:`rollout_batch`: right-padded ``prompt + response`` rows and the position that predicts each response token;
-* :func:`policy_logprobs`: log-probs (and entropy) of the response tokens at the sampling temperature.
+* :func:`policy_logprobs`: log-probs (and entropy) of the response tokens at the sampling temperature;
+* :func:`load_prompts`: a stage's training and held-out prompts, tokenised, long prompts dropped and counted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,22 @@ from __future__ import annotations
 import torch
 
 from deltalign.losses import entropy_from_logits, token_logprobs
+
+
+def load_prompts(cfg, tokenizer, with_eval: bool = True) -> dict:
+    """Prompts of ``cfg.data`` (and ``cfg.eval_data``): ``examples``, ``prompt_ids``, ``keep`` (indices of the
+    prompts within ``max_prompt_length``), ``eval_examples`` and ``counts`` (rows, skipped bad rows, prompts
+    dropped for length), read under the stage's ``bad_rows`` rule."""
+    from deltalign.data.splits import load_split
+    from deltalign.data.tokenize import tokenize_prompt
+
+    data = load_split(cfg.data, cfg.split, "prompt", bad_rows=cfg.bad_rows)
+    held = load_split(cfg.eval_data if with_eval else "", "test", "prompt", bad_rows=cfg.bad_rows)
+    prompt_ids = [tokenize_prompt(ex.prompt, tokenizer, ex.conversational) for ex in data.examples]
+    keep = [i for i, p in enumerate(prompt_ids) if len(p) <= cfg.max_prompt_length]
+    counts = data.counts | {"dropped": len(prompt_ids) - len(keep)}
+    return {"examples": data.examples, "prompt_ids": prompt_ids, "keep": keep, "eval_examples": held.examples,
+            "counts": {"train": counts, "eval": held.counts}}
 
 
 def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:

@@ -155,7 +155,8 @@ def test_training_changes_only_the_policy(upstream, tmp_path, monkeypatch):
                 "time_generate", "time_score", "time_optimise"]:
         assert all(key in r for r in train), key
     assert all(0 <= r["zero_std"] <= 1 and r["kl"] >= 0 for r in train)
-    assert set(report) == {"reference", "grpo"} and "rm_score" in report["grpo"]
+    assert set(report) == {"reference", "grpo", "data"} and "rm_score" in report["grpo"]
+    assert report["data"]["train"]["rows"] == 600 and report["data"]["train"]["skipped"] == 0
 
 
 def test_first_update_has_ratio_one_with_adapter_dropout_configured(upstream, tmp_path, monkeypatch, user_rewards):

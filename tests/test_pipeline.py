@@ -20,6 +20,8 @@ def test_plan_adds_missing_upstream_in_graph_order():
     assert Pipeline(tiny("rm.init=fresh", "dpo.reference=base", "dpo.init=fresh")).plan(["rm", "dpo"]) == ["rm", "dpo"]
     assert Pipeline(tiny()).plan(["ppo"]) == ["sft", "rm", "ppo"]
     assert Pipeline(tiny("ppo.rm_weight=0", "ppo.critic_init=fresh")).plan(["ppo"]) == ["sft", "ppo"]
+    assert Pipeline(tiny()).plan(["grpo"]) == ["sft", "grpo"]  # the checker alone: no reward model
+    assert Pipeline(tiny("grpo.rm_weight=1")).plan(["grpo"]) == ["sft", "rm", "grpo"]
 
 
 def test_export_hash_follows_the_finished_stages_it_reads(tmp_path):

@@ -148,7 +148,7 @@ def test_training_changes_only_policy_and_critic(upstream, tmp_path, monkeypatch
     for key in ["score", "reward_rm", "reward_checker", "kl", "entropy", "clipfrac", "approx_kl", "value_loss",
                 "explained_variance", "response_length", "time_generate", "time_score", "time_optimise"]:
         assert all(key in r for r in train), key
-    assert set(report) == {"reference", "ppo"} and "rm_score" in report["ppo"]
+    assert set(report) == {"reference", "ppo", "data"} and "rm_score" in report["ppo"]
 
 
 def test_first_update_has_ratio_one_with_adapter_dropout_configured(upstream, tmp_path):

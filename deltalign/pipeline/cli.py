@@ -14,6 +14,7 @@ from pathlib import Path
 
 from deltalign.data.formats import DataError
 from deltalign.pipeline import config as configs
+from deltalign.evaluation import POLICY_STAGES
 from deltalign.pipeline.checks import check_model, check_source, preflight
 from deltalign.pipeline.graph import STAGES, Pipeline, sections
 
@@ -55,19 +56,19 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plots", help="write <run dir>/plots/<stage>.png training curves of every finished stage")
     d = sub.add_parser("doctor", help="check the environment, the model directory and the data of a config "
                                       "before a long run (loads no weights); exit 2 on a problem")
-    d.add_argument("stages", nargs="*", help="stages to check (default: sft rm dpo ppo)")
+    d.add_argument("stages", nargs="*", help="stages to check (default: every training stage)")
     for q in (x, g, pl, d):
         q.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
         q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         q.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
-    x.add_argument("--policy", choices=["auto", "sft", "dpo", "ppo"], help="adapter to merge (default: auto, the "
-                                                                          "last finished of ppo, dpo, sft)")
+    x.add_argument("--policy", choices=["auto", *POLICY_STAGES],
+                   help="adapter to merge (default: auto, the most recently finished of ppo, grpo, dpo; else sft)")
     x.add_argument("--out", help="also copy the export to this directory (outside the run directory)")
     x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the exported weights")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     x.add_argument("--force", action="store_true", help="export again even if the export is up to date")
     g.add_argument("--from", dest="source", required=True, metavar="SOURCE",
-                   help="base, sft, dpo, ppo, export (the run's merged model) or an exported model directory")
+                   help=f"base, {', '.join(POLICY_STAGES)}, export (the run's merged model) or an exported model directory")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one user message")
     src.add_argument("--prompts-file", help=".txt (one prompt a line) or .jsonl (`prompt` or `messages` per row)")
@@ -114,7 +115,7 @@ def generation_source(source: str, run_dir: Path, model_cfg):
 
     if source == "base":
         return Backbone.load(model_cfg), None
-    if source in ("sft", "dpo", "ppo"):
+    if source in POLICY_STAGES:
         stage = run_dir / source
         if not (stage / "manifest.json").exists():
             raise FileNotFoundError(f"no finished {source} stage in {run_dir} (run `make {source}` first)")
@@ -122,12 +123,13 @@ def generation_source(source: str, run_dir: Path, model_cfg):
         backbone.load_adapter(source, stage, trainable=False)
         return backbone, source
     if source == "rm":
-        raise ValueError("rm is a reward model, not a policy: generate from base, sft, dpo, ppo or an export")
+        raise ValueError(f"rm is a reward model, not a policy: generate from base, {', '.join(POLICY_STAGES)} or "
+                         "an export")
     path = run_dir / "export" if source == "export" else Path(source)
     if (path / "model" / "config.json").exists():  # an export folder: its merged policy
         path = path / "model"
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"--from {source!r}: not base/sft/dpo/ppo/export and not a model directory "
+        raise FileNotFoundError(f"--from {source!r}: not base, a policy stage or export, and not a model directory "
                                 f"(no {path / 'config.json'})")
     return Backbone.load(ModelConfig(path=str(path))), None
 
@@ -256,7 +258,7 @@ def doctor_command(args, cfgs) -> int:
     if unknown:
         raise configs.ConfigError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
     pipe = Pipeline(cfgs, args.run_dir)
-    return doctor(cfgs, pipe.plan(args.stages or ["sft", "rm", "dpo", "ppo"]), pipe.run_dir)
+    return doctor(cfgs, pipe.plan(args.stages or [s for s in STAGES if s != "export"]), pipe.run_dir)
 
 
 COMMANDS = {"doctor": doctor_command, "run": run_command, "eval": eval_command, "export": export_command, "generate": generate_command,

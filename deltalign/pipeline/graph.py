@@ -47,7 +47,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           uses=("rm",)),
     Stage("ppo", "deltalign.stages.ppo",
           needs=lambda c: ["sft"] + (["rm"] if c.rm_weight or c.critic_init == "rm" else [])),
-    Stage("export", "deltalign.stages.export", needs=lambda c: c.upstream(), uses=("sft", "rm", "dpo", "ppo"),
+    Stage("grpo", "deltalign.stages.grpo", needs=lambda c: ["sft"] + (["rm"] if c.rm_weight else [])),
+    Stage("export", "deltalign.stages.export", needs=lambda c: c.upstream(), uses=("sft", "rm", "dpo", "ppo", "grpo"),
           hash_uses=True),
 ]}
 

@@ -44,8 +44,6 @@ import torch
 from deltalign import atomic
 from deltalign.backbone import Backbone, ModelConfig, eval_mode, train_mode
 from deltalign.data.batching import length_grouped_batches
-from deltalign.data.formats import load_rows, prompt_examples
-from deltalign.data.tokenize import tokenize_prompt
 from deltalign.engine import Engine, TrainConfig, release_free_memory
 from deltalign.evaluation import policy_report
 from deltalign.generation import GenerationConfig, decode, generate, stop_token_ids
@@ -54,7 +52,7 @@ from deltalign.losses import (clipped_policy_loss, constant_loss_sum, dr_grpo_ad
 from deltalign.pipeline.config import setting
 from deltalign.rewards.composite import CompositeReward
 from deltalign.rewards.model import RewardModel
-from deltalign.rollout import policy_logprobs, rollout_batch, rollout_seed
+from deltalign.rollout import load_prompts, policy_logprobs, rollout_batch, rollout_seed
 
 NAME = "grpo"
 READS = {"data": "prompt", "eval_data": "prompt"}  # setting -> row shape (checked before the run)
@@ -89,6 +87,10 @@ class Config(TrainConfig):
     """Split to read when ``data`` is a `datasets` id."""
     max_prompt_length: int = setting(192, ge=1)
     """Prompts longer than this many tokens are dropped (and counted)."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
+    assistant turn): ``error`` stops the stage naming file/row/field; ``skip`` leaves it out with one log line
+    naming it, and counts it in the metrics (``data.*.skipped``)."""
     rollout: GenerationConfig = field(default_factory=_rollout_default)
     """Sampling for rollouts: temperature 1 and top-p 1 sample the policy itself, so the ratio is exact
     (log-probs are computed at the same temperature; top-p < 1 makes them approximate)."""
@@ -194,10 +196,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     stops = set(stop_token_ids(tok))
 
     # 2. data: prompts only; full batches (every process holds the same number of groups)
-    examples = prompt_examples(load_rows(cfg.data, cfg.split), cfg.data)
-    prompt_ids = [tokenize_prompt(ex.prompt, tok, ex.conversational) for ex in examples]
-    keep = [i for i, p in enumerate(prompt_ids) if len(p) <= cfg.max_prompt_length]
-    eval_ex = prompt_examples(load_rows(cfg.eval_data, "test"), cfg.eval_data) if cfg.report else []
+    data = load_prompts(cfg, tok, with_eval=cfg.report)
+    examples, prompt_ids, keep, eval_ex = data["examples"], data["prompt_ids"], data["keep"], data["eval_examples"]
 
     def batches(epoch: int) -> list[list[int]]:
         order = length_grouped_batches([len(prompt_ids[i]) for i in keep], cfg.batch_size, cfg.seed, epoch)
@@ -210,7 +210,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     aggregate = {"token": token_loss_sum, "sequence": sequence_loss_sum,
                  "constant": lambda x, m: constant_loss_sum(x, m, cfg.rollout.max_new_tokens)}[cfg.loss_aggregation]
     model = engine.prepare(backbone, engine.total_steps(len(batches(0))), updates_per_step=cfg.grpo_epochs * n_mini)
-    engine.log({"prompts": len(keep), "dropped": len(prompt_ids) - len(keep), "steps": engine.n_steps,
+    engine.log({"prompts": len(keep), "skipped": data["counts"]["train"]["skipped"],
+                "dropped": data["counts"]["train"]["dropped"], "steps": engine.n_steps,
                 "rollouts_per_step": n_rows, "updates_per_step": cfg.grpo_epochs * n_mini,
                 "old_logprobs": "forward" if fresh_old else "first pass",
                 "trainable_params": backbone.trainable_numel()}, kind="setup")
@@ -329,6 +330,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             engine.log({f"{label}/{k}": v for label, row in report.items() for k, v in row.items()
                         if isinstance(v, (int, float))}, kind="eval")
             backbone.save_adapter(NAME, out_dir)
+            report["data"] = data["counts"]
             atomic.write_json(out_dir / "eval.json", report)
     engine.finish()
     return report

@@ -28,25 +28,23 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, train_mode
 from deltalign.data.batching import length_grouped_batches
-from deltalign.data.formats import load_rows, prompt_examples
-from deltalign.data.tokenize import tokenize_prompt
 from deltalign.engine import Engine, TrainConfig, release_free_memory
 from deltalign.evaluation import policy_report
 from deltalign.generation import GenerationConfig, decode, generate, stop_token_ids
 from deltalign.losses import (AdaptiveKLController, FixedKLController, gae_advantages, kl_penalty_rewards,
                               masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
+from deltalign.pipeline.config import setting
 from deltalign.rewards.composite import CompositeReward
 from deltalign.rewards.model import HEAD_FILE, RewardModel
-from deltalign.rollout import at_positions, policy_logprobs, rollout_batch, rollout_seed
-from deltalign.pipeline.config import setting
+from deltalign.rollout import at_positions, load_prompts, policy_logprobs, rollout_batch, rollout_seed
 
 NAME = "ppo"
 READS = {"data": "prompt", "eval_data": "prompt"}  # setting -> row shape (checked before the run)
@@ -76,6 +74,10 @@ class Config(TrainConfig):
     """Split to read when ``data`` is a `datasets` id."""
     max_prompt_length: int = setting(192, ge=1)
     """Prompts longer than this many tokens are dropped (and counted)."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
+    assistant turn): ``error`` stops the stage naming file/row/field; ``skip`` leaves it out with one log line
+    naming it, and counts it in the metrics (``data.*.skipped``)."""
     rollout: GenerationConfig = field(default_factory=_rollout_default)
     """Sampling for rollouts: temperature 1 and top-p 1 sample the policy itself, so the PPO ratio is exact
     (log-probs are computed at the same temperature; top-p < 1 makes them approximate)."""
@@ -190,10 +192,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     stops = set(stop_token_ids(tok))
 
     # 2. data: prompts only
-    examples = prompt_examples(load_rows(cfg.data, cfg.split), cfg.data)
-    prompt_ids = [tokenize_prompt(ex.prompt, tok, ex.conversational) for ex in examples]
-    keep = [i for i, p in enumerate(prompt_ids) if len(p) <= cfg.max_prompt_length]
-    eval_ex = prompt_examples(load_rows(cfg.eval_data, "test"), cfg.eval_data) if cfg.eval_data else []
+    data = load_prompts(cfg, tok)
+    examples, prompt_ids, keep, eval_ex = data["examples"], data["prompt_ids"], data["keep"], data["eval_examples"]
 
     def batches(epoch: int) -> list[list[int]]:
         order = length_grouped_batches([len(prompt_ids[i]) for i in keep], cfg.batch_size, cfg.seed, epoch)
@@ -201,7 +201,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     n_mini = math.ceil(cfg.batch_size / cfg.mini_batch_size)
     model = engine.prepare(backbone, engine.total_steps(len(batches(0))), updates_per_step=cfg.ppo_epochs * n_mini)
-    engine.log({"prompts": len(keep), "dropped": len(prompt_ids) - len(keep), "steps": engine.n_steps,
+    engine.log({"prompts": len(keep), "skipped": data["counts"]["train"]["skipped"],
+                "dropped": data["counts"]["train"]["dropped"], "steps": engine.n_steps,
                 "critic_init": cfg.critic_init, "trainable_params": backbone.trainable_numel()}, kind="setup")
 
     # 3. loop: one rollout batch per step
@@ -298,6 +299,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             backbone.save_adapter(NAME, out_dir)
             backbone.save_adapter(CRITIC, out_dir / CRITIC)
             backbone.save_head(CRITIC, out_dir / CRITIC / HEAD_FILE)
+            report["data"] = data["counts"]
             atomic.write_json(out_dir / "eval.json", report)
     engine.finish()
     return report
