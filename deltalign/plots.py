@@ -22,8 +22,9 @@ PANELS = [  # (title, predicate on a metric name), in display order; a key goes 
     ("loss", lambda k: "loss" in k or "nll" in k),
     ("accuracy / score", lambda k: "accuracy" in k or "score" in k),
     ("reward / margin", lambda k: "reward" in k or "margin" in k or k.endswith("value") or "advantage" in k),
+    ("clipping / entropy", lambda k: "clip" in k or "entropy" in k or "zero_std" in k),
 ]
-ORDER = ("loss", "reward / margin", "accuracy / score", "KL")  # display order, left to right
+ORDER = ("loss", "reward / margin", "accuracy / score", "KL", "clipping / entropy")  # display order, left to right
 SKIP = {"step", "time", "kind", "lr", "grad_norm", "pad_share", "n"}
 
 

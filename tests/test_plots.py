@@ -64,3 +64,11 @@ def test_eval_command_writes_plots(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--config", "configs/tiny.yaml", "--run-dir", str(run)]) == 0
     assert calls and (run / "plots" / "sft.png").read_bytes()[:8] == PNG
     assert str(run / "plots" / "sft.png") in capsys.readouterr().out
+
+
+def test_online_rl_metrics_have_panels():
+    from deltalign.plots import panel_of
+
+    assert {k: panel_of(k) for k in ("clip_low", "clip_high", "clipfrac", "entropy", "zero_std", "approx_kl")} == {
+        "clip_low": "clipping / entropy", "clip_high": "clipping / entropy", "clipfrac": "clipping / entropy",
+        "entropy": "clipping / entropy", "zero_std": "clipping / entropy", "approx_kl": "KL"}
