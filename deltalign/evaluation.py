@@ -115,6 +115,7 @@ def markdown_table(report: dict) -> str:
              "|---|---|---|---|---|"]
     for label, row in report.items():
         rm = f"{row['rm_score']:.3f}" if "rm_score" in row else "—"
-        lines.append(f"| {label} | {row['checker_score']:.2f} | {rm} | {row['kl_to_reference']:.3f} | "
+        checker = "—" if row["checker_score"] is None else f"{row['checker_score']:.2f}"
+        lines.append(f"| {label} | {checker} | {rm} | {row['kl_to_reference']:.3f} | "
                      f"{row['mean_response_tokens']:.1f} |")
     return "\n".join(lines)

@@ -161,8 +161,11 @@ def score(prompt: str, response: str) -> float:
     return check(constraint, response)
 
 
-def score_batch(prompts: list[str], responses: list[str]) -> list[float]:
-    """:func:`score` for each (prompt, response) pair; the lists must have the same length."""
+def score_batch(prompts: list[str], responses: list[str], missing: str = "error") -> list[float | None]:
+    """:func:`score` for each (prompt, response) pair; the lists must have the same length. A prompt that states
+    no known constraint is an error, or with ``missing="none"`` scores None (your own data, in evaluation)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if missing == "none":
+        return [None if parse_constraint(p) is None else score(p, r) for p, r in zip(prompts, responses)]
     return [score(p, r) for p, r in zip(prompts, responses)]

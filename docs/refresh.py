@@ -1,0 +1,152 @@
+"""Refresh the figures in README.md and docs/*.md from the result files the code wrote; nothing is typed in.
+
+A generated block in a markdown file reads::
+
+    <!-- generated: NAME -->
+    ...                          (rewritten by this script)
+    <!-- /generated -->
+
+and NAME is one of :data:`GENERATORS`, each reading one kind of result file:
+
+* ``demo``: ``docs/results/demo.json``, written by ``make demo`` (``--record-demo RUN_DIR`` below): the held-out
+  comparison table ``python -m deltalign eval`` printed, with stage wall times, machine and commit;
+* ``bench``: the newest full (not QUICK) ``bench/results/*.json`` of ``make bench``: the table vs TRL;
+* ``bench-steps``: the same file's seconds per optimizer step of our SFT and DPO.
+
+    python docs/refresh.py                       # rewrite every block
+    python docs/refresh.py --check               # exit 1 if a block differs (tests/test_docs.py runs this)
+    python docs/refresh.py --record-demo runs/demo --wall 1790   # after make demo: record, then rewrite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "docs" / "results" / "demo.json"
+BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- /generated -->)", re.S)
+
+
+def _commit_of(path: Path) -> str:
+    """The commit that recorded a result file (for files that do not name their own)."""
+    out = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(path)], cwd=ROOT, capture_output=True,
+                         text=True)
+    return out.stdout.strip() or "uncommitted"
+
+
+def machine() -> str:
+    import os
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {mem:.1f} GiB, " \
+           f"Python {platform.python_version()}"
+
+
+# --- generators ------------------------------------------------------------------------------------------------
+
+def demo() -> str:
+    if not DEMO.exists():
+        return "_No demo results recorded yet: run `make demo`._\n"
+    d = json.loads(DEMO.read_text())
+    lines = ["| policy | checker score | reward-model score | KL to SFT | mean response tokens |",
+             "|---|---|---|---|---|"]
+    for label, row in d["table"].items():
+        rm = f"{row['rm_score']:.3f}" if "rm_score" in row else "—"
+        lines.append(f"| {label} | {row['checker_score']:.2f} | {rm} | {row['kl_to_reference']:.3f} | "
+                     f"{row['mean_response_tokens']:.1f} |")
+    stages = ", ".join(f"{s} {t / 60:.1f} min" for s, t in d["stage_wall_s"].items())
+    total = f"; `make demo` {d['wall_s'] / 60:.1f} min in all" if d.get("wall_s") else ""
+    return ("\n".join(lines) + f"\n\n{d['n_prompts']} held-out prompts, greedy decoding. Stage wall times: "
+            f"{stages}{total}. Machine: {d['machine']}; commit {d['commit']}, {d['date']} "
+            f"(`docs/results/demo.json`).\n")
+
+
+def _bench_file() -> Path | None:
+    full = [p for p in sorted((ROOT / "bench" / "results").glob("*.json")) if not p.stem.endswith("quick")]
+    return full[-1] if full else None
+
+
+def bench() -> str:
+    f = _bench_file()
+    if f is None:
+        return "_No full `make bench` result yet._\n"
+    d = json.loads(f.read_text())
+    m = d["machine"]
+    commit = d.get("commit") or _commit_of(f)
+    return (f"{d['table_markdown']}\n\n{d['runs']} runs per side, medians; {m['cpu']}, {m['usable_cpus']} CPUs, "
+            f"{m['ram_gb']} GB; fp32 matmul peak {d['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; commit {commit}, "
+            f"{d['started'][:10]} (`bench/results/{f.name}`).\n")
+
+
+def bench_steps() -> str:
+    f = _bench_file()
+    if f is None:
+        return "_No full `make bench` result yet._\n"
+    d = json.loads(f.read_text())
+    med, s = d["medians"], d["settings"]
+    return (f"SFT {med['sft']['ours']['s_per_step']:.1f} s and DPO {med['dpo']['ours']['s_per_step']:.1f} s per "
+            f"optimizer step of {s['batch_size']} rows / pairs (`make bench`, `bench/results/{f.name}`)")
+
+
+GENERATORS = {"demo": demo, "bench": bench, "bench-steps": bench_steps}
+
+
+# --- recording and rewriting ------------------------------------------------------------------------------------
+
+def record_demo(run_dir: Path, wall_s: float | None) -> None:
+    """Write docs/results/demo.json from a finished demo run directory."""
+    table = json.loads((run_dir / "eval_table.json").read_text())
+    stage_wall = {}
+    for stage in ("sft", "rm", "dpo", "ppo", "grpo", "export"):
+        m = run_dir / stage / "manifest.json"
+        if m.exists():
+            stage_wall[stage] = json.loads(m.read_text())["wall_time_s"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    rows = {k: {x: v for x, v in row.items() if x != "samples"} for k, row in table.items()}
+    DEMO.parent.mkdir(parents=True, exist_ok=True)
+    DEMO.write_text(json.dumps({
+        "table": rows, "n_prompts": next(iter(rows.values()))["n"], "stage_wall_s": stage_wall, "wall_s": wall_s,
+        "machine": machine(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
+    }, indent=1) + "\n")
+
+
+def refresh(check: bool = False) -> list[str]:
+    """Rewrite (or, with ``check``, compare) every generated block; returns the files that differ."""
+    stale = []
+    for md in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = md.read_text()
+        new = BLOCK.sub(lambda m: m.group(1) + GENERATORS[m.group(2)]().rstrip("\n") + "\n" + m.group(4), text)
+        if new != text:
+            stale.append(str(md.relative_to(ROOT)))
+            if not check:
+                md.write_text(new)
+    return stale
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if a generated block is not current")
+    p.add_argument("--record-demo", metavar="RUN_DIR", help="record a finished demo run first")
+    p.add_argument("--wall", type=float, help="total wall seconds of the demo (with --record-demo)")
+    args = p.parse_args(argv)
+    if args.record_demo:
+        record_demo(Path(args.record_demo), args.wall)
+    stale = refresh(check=args.check)
+    if args.check and stale:
+        print(f"generated blocks out of date in {', '.join(stale)}: run `make docs`", file=sys.stderr)
+        return 1
+    for f in stale:
+        print(f"refreshed {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
