@@ -333,6 +333,8 @@ def main() -> int:
     (out / f"{stamp}.md").write_text(text)
     (out / f"{stamp}.json").write_text(json.dumps({
         "started": started.isoformat(), "finished": finished.isoformat(), "quick": args.quick, "runs": runs,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip(),
         "machine": info, "load_before": load_before, "load_after": load_after, "load_after_each_child": loads, "contended": contended,
         "settings": dataclasses.asdict(s), "matmul_peak_flops": peak, "matmul_runs": peak_runs,
         "medians": agg, "runs_raw": raw, "goals": goal_lines, "table_markdown": tbl}, indent=1, default=str))
