@@ -11,7 +11,8 @@ and NAME is one of :data:`GENERATORS`, each reading one kind of result file:
 * ``demo``: ``docs/results/demo.json``, written by ``make demo`` (``--record-demo RUN_DIR`` below): the held-out
   comparison table ``python -m deltalign eval`` printed, with stage wall times, machine and commit;
 * ``bench``: the newest full (not QUICK) ``bench/results/*.json`` of ``make bench``: the table vs TRL;
-* ``bench-steps``: the same file's seconds per optimizer step of our SFT and DPO.
+* ``bench-steps``: the same file's seconds per optimizer step of our SFT and DPO;
+* ``zero-memory``: the predicted memory per GPU under each ZeRO stage, computed from parameter counts.
 
     python docs/refresh.py                       # rewrite every block
     python docs/refresh.py --check               # exit 1 if a block differs (tests/test_docs.py runs this)
@@ -24,6 +25,7 @@ import argparse
 import json
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -95,7 +97,25 @@ def bench_steps() -> str:
             f"optimizer step of {s['batch_size']} rows / pairs (`make bench`, `bench/results/{f.name}`)")
 
 
-GENERATORS = {"demo": demo, "bench": bench, "bench-steps": bench_steps}
+# Llama-2 parameter counts: total, LoRA r=16 on every linear layer, embedding + LM head (kept in bf16 by QLoRA)
+LLAMA2 = {"7B": (6.74e9, 40.0e6, 2 * 32000 * 4096), "70B": (68.98e9, 207.1e6, 2 * 32000 * 8192)}
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit values, an fp8 absmax per 64-block, an fp32 scale per 256 blocks
+
+
+def zero_memory(gpus: int = 8) -> str:
+    """Predicted GB per GPU for weights + training state (no activations): the formulas of docs/scaling.md."""
+    lines = ["| base, method | frozen base | trainable state | DDP / single | ZeRO-2 | ZeRO-3 | "
+             "ZeRO-3 + optimizer offload |", "|---|---|---|---|---|---|---|"]
+    for name, (n, lora, embed) in LLAMA2.items():
+        for method in ("LoRA", "QLoRA"):
+            base = 2 * n if method == "LoRA" else 2 * embed + NF4_BYTES * (n - embed)
+            cells = [base, 16 * lora, base + 16 * lora, base + lora * (4 + 12 / gpus), (base + 16 * lora) / gpus,
+                     (base + 8 * lora) / gpus]
+            lines.append(f"| {name} {method} | " + " | ".join(f"{c / 1e9:.1f} GB" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+GENERATORS = {"demo": demo, "bench": bench, "bench-steps": bench_steps, "zero-memory": zero_memory}
 
 
 # --- recording and rewriting ------------------------------------------------------------------------------------
@@ -112,6 +132,8 @@ def record_demo(run_dir: Path, wall_s: float | None) -> None:
                             text=True).stdout.strip()
     rows = {k: {x: v for x, v in row.items() if x != "samples"} for k, row in table.items()}
     DEMO.parent.mkdir(parents=True, exist_ok=True)
+    for png in sorted((run_dir / "plots").glob("*.png")):  # the training curves the eval command drew
+        shutil.copyfile(png, DEMO.parent / f"demo-{png.name}")
     DEMO.write_text(json.dumps({
         "table": rows, "n_prompts": next(iter(rows.values()))["n"], "stage_wall_s": stage_wall, "wall_s": wall_s,
         "machine": machine(), "commit": commit, "date": time.strftime("%Y-%m-%d"),

@@ -1,0 +1,42 @@
+"""The docs state what the code does: generated figure blocks are current, and every default they state is the
+default the code (with configs/default.yaml, what `make` uses) really has."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from deltalign.pipeline import config as configs
+from deltalign.pipeline.graph import sections
+
+DOCS = [Path("README.md"), *sorted(Path("docs").glob("*.md"))]
+# A stated default is an inline code span `section.key: value`; a non-default example is written `section.key=value`.
+STATED = re.compile(r"`((?:run|model|sft|rm|dpo|ppo|grpo|export|eval)\.[\w.]+): ([^`]+)`")
+
+
+def _prose(text: str) -> str:
+    return re.sub(r"```.*?```", "", text, flags=re.S)  # fenced blocks are examples, not statements
+
+
+def test_generated_blocks_are_current():
+    p = subprocess.run([sys.executable, "docs/refresh.py", "--check"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+def test_documented_defaults_are_the_code_defaults():
+    defaults = configs.load(sections(), "configs/default.yaml")
+    stated = [(doc, m) for doc in DOCS for m in STATED.finditer(_prose(doc.read_text()))]
+    assert len(stated) >= 3  # the convention is in use
+    for doc, m in stated:
+        section, *path = m.group(1).split(".")
+        value = defaults[section]
+        for part in path:
+            value = value[part] if isinstance(value, dict) else getattr(value, part)
+        assert configs.to_dict(value) == yaml.safe_load(m.group(2)), f"{doc}: `{m.group(0)}` is not the default"
+
+
+def test_the_convention_catches_a_wrong_default(tmp_path):
+    wrong = STATED.search("with `dpo.beta: 0.5` by default").group(2)
+    assert yaml.safe_load(wrong) != configs.load(sections(), "configs/default.yaml")["dpo"].beta
