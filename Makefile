@@ -15,10 +15,11 @@ LAUNCH   = $(if $(ACCELERATE)$(NPROC),.venv/bin/accelerate launch $(if $(ACCELER
 ARGS     = --config $(CONFIG) $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
 STAGES  := sft rm dpo ppo grpo
 
-.PHONY: install model test eval export demo help $(STAGES)
+.PHONY: install model test eval export demo docs doctor help $(STAGES)
 
 help:
-	@echo "make install | model | test | $(STAGES) | eval | export   (CONFIG=... RUN=... SET='k=v ...')"
+	@echo "make install | model | test | demo | doctor | $(STAGES) | eval | export | docs | bench"
+	@echo "   (CONFIG=... RUN=... SET='k=v ...')"
 	@echo "look at a policy: $(PY) -m deltalign generate --from {base,sft,dpo,ppo,grpo,export,DIR} --prompt 'TEXT' [--run-dir RUN]"
 
 install: $(STAMP)
@@ -43,6 +44,10 @@ test: $(STAMP) $(MODEL)
 $(STAGES): $(STAMP) $(MODEL)
 	$(LAUNCH) run $@ $(ARGS)
 
+# Check the environment, the model directory and every data source of the config before a long run.
+doctor: $(STAMP) $(MODEL)
+	$(PY) -m deltalign doctor $(ARGS)
+
 # Held-out comparison of base / sft / dpo (those that ran), with reward-model scores when an rm run exists;
 # also writes <run>/plots/<stage>.png training curves.
 eval: $(STAMP) $(MODEL)
@@ -52,8 +57,14 @@ eval: $(STAMP) $(MODEL)
 DEMO_ARGS = --config $(if $(filter command line,$(origin CONFIG)),$(CONFIG),configs/demo.yaml) \
             $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
 demo: $(STAMP) $(MODEL)
-	$(PY) -m deltalign run sft rm dpo export $(DEMO_ARGS)
-	$(PY) -m deltalign eval $(DEMO_ARGS)
+	@start=$$(date +%s); \
+	$(PY) -m deltalign run sft rm dpo export $(DEMO_ARGS) && \
+	$(PY) -m deltalign eval $(DEMO_ARGS) && \
+	$(PY) docs/refresh.py --record-demo $(or $(RUN),runs/demo) --wall $$(( $$(date +%s) - start ))
+
+# Rewrite the figures in README.md and docs/*.md from the result files (docs/results/, bench/results/).
+docs:
+	$(PY) docs/refresh.py
 
 # Merge the most recently finished policy (of ppo, grpo, dpo; else sft; SET=export.policy=sft to choose) and the reward model
 # into standalone HF model directories in <run>/export/ (re-exports when a stage changed). Then try it:
