@@ -77,9 +77,8 @@ def test_load_datasets_dir_offline(tmp_path, monkeypatch):
     assert F.load_rows(str(tmp_path / "files"))[0]["prompt"] == "2+2="
 
 
-def test_load_embedded_generates_once(tmp_path, monkeypatch):
-    import sys
-    import types
+def test_load_embedded_generates_once_and_again_when_the_generator_changes(tmp_path, monkeypatch):
+    from deltalign.data import embedded
 
     calls = []
 
@@ -88,16 +87,16 @@ def test_load_embedded_generates_once(tmp_path, monkeypatch):
         write_jsonl(out_dir / "sft_train.jsonl", ROWS)
         write_jsonl(out_dir / "pref_train.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
 
-    fake = types.ModuleType("deltalign.data.embedded")
-    fake.write = write
-    monkeypatch.setitem(sys.modules, "deltalign.data.embedded", fake)
-    monkeypatch.setattr("deltalign.data.embedded", fake, raising=False)
+    monkeypatch.setattr(embedded, "write", write)
     monkeypatch.setattr(F, "EMBEDDED_DIR", tmp_path / "data" / "embedded")
     assert F.load_rows("embedded:sft_train") == ROWS
     assert F.load_rows("embedded:pref_train")[0]["chosen"] == "a"
     assert len(calls) == 1
     with pytest.raises(DataError, match="no embedded split 'nope'"):
         F.load_rows("embedded:nope")
+    monkeypatch.setattr(embedded, "code_hash", lambda: "a changed generator")
+    F.load_rows("embedded:sft_train")
+    assert len(calls) == 2  # the cached files were made by other code: made again
 
 
 def test_real_embedded_set_parses_and_tokenizes(tmp_path, monkeypatch, tok):

@@ -15,22 +15,27 @@ Facts are split into train and eval by question (stratified by topic, 20% eval),
 unseen; kinds are cycled, so every kind appears in every split. Generation depends only on ``seed`` (seeded
 ``random.Random`` over lists in a fixed order), never on hash randomisation or set order.
 
-Usage: ``python -m deltalign.data.embedded OUT_DIR [--seed S] [--n-train N] [--n-eval N]``.
+Usage: ``python -m deltalign.data.embedded OUT_DIR [--seed S] [--n-train N] [--n-eval N]``. Stages read the set
+through :func:`materialise`, which regenerates it whenever this module or the checker changed since it was written.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
+from deltalign.rewards import checker
 from deltalign.rewards.checker import KINDS, check, describe
 
 SPLITS = ("sft_train", "sft_eval", "pref_train", "pref_eval")
 EVAL_FRACTION = 0.2
+STAMP = ".source"  # in a materialised folder: the code_hash() its files were generated from
 
 
 class Fact(NamedTuple):
@@ -298,6 +303,36 @@ def write(out_dir, seed: int = 0, n_train: int = 600, n_eval: int = 100) -> None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def code_hash() -> str:
+    """sha256 of the code the rows come from: this module (facts, formats) and the checker (constraint wording)."""
+    h = hashlib.sha256()
+    for f in (__file__, checker.__file__):
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+def materialise(out_dir, name: str) -> Path:
+    """``out_dir/<name>.jsonl``, after (re)generating the whole set (default seed and sizes) if that file is
+    missing or the :data:`STAMP` says the files came from other code. Each file is replaced atomically and the
+    stamp last, so concurrent readers never see half a file and an interrupted regeneration is redone."""
+    out, code = Path(out_dir), code_hash()
+    stamp = out / STAMP
+    current = stamp.is_file() and stamp.read_text().strip() == code
+    if not current or (name in SPLITS and not (out / f"{name}.jsonl").is_file()):
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp_stamp = out / f".{STAMP}.tmp-{os.getpid()}"
+        tmp_stamp.write_text(code + "\n")
+        os.replace(tmp_stamp, stamp)
+    return out / f"{name}.jsonl"
 
 
 def main(argv: list[str] | None = None) -> None:

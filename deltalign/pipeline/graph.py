@@ -3,10 +3,20 @@
 A stage module knows nothing of this file: it exposes ``NAME``, ``Config`` and
 ``run(cfg, model_cfg, out_dir, upstream) -> metrics``, where ``upstream`` maps stage names to their finished
 folders. The graph decides what runs: the requested stages plus whatever they need that is missing or stale.
+
+Stale means the stage's content hash (:meth:`Pipeline.inputs`, hashed) differs from its manifest's. The hash covers
+the stage's config and the model config (less ``NOT_HASHED`` settings: threads, log_every, checkpoint_every,
+keep_checkpoints, model.gradient_checkpointing), the base model's files, its data by content (a `datasets` id by
+the revision it resolves to in the local cache), the source file of each user ``module:function`` reward in its
+``rules``, the launch (global batch = processes x batch_size x grad_accum, DeepSpeed JSON and settings, mixed
+precision), the deltalign/torch/transformers/peft versions, the hashes of the stages it needs, and, for stages
+with ``hash_uses`` (dpo, export), the hashes of the finished stages it reads. What it does not cover is listed in
+:mod:`deltalign.pipeline.rundir`. :meth:`Pipeline.run` holds the run directory's lock (:func:`run_lock`) throughout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import time
@@ -16,7 +26,8 @@ from typing import Callable
 
 from deltalign.backbone import ModelConfig
 from deltalign.pipeline import config as configs
-from deltalign.pipeline.rundir import StageDir, data_fingerprint, model_fingerprint, sha256_json
+from deltalign.pipeline.rundir import (StageDir, data_fingerprint, launch_fingerprint, model_fingerprint,
+                                       rules_fingerprint, run_lock, sha256_json, software_versions)
 
 
 @dataclass
@@ -36,7 +47,8 @@ class Stage:
     uses: tuple[str, ...] = ()
     """Stages whose finished output is passed along if present (not run; not hashed unless ``hash_uses``)."""
     hash_uses: bool = False
-    """Include the finished ``uses`` stages' hashes in this stage's hash (export: its output IS their adapters)."""
+    """Include the finished ``uses`` stages' hashes in this stage's hash, so it reruns when one changes, appears or
+    goes (export: its output IS their adapters; dpo: its report scores with the rm)."""
 
 
 # The literal graph, in execution order. Later stages plug in here.
@@ -44,7 +56,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("sft", "deltalign.stages.sft"),
     Stage("rm", "deltalign.stages.rm", needs=lambda c: ["sft"] if c.init == "sft" else []),
     Stage("dpo", "deltalign.stages.dpo", needs=lambda c: ["sft"] if "sft" in (c.reference, c.init) else [],
-          uses=("rm",)),
+          uses=("rm",), hash_uses=True),
     Stage("ppo", "deltalign.stages.ppo",
           needs=lambda c: ["sft"] + (["rm"] if c.rm_weight or c.critic_init == "rm" else [])),
     Stage("grpo", "deltalign.stages.grpo", needs=lambda c: ["sft"] + (["rm"] if c.rm_weight else [])),
@@ -95,17 +107,20 @@ class Pipeline:
         return [n for n in STAGES if n in wanted]
 
     def inputs(self, name: str) -> dict:
-        """Everything the stage's output depends on, by content."""
-        cfg = self.cfgs[name]
+        """Everything the stage's output depends on, by content: what its hash covers (module docstring)."""
+        cfg, stage = self.cfgs[name], STAGES[name]
         data = {f: data_fingerprint(getattr(cfg, f)) for f in ("data", "eval_data") if hasattr(cfg, f)}
         out = {
-            "stage": name, "config": configs.to_dict(cfg), "model": configs.to_dict(self.cfgs["model"]),
+            "stage": name, "config": configs.hashed_dict(cfg), "model": configs.hashed_dict(self.cfgs["model"]),
             "model_files": model_fingerprint(self.cfgs["model"].path), "data": data,
-            "upstream": {u: self.hash(u) for u in STAGES[name].needs(cfg)},
+            "upstream": {u: self.hash(u) for u in stage.needs(cfg)},
+            "launch": launch_fingerprint(cfg), "software": software_versions(),
         }
-        if STAGES[name].hash_uses:
-            out["used"] = {u: m["hash"] for u in STAGES[name].uses
-                           if (m := StageDir(self.run_dir, u).manifest()) is not None}
+        if isinstance(getattr(cfg, "rules", None), dict) and (code := rules_fingerprint(cfg.rules)):
+            out["rules_code"] = code  # user rewards (ppo, grpo, any stage with a ``rules`` mapping)
+        if stage.hash_uses and (used := {u: m["hash"] for u in stage.uses
+                                         if (m := StageDir(self.run_dir, u).manifest()) is not None}):
+            out["used"] = used
         return out
 
     def hash(self, name: str) -> str:
@@ -113,7 +128,28 @@ class Pipeline:
             self._hashes[name] = sha256_json(self.inputs(name))
         return self._hashes[name]
 
+    def _settled(self, name: str, inputs: dict, h: str) -> tuple[dict, str]:
+        """``(inputs, hash)`` after the stage ran, with each `datasets` id resolved again: a data set the run
+        downloaded (or found moved on) is recorded at the revision it read, so the next run does not redo it.
+        Nothing else is re-read: what changed during the run (code, files) is not what the run used."""
+        cfg = self.cfgs[name]
+        data = {f: data_fingerprint(getattr(cfg, f)) if v.startswith("datasets:") else v
+                for f, v in inputs["data"].items()}
+        if data == inputs["data"]:
+            return inputs, h
+        inputs = inputs | {"data": data}
+        self._hashes[name] = sha256_json(inputs)  # what the stages downstream see as this upstream
+        return inputs, self._hashes[name]
+
     def run(self, targets: list[str], force: bool = False) -> dict[str, dict]:
+        """Run the targets and what they need, skipping each finished stage whose hash matches (unless ``force``
+        and targeted). The main process holds the run directory's lock throughout: a second run on the same
+        directory is refused (:class:`deltalign.pipeline.rundir.RunLocked`, a FileExistsError) before it reads or
+        writes anything there."""
+        with run_lock(self.run_dir) if is_main_process() else contextlib.nullcontext():
+            return self._run(targets, force)
+
+    def _run(self, targets: list[str], force: bool) -> dict[str, dict]:
         results = {}
         for name in self.plan(targets):
             sd = StageDir(self.run_dir, name)
@@ -132,6 +168,7 @@ class Pipeline:
                          if StageDir(self.run_dir, u).manifest() is not None}
             t0 = time.time()
             metrics = stage_module(name).run(self.cfgs[name], self.cfgs["model"], sd.path, upstream)
+            inputs, h = self._settled(name, inputs, h)
             if is_main_process():
                 sd.finish(h, inputs, metrics, time.time() - t0)
             self.log(f"[deltalign] {name}: done in {time.time() - t0:.0f}s")

@@ -1,10 +1,22 @@
-"""The run directory, its manifests, and the content hashes that decide whether a stage can be skipped.
+"""The run directory, its manifests, its lock, and the content hashes that decide whether a stage can be skipped.
 
 Layout: ``<root>/<run name>/<stage>/`` holds one stage's adapter (PEFT format), head, ``metrics.jsonl``,
 ``config.yaml`` (the resolved config) and ``manifest.json``. The manifest is written last and atomically: a
 directory without one is an unfinished run, which the next run of the same inputs resumes from its checkpoint.
+``<run>/.lock`` is held (``flock``) by the run using the directory; see :func:`run_lock`.
 
-The content hash of a stage covers its config, the base model, its data and the hashes of its upstream stages.
+The content hash of a stage (``Pipeline.inputs`` in :mod:`deltalign.pipeline.graph` lists the parts) covers:
+its config and the model config, less the settings marked ``NOT_HASHED`` (threads, logging and checkpoint
+cadence, gradient checkpointing); every file of the base model; the data it reads, by content
+(:func:`data_fingerprint`); the source file of each user ``module:function`` reward in its ``rules``
+(:func:`rules_fingerprint`); the global batch and the DeepSpeed / mixed-precision settings it was launched with
+(:func:`launch_fingerprint`); the versions of deltalign, torch, transformers and peft (:func:`software_versions`);
+the hashes of its upstream stages, and of the finished stages it reads when present (``Stage.hash_uses``).
+It does not cover: deltalign's own code beyond its version (an edited checkout hashes as the release it
+says it is); other packages (accelerate, datasets, deepspeed, CUDA/cuDNN) and the hardware; the files behind a
+``datasets`` id (only the revision it resolves to in the local cache); the code a user reward imports from
+other modules; environment variables other than those :func:`launch_fingerprint` names.
+
 A finished stage whose hash matches is skipped. When the inputs changed, the old output is not overwritten: it is
 moved to ``<run>/.history/<stage>-<old hash>/`` and the stage runs again (and so does everything downstream,
 since their upstream hash changed).
@@ -12,24 +24,30 @@ since their upstream hash changed).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import hashlib
+import importlib.util
 import json
 import os
-import shutil
 import time
+from importlib import metadata
 from pathlib import Path
 
 from deltalign import atomic
 
 MANIFEST = "manifest.json"
 STARTED = "inputs.json"
+LOCK = ".lock"
+VERSIONED = ("deltalign", "torch", "transformers", "peft")  # packages whose version is part of every hash
 _file_hash_cache: dict[tuple, str] = {}
 
 
 def sha256_file(path: Path) -> str:
-    """sha256 of a file's bytes, cached per (path, size, mtime) within the process."""
+    """sha256 of a file's bytes, cached per (path, inode, size, mtime) within the process."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _file_hash_cache:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -58,20 +76,114 @@ def model_fingerprint(path: str) -> str:
 
 
 def data_fingerprint(source: str) -> str:
-    """Hash of a data source: a local file's bytes, the embedded generator's code, or a `datasets` id."""
+    """Hash of a data source, by what a stage reads: a local file's or directory's bytes; for ``embedded:<name>``
+    the bytes of the materialised file (regenerated first if the generator changed); for a `datasets` id, the
+    revision it resolves to (:func:`datasets_revision`)."""
     if not source:
         return "none"
     if source.startswith("embedded:"):
-        import deltalign.data.embedded as gen
-        import deltalign.rewards.checker as chk
+        from deltalign.data import formats
 
-        return sha256_json([source, sha256_file(Path(gen.__file__)), sha256_file(Path(chk.__file__))])
+        return sha256_json([source, sha256_file(formats._embedded_path(source.removeprefix("embedded:")))])
     p = Path(source)
     if p.is_file():
         return sha256_file(p)
     if p.is_dir():
         return sha256_json({str(f.relative_to(p)): sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()})
-    return f"datasets:{source}"  # a hub id: pinned by name (and revision, if given in the id)
+    return f"datasets:{source}@{datasets_revision(source)}"
+
+
+def datasets_revision(repo_id: str) -> str:
+    """The commit a hub data set id resolves to here, offline: the hub cache's ``refs/main`` (what ``load_dataset``
+    downloaded last), else the newest commit folder in datasets' own cache (what it loads offline), else
+    ``unresolved`` (not downloaded yet; ``Pipeline.run`` records the revision once the stage has read it)."""
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}" / "refs" / "main"
+    if ref.is_file():
+        return ref.read_text().strip()
+    import datasets.config
+    from datasets.naming import camelcase_to_snakecase
+
+    *namespace, name = repo_id.split("/")
+    root = Path(datasets.config.HF_DATASETS_CACHE) / "___".join([*namespace, camelcase_to_snakecase(name)])
+    commits = [Path(d) for d in glob.glob(str(root / "*" / "*" / "*")) if os.path.isdir(d)]
+    return max(commits, key=lambda d: d.stat().st_mtime).name if commits else "unresolved"
+
+
+def rules_fingerprint(rules: dict) -> dict[str, str]:
+    """For each user reward ``module:function`` in a stage's ``rules``: the hash of its module's source file (found
+    without importing the module itself; ``missing`` if it cannot be found). Built-in rules are deltalign code."""
+    out = {}
+    for spec in sorted(s for s in rules if ":" in s):
+        try:
+            found = importlib.util.find_spec(spec.partition(":")[0])
+        except (ImportError, ValueError):
+            found = None
+        origin = Path(found.origin) if found is not None and found.origin else None
+        out[spec] = sha256_file(origin) if origin is not None and origin.is_file() else "missing"
+    return out
+
+
+def launch_fingerprint(cfg) -> dict:
+    """What the launch changes about a training stage's results: the global batch (processes x ``batch_size`` x
+    ``grad_accum``; ``WORLD_SIZE`` as ``accelerate launch``/torchrun set it), the DeepSpeed config (the JSON's
+    content, and the ``ACCELERATE_DEEPSPEED_*`` settings accelerate exports beside it) and mixed precision. A
+    plain ``python -m deltalign`` run and a one-process ``accelerate launch`` hash the same."""
+    if not hasattr(cfg, "batch_size"):  # not a training stage (export)
+        return {}
+    env = os.environ
+    out: dict = {"global_batch": int(env.get("WORLD_SIZE", "1")) * cfg.batch_size * getattr(cfg, "grad_accum", 1)}
+    if env.get("ACCELERATE_MIXED_PRECISION", "no").lower() != "no":
+        out["mixed_precision"] = env["ACCELERATE_MIXED_PRECISION"].lower()
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        ds = {k: v for k, v in env.items() if k.startswith("ACCELERATE_DEEPSPEED_") and not k.endswith("CONFIG_FILE")}
+        path = Path(env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", ""))
+        # parsed, so formatting does not count
+        ds["config"] = json.loads(path.read_text()) if path.is_file() else f"missing:{path}"
+        out["deepspeed"] = ds
+    return out
+
+
+def software_versions() -> dict[str, str]:
+    """Installed versions of :data:`VERSIONED` (``none`` if one is missing)."""
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "none"
+
+    return {name: version(name) for name in VERSIONED}
+
+
+class RunLocked(FileExistsError):
+    """Another live process is running on this run directory (the CLI prints it as a one-line error)."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``<run_dir>/.lock`` (``flock``, with this pid written in it) for the block, or raise :class:`RunLocked`
+    naming the holder's pid. The kernel drops the lock when its holder exits, however it dies, so a killed run
+    never leaves a stale lock; a refused run changes nothing in the run directory."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunLocked(f"run directory {run_dir} is in use by another run (pid {holder}); wait for it to finish "
+                        "or use another --run-dir") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 class StageDir:
@@ -116,5 +228,3 @@ class StageDir:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
 
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
