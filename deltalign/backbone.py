@@ -1,11 +1,18 @@
-"""One frozen base model in memory, with named delta adapters and small named heads on top.
+"""One frozen base model in memory, with named deltas and small named heads on top.
 
-Every stage trains only deltas on this object: a LoRA/DoRA/IA3 adapter (through peft's named-adapter API) and,
-for the reward model and critic, a scalar head. The base weights are loaded once, frozen, and never written.
+Every stage trains only deltas on this object: a named delta of any method in :mod:`deltalign.deltas` (LoRA/DoRA
+through peft's named-adapter API; ia3, prefix, prompt, bottleneck and ln as modules of ours in ``self.deltas``)
+and, for the reward model and critic, a scalar head. The base weights are loaded once, frozen, and never written.
+This module is about loading and switching; how each method is built and acts lives in :mod:`deltalign.deltas`.
+
+One delta is active at a time (:meth:`Backbone.activate`, :meth:`Backbone.using`): while one of ours is active,
+peft's adapter layers are off, and while a peft adapter is active, ours are off. :meth:`Backbone.forward` returns
+hidden states aligned with the caller's ids for every method (prompt learning included:
+:mod:`deltalign.deltas.sequence`).
 
 Trainability is owned here, not by peft: peft's ``set_adapter`` makes the adapter it activates trainable (even one
-loaded frozen), so :meth:`Backbone.activate` always activates in inference mode and then re-applies the
-``requires_grad`` flags this class recorded. An adapter is trainable only if it was added or loaded as trainable.
+loaded frozen), so every switch activates in inference mode and then re-applies the ``requires_grad`` flags this
+class recorded. A delta is trainable only if it was added or loaded as trainable.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from deltalign import deltas
+from deltalign.deltas import AdapterConfig, lora, peft_config  # noqa: F401  (AdapterConfig: stages import it here)
+from deltalign.deltas.sequence import Past, run
 from deltalign.pipeline.config import setting
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,36 +46,6 @@ class ModelConfig:
     """Allow model code from the checkpoint directory. Off unless you trust the checkpoint."""
     gradient_checkpointing: bool = setting(False, hashed=False)
     """Recompute activations in backward (non-reentrant) to save memory."""
-
-
-@dataclass
-class AdapterConfig:
-    method: Literal["lora", "dora", "ia3"] = "lora"
-    """Delta method: ``lora``, ``dora`` (weight-decomposed LoRA) or ``ia3`` (learned rescaling vectors)."""
-    r: int = setting(16, ge=1)
-    """LoRA rank."""
-    alpha: int = setting(32, ge=1)
-    """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = setting(0.05, ge=0, lt=1)
-    """Dropout on the LoRA input."""
-    target_modules: list[str] | str = "all-linear"
-    """Modules that get the delta: ``all-linear`` (every linear layer but the LM head) or a list of names."""
-
-
-def peft_config(cfg: AdapterConfig):
-    """Translate our adapter config into a peft config object."""
-    from peft import IA3Config, LoraConfig
-
-    if cfg.method in ("lora", "dora"):
-        return LoraConfig(
-            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-            use_dora=cfg.method == "dora", bias="none", task_type="CAUSAL_LM",
-        )
-    if cfg.method == "ia3":
-        targets = None if cfg.target_modules == "all-linear" else cfg.target_modules
-        ff = None if targets is None else [t for t in targets if "mlp" in t or t in ("down_proj", "up_proj")]
-        return IA3Config(target_modules=targets, feedforward_modules=ff, task_type="CAUSAL_LM")
-    raise ValueError(f"adapter.method must be one of lora, dora, ia3 (got {cfg.method!r})")
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -141,15 +121,17 @@ class ScalarHead(nn.Module):
 
 
 class Backbone(nn.Module):
-    """The frozen base + named adapters + named heads, as one module that accelerate/DeepSpeed can prepare."""
+    """The frozen base + named deltas + named heads, as one module that accelerate/DeepSpeed can prepare."""
 
     def __init__(self, model, tokenizer, cfg: ModelConfig | None = None):
         super().__init__()
-        self.model = model  # a PreTrainedModel, then a PeftModel once the first adapter is attached
+        self.model = model  # a PreTrainedModel, then a PeftModel once the first peft (LoRA/DoRA) adapter is attached
         self.tokenizer = tokenizer
         self.cfg = cfg or ModelConfig()
         self.heads = nn.ModuleDict()
+        self.deltas = nn.ModuleDict()  # our deltas (every method peft does not implement here), by name
         self.trainable: set[str] = set()
+        self._active: str | None = None
 
     @classmethod
     def load(cls, cfg: ModelConfig) -> "Backbone":
@@ -158,92 +140,118 @@ class Backbone(nn.Module):
 
     # --- adapters -------------------------------------------------------------------------------------------
     @property
+    def _peft(self) -> bool:
+        return hasattr(self.model, "peft_config") and hasattr(self.model, "get_base_model")
+
+    @property
     def adapters(self) -> list[str]:
-        return list(getattr(self.model, "peft_config", {}))
+        """Names of every attached delta, peft's and ours."""
+        return [*getattr(self.model, "peft_config", {}), *self.deltas]
 
     def add_adapter(self, name: str, cfg: AdapterConfig, trainable: bool = True) -> None:
-        """Attach a fresh adapter called ``name``."""
-        from peft import get_peft_model
-
+        """Attach a fresh delta called ``name`` with ``cfg.method`` (see :data:`deltalign.deltas.METHODS`)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already attached")
-        if not self.adapters:
-            self.model = get_peft_model(self.model, peft_config(cfg), adapter_name=name)
+        if deltas.spec(cfg.method).impl == "peft":
+            self.model = lora.add(self.model, name, peft_config(cfg))
         else:
-            self.model.add_adapter(name, peft_config(cfg))
+            with self.using(None):  # some methods start from the base's own activations
+                self._attach(name, deltas.build(cfg, self))
         self._mark(name, trainable)
 
     def load_adapter(self, name: str, path: str | Path, trainable: bool = False) -> None:
-        """Load a saved PEFT adapter as ``name``: frozen by default (a reference), or trainable (a copy to train).
-        Only ``adapter_model.safetensors`` is read: a pickled ``adapter_model.bin`` is refused."""
-        from peft import PeftModel
-
-        weights = Path(path) / "adapter_model.safetensors"
+        """Load a saved delta of any method as ``name``: frozen by default (a reference), or trainable (a copy to
+        train). Only ``adapter_model.safetensors`` is read: a pickled ``adapter_model.bin`` is refused."""
+        path = Path(path)
+        weights = path / deltas.WEIGHTS_FILE
         if not weights.is_file():
             pickled = " (it has a pickled adapter_model.bin, which deltalign never loads)" \
-                if (Path(path) / "adapter_model.bin").exists() else ""
-            raise FileNotFoundError(f"{path}: no adapter_model.safetensors{pickled}")
-
-        if not self.adapters:
-            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=trainable)
+                if (path / "adapter_model.bin").exists() else ""
+            raise FileNotFoundError(f"{path}: no {deltas.WEIGHTS_FILE}{pickled}")
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already attached")
+        conf = deltas.read_config(path)
+        if not deltas.is_ours(conf):
+            self.model = lora.load(self.model, name, path, trainable)
         else:
-            self.model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+            from safetensors.torch import load_file
+
+            with self.using(None), torch.random.fork_rng(devices=[]):  # shapes only: the caller's RNG untouched
+                module = deltas.build(deltas.settings_of(conf), self, init=False)
+            module.load_state_dict(load_file(str(weights)))
+            self._attach(name, module)
         self._mark(name, trainable)
+
+    def _attach(self, name: str, module: deltas.Delta) -> None:
+        """Hook one of our deltas into the base (inactive until activated), on the base's device."""
+        module.to(next(self.causal_lm.parameters()).device)
+        module.attach(self.causal_lm)
+        self.deltas[name] = module
 
     def _mark(self, name: str, trainable: bool) -> None:
         (self.trainable.add if trainable else self.trainable.discard)(name)
         self.activate(name)
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        if name in self.deltas:
+            return {f"deltas.{name}.{n}": p for n, p in self.deltas[name].named_parameters()}
         key = f".{name}."
         return {n: p for n, p in self.model.named_parameters() if key in n or n.endswith(f".{name}")}
 
     def activate(self, name: str) -> None:
-        """Make ``name`` the adapter used in forward passes. Never changes which parameters train."""
-        self.model.set_adapter(name, inference_mode=True)
+        """Make ``name`` the delta used in forward passes. Never changes which parameters train."""
+        if name not in self.adapters:
+            raise ValueError(f"unknown adapter {name!r}; attached: {self.adapters}")
+        self._switch(name)
+
+    def _switch(self, name: str | None) -> None:
+        """Turn delta ``name`` on and every other off (``None``: all off), then re-apply trainability."""
+        for n, d in self.deltas.items():
+            d.active = n == name
+        if self._peft:
+            if name is None or name in self.deltas:
+                self.model.base_model.disable_adapter_layers()
+            else:
+                self.model.base_model.enable_adapter_layers()
+                self.model.set_adapter(name, inference_mode=True)
+        self._active = name
         self._apply_trainable()
 
     @property
     def active(self) -> str | None:
-        return self.model.active_adapter if self.adapters else None
+        """The delta used in forward passes (``None``: the bare base)."""
+        return self._active
 
     @contextlib.contextmanager
     def using(self, name: str | None):
-        """Run a block with adapter ``name`` active (``None``: all adapters off), then restore the previous one."""
-        previous = self.active
-        if name is None and not self.adapters:
+        """Run a block with delta ``name`` active (``None``: all deltas off), then restore the previous one."""
+        previous = self._active
+        if name == previous:
             yield
             return
-        if name is None:
-            with self.model.disable_adapter():
-                yield
-            return
-        self.activate(name)
+        if name is not None and name not in self.adapters:
+            raise ValueError(f"unknown adapter {name!r}; attached: {self.adapters}")
+        self._switch(name)
         try:
             yield
         finally:
-            if previous is not None:
-                self.activate(previous)
+            self._switch(previous)
 
     def _apply_trainable(self) -> None:
-        for n, p in self.model.named_parameters():
+        for p in self.model.parameters():
             p.requires_grad_(False)
+        self.deltas.requires_grad_(False)
         for name in self.trainable:
             for p in self.adapter_parameters(name).values():
                 p.requires_grad_(True)
 
     def save_adapter(self, name: str, out_dir: str | Path, state: dict | None = None) -> None:
-        """Write adapter ``name`` in PEFT format into ``out_dir`` (``adapter_model.safetensors`` at the top level)."""
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        config = self.model.peft_config[name]
-        config.save_pretrained(out)
-        if state is None:
-            state = get_peft_model_state_dict(self.model, adapter_name=name)
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / "adapter_model.safetensors")
+        """Write delta ``name`` into ``out_dir``: ``adapter_config.json`` (which says the method) and
+        ``adapter_model.safetensors`` at the top level (PEFT format for LoRA/DoRA)."""
+        if name in self.deltas:
+            deltas.save(self.deltas[name], out_dir, self.cfg.path, state)
+        else:
+            lora.save(self.model, name, out_dir, state)
 
     # --- heads ----------------------------------------------------------------------------------------------
     def add_head(self, name: str, trainable: bool = True) -> ScalarHead:
@@ -271,14 +279,20 @@ class Backbone(nn.Module):
 
     @property
     def causal_lm(self):
-        """The underlying transformers model (adapters are injected into its layers in place)."""
-        return self.model.get_base_model() if self.adapters else self.model
+        """The underlying transformers model (peft adapters are injected into its layers in place, ours hook it)."""
+        return self.model.get_base_model() if self._peft else self.model
 
     def forward(self, input_ids, attention_mask, head: str | None = None):
-        """Last hidden states [B, T, H] of the active adapter; with ``head``, that head's value per token [B, T]."""
-        out = self.causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state
+        """Last hidden states [B, T, H] of the active delta, aligned with ``input_ids`` whatever the method; with
+        ``head``, that head's value per token [B, T]."""
+        hidden, _ = self.encode(input_ids, attention_mask)
         return self.heads[head](hidden) if head is not None else hidden
+
+    def encode(self, input_ids, attention_mask, past: Past | None = None, cache: bool = False):
+        """``(hidden [B, T, H], past)`` under the active delta: the forward, and with ``cache`` the KV-cache state
+        to continue from; given ``past``, continue that sequence by ``input_ids`` (generation)."""
+        delta = self.deltas[self._active] if self._active in self.deltas else None
+        return run(self.causal_lm, delta, input_ids, attention_mask, past, cache)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits in float32 for the hidden states given (select positions first: the head is the cost)."""

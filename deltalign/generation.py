@@ -1,8 +1,11 @@
-"""Batched generation from the backbone with whichever adapter is active, and the checker evaluation.
+"""Batched generation from the backbone with whichever delta is active, and the checker evaluation.
 
 :func:`generate` takes prompt token ids and returns response token ids: left-padded batches (prompts sorted by
-length to waste less padding, results returned in the input order), KV cache on, ``torch.no_grad()``, the model
-in eval mode for the call (each module's train/eval flag is restored afterwards). A response ends right after
+length to waste less padding, results returned in the input order), KV cache on, ``torch.no_grad()``, the backbone
+in eval mode for the call (each module's train/eval flag is restored afterwards). Decoding runs through
+:meth:`deltalign.backbone.Backbone.encode` (prefill, then one token a step from the cache), so every delta method
+generates, prompt learning included (a prefix or soft prompt goes in front of the left padding), and greedy
+tokens equal a step-by-step argmax over full ``Backbone.forward`` passes. A response ends right after
 its first stop token (the tokenizer's eos and, if different, the chat template's end-of-turn token, e.g.
 ``<|im_end|>``) and contains no padding. The pad token is never generated (it is suppressed), so a pad id in a
 batch is always padding. ``temperature == 0`` is greedy. Sampling draws from the plain temperature/top-p
@@ -10,7 +13,7 @@ distribution (no top-k) by the Gumbel-max trick, with one random stream per prom
 ``seed`` and the prompt's index): a prompt's response depends on its seed alone, not on which other prompts share
 its batch or process — so a rollout is the same in one process and in two. The caller's RNG state is untouched.
 
-Adapters are chosen by the caller: ``with backbone.using(name): generate(...)``.
+Deltas are chosen by the caller: ``with backbone.using(name): generate(...)``.
 """
 
 from __future__ import annotations
@@ -65,16 +68,6 @@ def stop_token_ids(tokenizer) -> list[int]:
     return stops
 
 
-def _hf_config(tokenizer, cfg: GenerationConfig, stops: list[int]):
-    from transformers import GenerationConfig as HFGenerationConfig
-
-    # Always greedy for transformers: sampling is done by RowSampler (Gumbel-max), the last logits processor.
-    return HFGenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, do_sample=False, use_cache=True, num_beams=1,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, suppress_tokens=[tokenizer.pad_token_id],
-    )
-
-
 class RowSampler:
     """Logits processor that turns greedy decoding into sampling from softmax(logits / T) restricted to the top-p
     nucleus, each row with its own generator: argmax(log p + Gumbel noise) is a sample from p (Gumbel-max)."""
@@ -109,15 +102,12 @@ def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed:
         raise ValueError(f"generate: {len(row_seeds)} row seeds for {len(prompt_ids)} prompts")
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("generate: empty prompt (every prompt needs at least one token)")
-    from transformers import LogitsProcessorList
-
-    tok, model = backbone.tokenizer, backbone.model
+    tok = backbone.tokenizer
     stops = stop_token_ids(tok)
-    hf_cfg = _hf_config(tok, cfg, stops)
-    device = next(model.parameters()).device
+    device = next(backbone.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # longest first: OOM shows early
     out: list[list[int] | None] = [None] * len(prompt_ids)
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(backbone):
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             width = max(len(prompt_ids[i]) for i in idx)
@@ -127,13 +117,35 @@ def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed:
                 n = len(prompt_ids[i])
                 ids[row, width - n:] = torch.tensor(prompt_ids[i], dtype=torch.long)
                 mask[row, width - n:] = 1
-            sampler = LogitsProcessorList(
-                [RowSampler([row_seeds[i] for i in idx], cfg.temperature, cfg.top_p)] if cfg.temperature else [])
-            seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=hf_cfg,
-                                  logits_processor=sampler)
+            sampler = RowSampler([row_seeds[i] for i in idx], cfg.temperature, cfg.top_p) if cfg.temperature else None
+            new = decode_batch(backbone, ids.to(device), mask.to(device), cfg.max_new_tokens, stops, tok.pad_token_id,
+                               sampler)
             for row, i in enumerate(idx):
-                out[i] = _cut(seqs[row, width:].tolist(), stops)
+                out[i] = _cut(new[row].tolist(), stops)
     return out  # type: ignore[return-value]
+
+
+def decode_batch(backbone, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: list[int], pad: int,
+                 sampler: "RowSampler | None" = None) -> torch.Tensor:
+    """New tokens [B, <= max_new_tokens] for a left-padded batch: prefill, then one token a step from the KV cache.
+    Greedy over the logits with the pad token suppressed, or a draw by ``sampler``; a row that produced a stop
+    token gets pads after it; stops early once every row has."""
+    hidden, past = backbone.encode(ids, mask, cache=True)
+    stop = torch.tensor(stops, device=ids.device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new = []
+    for step in range(max_new_tokens):
+        scores = backbone.lm_logits(hidden[:, -1])
+        scores[:, pad] = float("-inf")  # the pad token is never generated: a pad id is always padding
+        if sampler is not None:
+            scores = sampler(None, scores)
+        token = scores.argmax(-1).masked_fill(done, pad)
+        new.append(token)
+        done |= torch.isin(token, stop)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        hidden, past = backbone.encode(token[:, None], torch.ones_like(token)[:, None], past=past)
+    return torch.stack(new, dim=1)
 
 
 def _cut(ids: list[int], stops: list[int]) -> list[int]:
@@ -171,7 +183,8 @@ def checker_eval(backbone, examples: list, cfg: GenerationConfig, adapter: str |
                  seed: int = 0) -> dict:
     """Generate for each example's prompt with ``adapter`` (``None``: base, adapters off) and score by the checker.
 
-    Returns ``checker_score`` (mean), ``n``, ``mean_response_tokens``, ``samples`` (first 5 ``{prompt,
+    Returns ``checker_score`` (mean over the prompts that state a constraint the checker knows, None if none
+    does: your own data), ``checker_n`` (how many did), ``n``, ``mean_response_tokens``, ``samples`` (first 5 ``{prompt,
     response, score}``) and ``scores`` (per example, in order).
     """
     if not examples:
@@ -182,9 +195,11 @@ def checker_eval(backbone, examples: list, cfg: GenerationConfig, adapter: str |
         ids = generate(backbone, prompt_ids, cfg, seed=seed)
     responses = decode(backbone, ids)
     users = [_user_text(ex.prompt) for ex in examples]
-    scores = score_batch(users, responses)
+    scores = score_batch(users, responses, missing="none")  # prompts without a checkable constraint: None
+    scored = [s for s in scores if s is not None]
     return {
-        "checker_score": sum(scores) / len(scores),
+        "checker_score": sum(scored) / len(scored) if scored else None,
+        "checker_n": len(scored),
         "n": len(examples),
         "mean_response_tokens": sum(len(r) for r in ids) / len(ids),
         "samples": [{"prompt": p, "response": r, "score": s} for p, r, s in list(zip(users, responses, scores))[:5]],

@@ -240,3 +240,92 @@ def test_generate_prints_responses_for_base_a_stage_and_an_export(run, tmp_path,
     assert "no finished ppo" in capsys.readouterr().err
     assert main(["generate", "--from", str(tmp_path), "--prompt", "x", *common]) == 2
     assert "not a model directory" in capsys.readouterr().err
+
+
+# --- methods of ours: merged when they can be, adapter + base reference when they cannot -------------------------
+
+def fake_stage(root, stage, method, head=False):
+    """A finished stage folder holding a nudged delta of ``method`` (and a head), as a run would leave it."""
+    from deltalign.backbone import AdapterConfig
+
+    torch.manual_seed(0)
+    bb = Backbone.load(TINY)
+    bb.add_adapter(stage, AdapterConfig(method=method, prefix_length=3, prompt_length=3, bottleneck_size=8))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in bb.adapter_parameters(stage).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    d = root / stage
+    bb.save_adapter(stage, d)
+    if head:
+        bb.add_head(stage)
+        bb.save_head(stage, d / "head.safetensors")
+        (d / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0, "n": 1}))
+    (d / "manifest.json").write_text(json.dumps({"hash": "ab" * 32, "inputs": {}, "finished_at": "now"}))
+    return d
+
+
+def own_logits(adapter_dir, batch):
+    bb = Backbone.load(TINY)
+    bb.load_adapter("x", adapter_dir)
+    with torch.no_grad():
+        return bb.lm_logits(bb(batch["input_ids"], batch["attention_mask"]))[batch["attention_mask"].bool()]
+
+
+@pytest.mark.parametrize("method", ["ia3", "ln"])
+def test_our_mergeable_methods_merge_into_plain_weights(method, tmp_path):
+    src = fake_stage(tmp_path / "run", "sft", method)
+    m = export.run(export.Config(policy="sft", reward_model=False), TINY, tmp_path / "export", {"sft": src})
+    batch = ids_batch(Backbone.load(TINY).tokenizer)
+    ref = own_logits(src, batch)
+    base, _ = adapter_logits(tmp_path, None, batch)
+    got, _ = hf_logits(tmp_path / "export" / "model", batch)
+    assert (ref - base).abs().max() > 1e-3  # the delta matters, so a missing merge would fail below
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert m["model"]["max_abs_logit_diff"] < 1e-4
+    assert "deltalign_method" in (tmp_path / "export" / "adapter" / "adapter_config.json").read_text()
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "bottleneck"])
+def test_a_method_that_cannot_merge_exports_the_adapter_and_its_base_never_a_merged_model(method, tmp_path):
+    src = fake_stage(tmp_path / "run", "sft", method)
+    rm = fake_stage(tmp_path / "run", "rm", "bottleneck", head=True)
+    stale = tmp_path / "export" / "model"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")  # an earlier export's merged model must not survive
+    with pytest.warns(UserWarning, match="cannot be merged"):
+        m = export.run(export.Config(policy="sft", adapter_only=False), TINY, tmp_path / "export",
+                       {"sft": src, "rm": rm})
+    out = tmp_path / "export"
+    assert not (out / "model").exists()
+    assert m["model"]["merged"] is False and m["model"]["method"] == method
+    assert "cannot be merged" in m["model"]["message"] and "tiny" in m["model"]["message"]
+    card = (out / "adapter" / "README.md").read_text()
+    assert "not merged" in card and "load_adapter" in card
+    assert json.loads((out / "adapter" / "base_model.json").read_text())["path"] == "tiny"
+    batch = ids_batch(Backbone.load(TINY).tokenizer)
+    torch.testing.assert_close(own_logits(out / "adapter", batch), own_logits(src, batch), atol=0, rtol=0)
+    # a reward model that cannot merge: adapter + head + statistics, scoring as the pipeline does
+    assert m["reward_model"]["merged"] is False and not (out / "reward_model" / "config.json").exists()
+    assert {"adapter_model.safetensors", "head.safetensors", "reward_stats.json", "base_model.json"} <= {
+        p.name for p in (out / "reward_model").iterdir()}
+    tok = Backbone.load(TINY).tokenizer
+    b = pad_batch([tokenize_prompt([{"role": "user", "content": q}], tok, True) for q in ("Hi", "What is 2+2?")],
+                  tok.pad_token_id)
+    scores = [load_reward_model(TINY, d).score_ids(b["input_ids"], b["attention_mask"])
+              for d in (rm, out / "reward_model")]
+    torch.testing.assert_close(scores[0], scores[1], atol=0, rtol=0)
+
+
+def test_cli_exports_and_generates_from_a_delta_that_cannot_merge(tmp_path, capsys):
+    from deltalign.pipeline.cli import main
+
+    args = ["--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "run"), "--set", "sft.adapter.method=prefix",
+            "--set", "sft.max_steps=2", "--set", "sft.eval_checker=false"]
+    assert main(["run", "sft", *args]) == 0
+    assert main(["export", *args]) == 0
+    out = capsys.readouterr().out
+    assert "to " + str(tmp_path / "run" / "export" / "adapter") in out and "cannot be merged" in out
+    assert not (tmp_path / "run" / "export" / "model").exists()
+    assert main(["generate", "--from", "export", "--prompt", "Hi?", "--max-new-tokens", "3", *args]) == 0
+    assert "response (export)" in capsys.readouterr().out

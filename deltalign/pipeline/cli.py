@@ -126,6 +126,12 @@ def generation_source(source: str, run_dir: Path, model_cfg):
         raise ValueError(f"rm is a reward model, not a policy: generate from base, {', '.join(POLICY_STAGES)} or "
                          "an export")
     path = run_dir / "export" if source == "export" else Path(source)
+    if (path / "adapter" / "base_model.json").exists() and not (path / "model" / "config.json").exists():
+        # an export of a delta that cannot be merged (prefix, prompt, bottleneck): its base + the adapter
+        base = json.loads((path / "adapter" / "base_model.json").read_text())
+        backbone = Backbone.load(ModelConfig(path=base["path"]))
+        backbone.load_adapter("export", path / "adapter", trainable=False)
+        return backbone, "export"
     if (path / "model" / "config.json").exists():  # an export folder: its merged policy
         path = path / "model"
     if not (path / "config.json").exists():
@@ -171,10 +177,15 @@ def export_command(args, cfgs) -> int:
     metrics = pipe.run(["export"], force=args.force or bool(cfg.out))["export"]
     if out is not None:  # --out copies the (possibly cached) export: no re-export, nothing archived
         metrics["out"] = str(export.copy_export(stage_dir, out, args.overwrite))
-    print(f"exported policy {metrics['policy']!r} to {pipe.run_dir / 'export' / 'model'} "
-          f"(max abs logit diff vs adapter model {metrics['model']['max_abs_logit_diff']:.3g})")
+    where = pipe.run_dir / "export"
+    if metrics["model"].get("merged") is False:  # prefix / prompt / bottleneck: the adapter and its base
+        print(f"exported policy {metrics['policy']!r} to {where / 'adapter'}: {metrics['model']['message']}")
+    else:
+        print(f"exported policy {metrics['policy']!r} to {where / 'model'} "
+              f"(max abs logit diff vs adapter model {metrics['model']['max_abs_logit_diff']:.3g})")
     if "reward_model" in metrics:
-        print(f"exported reward model to {pipe.run_dir / 'export' / 'reward_model'}")
+        note = metrics["reward_model"].get("message", "")
+        print(f"exported reward model to {where / 'reward_model'}" + (f": {note}" if note else ""))
     if metrics.get("out"):
         print(f"copied to {metrics['out']}")
     return 0

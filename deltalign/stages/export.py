@@ -10,7 +10,14 @@ Output in the stage folder (``runs/<name>/export/``), each written to a temp dir
 - ``reward_model/``: the rm adapter merged the same way into an ``AutoModelForSequenceClassification``
   (``num_labels=1``; ``score.weight`` = the head's weight; ``pad_token_id`` set, so it scores the last non-pad
   token as :class:`deltalign.rewards.model.RewardModel` does), with ``reward_stats.json``.
-- ``adapter/``: the policy adapter in PEFT format, as trained.
+- ``adapter/``: the policy adapter as trained (PEFT format for LoRA/DoRA; ours: safetensors + JSON naming the
+  method).
+
+Only methods that merge into plain weights are merged (lora, dora, ia3, ln: ``deltalign.deltas.METHODS``). A delta
+that cannot be merged (prefix, prompt, bottleneck: extra attention positions, extra inputs, a non-linear block) is
+NEVER turned into a silently wrong merged model: no ``model/`` (or ``reward_model/`` model) is written; the adapter
+goes to ``adapter/`` (always) -- for a reward model to ``reward_model/`` with its head -- with ``base_model.json``
+naming the base and a card saying how to load it with deltalign; the metrics say ``merged: false`` and why.
 
 Each merge is checked in memory before saving: the exported model's logits (or scores), in the output dtype,
 against the adapter model's in float32, on a few chat prompts; the max abs difference goes into the metrics.
@@ -23,21 +30,22 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from deltalign import atomic
-from deltalign.backbone import DTYPES, ModelConfig, load_base, resolve_path
+from deltalign import atomic, deltas
+from deltalign.backbone import DTYPES, Backbone, ModelConfig, load_base, resolve_path
 from deltalign.generation import stop_token_ids
 from deltalign.pipeline.rundir import MANIFEST, model_fingerprint
 from deltalign.rewards.model import HEAD_FILE, STATS_FILE, last_token_values
 
 NAME = "export"
-POLICIES = ("ppo", "dpo", "sft")  # preference order of ``policy: auto``
-SOURCES = ("sft", "rm", "dpo", "ppo")
+ALIGNED = ("ppo", "grpo", "dpo")  # ``policy: auto`` takes the most recently finished of these, else sft
+SOURCES = ("sft", "rm", "dpo", "ppo", "grpo")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHECK_PROMPTS = ["What do bees make? Answer in all lowercase letters.",
                  "Name a primary colour. Answer in JSON format, as an object with the key \"answer\"."]
@@ -45,8 +53,8 @@ CHECK_PROMPTS = ["What do bees make? Answer in all lowercase letters.",
 
 @dataclass
 class Config:
-    policy: Literal["auto", "sft", "dpo", "ppo"] = "auto"
-    """Policy adapter to merge: ``auto`` (the last finished of ppo, dpo, sft), or ``sft``, ``dpo``, ``ppo``."""
+    policy: Literal["auto", "sft", "dpo", "ppo", "grpo"] = "auto"
+    """Policy to export: ``auto`` (the most recently finished of ppo, grpo and dpo; else sft), or a stage name."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the exported weights: float32, bfloat16 or float16 (the merge itself is always float32)."""
     max_shard_size: str = "2GB"
@@ -78,10 +86,12 @@ def choose_policy(cfg: Config, done: dict[str, Path]) -> str:
         if cfg.policy not in done:
             raise FileNotFoundError(f"export.policy is {cfg.policy!r} but the run has no finished {cfg.policy} stage")
         return cfg.policy
-    for p in POLICIES:
-        if p in done:
-            return p
-    raise FileNotFoundError("nothing to export: the run has no finished policy stage (sft, dpo or ppo); "
+    aligned = [p for p in ALIGNED if p in done]
+    if aligned:  # the most recently finished alignment stage
+        return max(aligned, key=lambda p: json.loads((done[p] / MANIFEST).read_text()).get("finished_at", ""))
+    if "sft" in done:
+        return "sft"
+    raise FileNotFoundError("nothing to export: the run has no finished policy stage (sft, dpo, ppo or grpo); "
                             "run `make sft` or `make dpo` first")
 
 
@@ -100,14 +110,31 @@ def check_out(cfg: Config, stage_dir: Path | None = None) -> Path | None:
 
 # --- merging ------------------------------------------------------------------------------------------------------
 
-def merged_base(model_cfg: ModelConfig, adapter_dir: Path):
-    """(peft model over a float32, unquantized copy of the base with the adapter loaded, tokenizer)."""
-    from peft import PeftModel
+ADAPTER = "export"  # the name the exported delta gets on the export's own backbone
 
+
+def mergeable(adapter_dir: Path) -> bool:
+    return deltas.spec(deltas.method_of(adapter_dir)).mergeable
+
+
+def adapter_backbone(model_cfg: ModelConfig, adapter_dir: Path) -> Backbone:
+    """A float32, unquantized copy of the base with the adapter loaded (frozen, active), in eval mode."""
     full = ModelConfig(path=model_cfg.path, dtype="float32", quantization="none",
                        trust_remote_code=model_cfg.trust_remote_code)
     base, tok = load_base(full)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), tok
+    bb = Backbone(base, tok, full)
+    bb.load_adapter(ADAPTER, adapter_dir, trainable=False)
+    return bb.eval()
+
+
+def merge(bb: Backbone):
+    """The plain transformers model with the active delta folded into its weights (mergeable methods only)."""
+    if ADAPTER in bb.deltas:
+        delta = bb.deltas[ADAPTER]
+        delta.merge(bb.causal_lm)
+        delta.detach()
+        return bb.causal_lm
+    return bb.model.merge_and_unload()
 
 
 def check_batch(tok) -> dict:
@@ -128,11 +155,12 @@ def cast(model, dtype: str):
 
 @torch.no_grad()
 def export_policy(cfg: Config, model_cfg: ModelConfig, adapter_dir: Path, dest: Path, card: str) -> dict:
-    peft_model, tok = merged_base(model_cfg, adapter_dir)
+    bb = adapter_backbone(model_cfg, adapter_dir)
+    tok = bb.tokenizer
     batch = check_batch(tok)
     mask = batch["attention_mask"].bool()
-    before = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask]
-    model = cast(peft_model.merge_and_unload(), cfg.dtype)
+    before = bb.lm_logits(bb(batch["input_ids"], batch["attention_mask"]))[mask]
+    model = cast(merge(bb), cfg.dtype)
     after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask].float()
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = stop_token_ids(tok)
@@ -150,13 +178,14 @@ def export_reward_model(cfg: Config, model_cfg: ModelConfig, rm_dir: Path, dest:
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    peft_model, tok = merged_base(model_cfg, rm_dir)
+    bb = adapter_backbone(model_cfg, rm_dir)
+    tok = bb.tokenizer
     head = load_file(str(rm_dir / HEAD_FILE))
     w, b = head["proj.weight"].float(), head["proj.bias"].float()
     batch = check_batch(tok)
-    hidden = peft_model.get_base_model().model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    before = last_token_values((hidden.last_hidden_state @ w.T).squeeze(-1) + b, batch["attention_mask"])
-    causal = peft_model.merge_and_unload()
+    hidden = bb(batch["input_ids"], batch["attention_mask"])
+    before = last_token_values((hidden @ w.T).squeeze(-1) + b, batch["attention_mask"])
+    causal = merge(bb)
     conf = copy.deepcopy(causal.config)
     conf.num_labels, conf.pad_token_id, conf.architectures = 1, tok.pad_token_id, None
     bias = float(b.item())
@@ -179,11 +208,32 @@ def export_reward_model(cfg: Config, model_cfg: ModelConfig, rm_dir: Path, dest:
             "files": sorted(p.name for p in dest.iterdir())}
 
 
-def copy_adapter(adapter_dir: Path, dest: Path, card: str) -> None:
+def copy_adapter(adapter_dir: Path, dest: Path, card: str, extra: tuple[str, ...] = (),
+                 base: dict | None = None) -> None:
+    """The adapter files (and ``extra`` ones that exist, e.g. a reward head), the card and, for a delta that was not
+    merged, ``base_model.json`` naming the base it needs."""
     with atomic.directory(dest, replace=True) as tmp:
-        for f in ADAPTER_FILES:
-            shutil.copy2(adapter_dir / f, tmp / f)
+        for f in (*ADAPTER_FILES, *extra):
+            if f in ADAPTER_FILES or (adapter_dir / f).exists():
+                shutil.copy2(adapter_dir / f, tmp / f)
+        if base is not None:
+            atomic.write_json(tmp / "base_model.json", base)
         atomic.write_text(tmp / "README.md", card)
+
+
+def not_merged(kind: str, adapter_dir: Path, model_cfg: ModelConfig) -> tuple[dict, list[str]]:
+    """Metrics and card lines for a delta that cannot be merged into plain weights (never a wrong merged model)."""
+    method = deltas.method_of(adapter_dir)
+    message = (f"the {kind} is a {method} delta, which cannot be merged into plain weights "
+               f"({deltas.METHODS[method].summary}): exported as the adapter plus a reference to its base "
+               f"(`{model_cfg.path}`), not as a standalone model")
+    load = ("- load with deltalign: `bb = Backbone.load(ModelConfig(path=<base>)); bb.load_adapter(name, dir)`, "
+            "then use `bb` (forward, `deltalign.generation.generate`); plain transformers cannot run it")
+    return {"merged": False, "method": method, "message": message}, [f"- **not merged**: {message}", load]
+
+
+def base_reference(model_cfg: ModelConfig) -> dict:
+    return {"path": model_cfg.path, "sha256": model_fingerprint(model_cfg.path)}
 
 
 # --- model card ---------------------------------------------------------------------------------------------------
@@ -199,19 +249,21 @@ def _scalars(d: dict, prefix: str = "") -> dict:
 
 
 def model_card(kind: str, stage: str, model_cfg: ModelConfig, cfg: Config, done: dict[str, Path],
-               notes: list[str]) -> str:
+               notes: list[str], merged: bool = True) -> str:
     run_dir = done[stage].parent
-    lines = ["---", "library_name: transformers", "tags: [deltalign]", "---", "",
-             f"# {kind} exported by deltalign", "",
+    how = [f"- merged adapter: stage `{stage}` from `{done[stage]}`",
+           f"- weights dtype: {cfg.dtype} (merged in float32 into an unquantized copy of the base)"] if merged else \
+        [f"- adapter ({deltas.method_of(done[stage])}, not merged): stage `{stage}` from `{done[stage]}`"]
+    lines = ["---", "library_name: transformers" if merged else "library_name: deltalign", "tags: [deltalign]", "---",
+             "", f"# {kind} exported by deltalign", "",
              f"- base model: `{model_cfg.path}` (files sha256 `{model_fingerprint(model_cfg.path)[:16]}`)",
-             f"- merged adapter: stage `{stage}` from `{done[stage]}`",
-             f"- weights dtype: {cfg.dtype} (merged in float32 into an unquantized copy of the base)", *notes, "",
+             *how, *notes, "",
              "## Stages of the run", "", "| stage | content hash | upstream | finished |", "|---|---|---|---|"]
     for s, d in done.items():
         m = json.loads((d / MANIFEST).read_text())
         ups = ", ".join(f"{u} {h[:12]}" for u, h in m.get("inputs", {}).get("upstream", {}).items()) or "—"
-        lines.append(f"| {s}{' (merged)' if s == stage else ''} | `{m['hash'][:16]}` | {ups} | "
-                     f"{m.get('finished_at', '?')} |")
+        mark = (" (merged)" if merged else " (exported)") if s == stage else ""
+        lines.append(f"| {s}{mark} | `{m['hash'][:16]}` | {ups} | {m.get('finished_at', '?')} |")
     lines += ["", "## Held-out metrics", ""]
     for s, d in done.items():
         if (d / "eval.json").exists():
@@ -219,11 +271,9 @@ def model_card(kind: str, stage: str, model_cfg: ModelConfig, cfg: Config, done:
             lines += [f"{s} (`{s}/eval.json`): " + ", ".join(f"{k} {v:.4g}" for k, v in flat.items()), ""]
     table = run_dir / "eval_table.json"
     if table.exists():
-        lines += ["Policy comparison (`eval_table.json`):", "", "| policy | checker | rm score | KL to SFT |",
-                  "|---|---|---|---|"]
-        for label, row in json.loads(table.read_text()).items():
-            lines.append(f"| {label} | {row.get('checker_score', float('nan')):.2f} | "
-                         f"{row.get('rm_score', float('nan')):.3f} | {row.get('kl_to_reference', float('nan')):.3f} |")
+        from deltalign.evaluation import markdown_table
+
+        lines += ["Policy comparison (`eval_table.json`):", "", markdown_table(json.loads(table.read_text()))]
     return "\n".join(lines) + "\n"
 
 
@@ -242,28 +292,59 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     if model_cfg.quantization != "none":
         notes.append(f"- trained on a {model_cfg.quantization}-quantized base (QLoRA); the adapter was merged into "
                      "the full-precision base, so outputs differ slightly from the quantized training model")
-    policy_card = model_card(f"Policy `{stage}`", stage, model_cfg, cfg, done, notes + [
-        "- load: `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`; the "
-        "chat template and end-of-turn eos are included"])
-    metrics["model"] = export_policy(cfg, model_cfg, done[stage], out_dir / "model", policy_card)
+    metrics["model"] = policy_export(cfg, model_cfg, stage, done, out_dir, notes)
     if cfg.reward_model and "rm" in done:
-        bias = float(_head_bias(done["rm"]))
-        rm_notes = ["- load: `AutoModelForSequenceClassification.from_pretrained(dir)`; the score is `logits[:, 0]` "
-                    "at the last non-pad token; `reward_stats.json` has the mean/std of training-response scores"]
-        if bias:
-            rm_notes.append(f"- the reward head's bias ({bias:.6g}) has no place in HF's bias-free `score` layer: "
-                            "it is stored as `deltalign_score_bias` in config.json; add it to the logits to get "
-                            "deltalign's raw scores (rankings and Bradley-Terry differences do not need it)")
-        card = model_card("Reward model", "rm", model_cfg, cfg, done, notes + rm_notes)
-        metrics["reward_model"] = export_reward_model(cfg, model_cfg, done["rm"], out_dir / "reward_model", card)
-    if cfg.adapter_only:
-        copy_adapter(done[stage], out_dir / "adapter", model_card(
-            f"PEFT adapter `{stage}`", stage, model_cfg, cfg, done, notes + [
-                "- load: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<base>), dir)`"]))
+        metrics["reward_model"] = reward_model_export(cfg, model_cfg, done, out_dir, notes)
     if out is not None:
         metrics["out"] = str(copy_export(out_dir, out, cfg.overwrite))
     atomic.write_json(out_dir / "export.json", metrics)
     return metrics
+
+
+def policy_export(cfg: Config, model_cfg: ModelConfig, stage: str, done: dict[str, Path], out_dir: Path,
+                  notes: list[str]) -> dict:
+    """``model/`` (merged) and ``adapter/`` (if asked); for a delta that cannot merge, ``adapter/`` alone."""
+    src = done[stage]
+    if not mergeable(src):
+        shutil.rmtree(out_dir / "model", ignore_errors=True)  # a stale merged model from an earlier export: wrong
+        metrics, lines = not_merged(f"policy `{stage}`", src, model_cfg)
+        copy_adapter(src, out_dir / "adapter", model_card(f"Policy `{stage}` (adapter)", stage, model_cfg, cfg, done,
+                                                          notes + lines, merged=False), base=base_reference(model_cfg))
+        warnings.warn(f"export: {metrics['message']}; see {out_dir / 'adapter'}", stacklevel=2)
+        return metrics
+    card = model_card(f"Policy `{stage}`", stage, model_cfg, cfg, done, notes + [
+        "- load: `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`; the "
+        "chat template and end-of-turn eos are included"])
+    metrics = export_policy(cfg, model_cfg, src, out_dir / "model", card)
+    if cfg.adapter_only:
+        load = "- load: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<base>), dir)`" \
+            if deltas.spec(deltas.method_of(src)).impl == "peft" else \
+            "- load with deltalign: `Backbone.load(ModelConfig(path=<base>)).load_adapter(name, dir)`"
+        copy_adapter(src, out_dir / "adapter", model_card(f"Adapter `{stage}`", stage, model_cfg, cfg, done,
+                                                          notes + [load]))
+    return metrics
+
+
+def reward_model_export(cfg: Config, model_cfg: ModelConfig, done: dict[str, Path], out_dir: Path,
+                        notes: list[str]) -> dict:
+    """``reward_model/``: a merged sequence classifier, or for a delta that cannot merge the adapter + head."""
+    src = done["rm"]
+    if not mergeable(src):
+        metrics, lines = not_merged("reward model", src, model_cfg)
+        card = model_card("Reward model (adapter + head)", "rm", model_cfg, cfg, done, notes + lines + [
+            f"- the score is the head (`{HEAD_FILE}`) at the last non-pad token: "
+            "`deltalign.rewards.model.RewardModel.load(bb, dir)`"], merged=False)
+        copy_adapter(src, out_dir / "reward_model", card, (HEAD_FILE, STATS_FILE), base_reference(model_cfg))
+        return metrics
+    bias = float(_head_bias(src))
+    rm_notes = ["- load: `AutoModelForSequenceClassification.from_pretrained(dir)`; the score is `logits[:, 0]` "
+                "at the last non-pad token; `reward_stats.json` has the mean/std of training-response scores"]
+    if bias:
+        rm_notes.append(f"- the reward head's bias ({bias:.6g}) has no place in HF's bias-free `score` layer: "
+                        "it is stored as `deltalign_score_bias` in config.json; add it to the logits to get "
+                        "deltalign's raw scores (rankings and Bradley-Terry differences do not need it)")
+    card = model_card("Reward model", "rm", model_cfg, cfg, done, notes + rm_notes)
+    return export_reward_model(cfg, model_cfg, src, out_dir / "reward_model", card)
 
 
 def copy_export(stage_dir: Path, out: Path, overwrite: bool) -> Path:
