@@ -10,6 +10,8 @@ and NAME is one of :data:`GENERATORS`, each reading one kind of result file:
 
 * ``demo``: ``docs/results/demo.json``, written by ``make demo`` (``--record-demo RUN_DIR`` below): the held-out
   comparison table ``python -m deltalign eval`` printed, with stage wall times, machine and commit;
+* ``rl``: ``docs/results/rl.json``, the same after ``make ppo grpo RUN=runs/demo`` and ``make eval`` on the demo
+  run (``--record-demo runs/demo --name rl``);
 * ``bench``: the newest full (not QUICK) ``bench/results/*.json`` of ``make bench``: the table vs TRL;
 * ``bench-steps``: the same file's seconds per optimizer step of our SFT and DPO;
 * ``zero-memory``: the predicted memory per GPU under each ZeRO stage, computed from parameter counts.
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "docs" / "results" / "demo.json"
+RESULTS = ROOT / "docs" / "results"
 BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- /generated -->)", re.S)
 
 
@@ -53,10 +55,11 @@ def machine() -> str:
 
 # --- generators ------------------------------------------------------------------------------------------------
 
-def demo() -> str:
-    if not DEMO.exists():
-        return "_No demo results recorded yet: run `make demo`._\n"
-    d = json.loads(DEMO.read_text())
+def demo(name: str = "demo") -> str:
+    f = RESULTS / f"{name}.json"
+    if not f.exists():
+        return f"_No `{name}` results recorded yet._\n"
+    d = json.loads(f.read_text())
     lines = ["| policy | checker score | reward-model score | KL to SFT | mean response tokens |",
              "|---|---|---|---|---|"]
     for label, row in d["table"].items():
@@ -67,7 +70,7 @@ def demo() -> str:
     total = f"; `make demo` {d['wall_s'] / 60:.1f} min in all" if d.get("wall_s") else ""
     return ("\n".join(lines) + f"\n\n{d['n_prompts']} held-out prompts, greedy decoding. Stage wall times: "
             f"{stages}{total}. Machine: {d['machine']}; commit {d['commit']}, {d['date']} "
-            f"(`docs/results/demo.json`).\n")
+            f"(`docs/results/{name}.json`).\n")
 
 
 def _bench_file() -> Path | None:
@@ -115,13 +118,14 @@ def zero_memory(gpus: int = 8) -> str:
     return "\n".join(lines) + "\n"
 
 
-GENERATORS = {"demo": demo, "bench": bench, "bench-steps": bench_steps, "zero-memory": zero_memory}
+GENERATORS = {"demo": demo, "rl": lambda: demo("rl"), "bench": bench, "bench-steps": bench_steps,
+              "zero-memory": zero_memory}
 
 
 # --- recording and rewriting ------------------------------------------------------------------------------------
 
-def record_demo(run_dir: Path, wall_s: float | None) -> None:
-    """Write docs/results/demo.json from a finished demo run directory."""
+def record_demo(run_dir: Path, wall_s: float | None, name: str = "demo") -> None:
+    """Write docs/results/<name>.json from a finished run directory on which ``eval`` ran."""
     table = json.loads((run_dir / "eval_table.json").read_text())
     stage_wall = {}
     for stage in ("sft", "rm", "dpo", "ppo", "grpo", "export"):
@@ -131,10 +135,10 @@ def record_demo(run_dir: Path, wall_s: float | None) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     rows = {k: {x: v for x, v in row.items() if x != "samples"} for k, row in table.items()}
-    DEMO.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     for png in sorted((run_dir / "plots").glob("*.png")):  # the training curves the eval command drew
-        shutil.copyfile(png, DEMO.parent / f"demo-{png.name}")
-    DEMO.write_text(json.dumps({
+        shutil.copyfile(png, RESULTS / f"{name}-{png.name}")
+    (RESULTS / f"{name}.json").write_text(json.dumps({
         "table": rows, "n_prompts": next(iter(rows.values()))["n"], "stage_wall_s": stage_wall, "wall_s": wall_s,
         "machine": machine(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
     }, indent=1) + "\n")
@@ -157,10 +161,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 if a generated block is not current")
     p.add_argument("--record-demo", metavar="RUN_DIR", help="record a finished demo run first")
-    p.add_argument("--wall", type=float, help="total wall seconds of the demo (with --record-demo)")
+    p.add_argument("--wall", type=float, help="total wall seconds of the run (with --record-demo)")
+    p.add_argument("--name", default="demo", help="results name: docs/results/<name>.json (with --record-demo)")
     args = p.parse_args(argv)
     if args.record_demo:
-        record_demo(Path(args.record_demo), args.wall)
+        record_demo(Path(args.record_demo), args.wall, args.name)
     stale = refresh(check=args.check)
     if args.check and stale:
         print(f"generated blocks out of date in {', '.join(stale)}: run `make docs`", file=sys.stderr)
