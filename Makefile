@@ -13,9 +13,9 @@ NPROC   ?=
 LAUNCH   = $(if $(ACCELERATE)$(NPROC),.venv/bin/accelerate launch $(if $(ACCELERATE),--config_file $(ACCELERATE)) \
            $(if $(NPROC),--num_processes $(NPROC)) -m deltalign,$(PY) -m deltalign)
 ARGS     = --config $(CONFIG) $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
-STAGES  := sft rm dpo ppo grpo
+STAGES  := sft rm dpo ppo grpo compose
 
-.PHONY: install model test eval export demo docs doctor help $(STAGES)
+.PHONY: install model test eval export demo docs doctor compose-demo help $(STAGES)
 
 help:
 	@echo "make install | model | test | demo | doctor | $(STAGES) | eval | export | docs | bench"
@@ -61,6 +61,10 @@ demo: $(STAMP) $(MODEL)
 	$(PY) -m deltalign run sft rm dpo export $(DEMO_ARGS) && \
 	$(PY) -m deltalign eval $(DEMO_ARGS) && \
 	$(PY) docs/refresh.py --record-demo $(or $(RUN),runs/demo) --wall $$(( $$(date +%s) - start ))
+
+# Two DPO deltas on disjoint constraint families, composed (cat, task arithmetic, learned gates), scored on both.
+compose-demo: $(STAMP) $(MODEL)
+	$(PY) bench/compose_demo.py $(if $(filter 1 yes true,$(QUICK)),--quick)
 
 # Rewrite the figures in README.md and docs/*.md from the result files (docs/results/, bench/results/).
 docs:

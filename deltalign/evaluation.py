@@ -86,7 +86,7 @@ def policy_report(backbone, examples: list, gen_cfg: GenerationConfig, policies:
     return report
 
 
-POLICY_STAGES = ("sft", "dpo", "ppo", "grpo")
+POLICY_STAGES = ("sft", "dpo", "ppo", "grpo", "compose")
 
 
 def compare_run(run_dir: str | Path, model_cfg, eval_data: str, gen_cfg: GenerationConfig, limit: int = 0,

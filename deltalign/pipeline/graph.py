@@ -60,7 +60,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("ppo", "deltalign.stages.ppo",
           needs=lambda c: ["sft"] + (["rm"] if c.rm_weight or c.critic_init == "rm" else [])),
     Stage("grpo", "deltalign.stages.grpo", needs=lambda c: ["sft"] + (["rm"] if c.rm_weight else [])),
-    Stage("export", "deltalign.stages.export", needs=lambda c: c.upstream(), uses=("sft", "rm", "dpo", "ppo", "grpo"),
+    Stage("compose", "deltalign.stages.compose", needs=lambda c: c.upstream()),
+    Stage("export", "deltalign.stages.export", needs=lambda c: c.upstream(),
+          uses=("sft", "rm", "dpo", "ppo", "grpo", "compose"),
           hash_uses=True),
 ]}
 
@@ -118,6 +120,8 @@ class Pipeline:
         }
         if isinstance(getattr(cfg, "rules", None), dict) and (code := rules_fingerprint(cfg.rules)):
             out["rules_code"] = code  # user rewards (ppo, grpo, any stage with a ``rules`` mapping)
+        if isinstance(getattr(cfg, "sources", None), list):  # compose: deltas in folders outside this run
+            out["sources"] = {s: data_fingerprint(s) for s in cfg.sources if s not in STAGES}
         if stage.hash_uses and (used := {u: m["hash"] for u in stage.uses
                                          if (m := StageDir(self.run_dir, u).manifest()) is not None}):
             out["used"] = used

@@ -1,0 +1,348 @@
+"""Composing finished deltas: what can compose, and learned per-layer gates over frozen LoRA deltas (AdapterFusion).
+
+What composes: LoRA deltas (peft's, ``peft_type: LORA`` without DoRA, rsLoRA, a bias on ``lora_B``, whole modules
+to save or targeted parameters), all trained on the one base they are composed on, none a reward model (a scalar
+head would need composing too). Everything else is refused by :func:`inspect_source` with the reason
+(:data:`NOT_COMPOSABLE`): a weighted merge is a sum of low-rank weight updates ``scale * B @ A``, and only LoRA's
+output is one.
+
+The gates (:class:`Fusion`, a delta of ours used while training): each LoRA module ``m`` in decoder layer ``l``
+gets, while the gates are active,
+
+    y = base_m(x) + sum_s  w[l, s] * scale_s * B_s(A_s(x))
+
+where the sources' factors are the frozen peft adapters loaded on the same backbone (called, never copied or
+written) and ``w[l] = softmax(logits[l])`` or ``sigmoid(logits[l])``: one gate per decoder layer per source, the
+only trainable values (``layers x sources`` numbers). That sum is exactly a LoRA of rank ``sum_s r_s`` whose
+``A`` stacks the sources' ``A_s`` and whose ``B`` stacks ``w[l, s] * scale_s * B_s`` (scale 1): :func:`bake` writes
+the trained gates into such a plain peft adapter, which every part of deltalign loads (eval, generate, export,
+another stage's ``load_adapter``) with no code of ours -- the same logits, up to float summation order. The gates
+themselves are also kept: :func:`save_gates` writes ``gates.safetensors`` (the logits) and ``gates.json`` (the
+gate function and the sources by path and sha256), and :func:`load_gates` attaches them again, frozen, over the
+sources they name (refusing a source whose weights changed since).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltalign.deltas.base import CONFIG_FILE, WEIGHTS_FILE, Delta, decoder_layers, read_config
+
+GATES_FILE = "gates.safetensors"
+GATES_JSON = "gates.json"
+HEAD_FILE = "head.safetensors"  # a reward model's scalar head (deltalign.rewards.model.HEAD_FILE)
+ACTIVATIONS = ("softmax", "sigmoid")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+NOT_COMPOSABLE = {
+    "dora": "DoRA divides each adapted weight by its column norm and multiplies by a learned magnitude, so its "
+            "output is not linear in the low-rank update: no weighted sum of DoRA deltas is exact, and peft's "
+            "add_weighted_adapter does not carry the magnitudes",
+    "ia3": "IA3 rescales activations by learned vectors (a multiplicative change, not a low-rank weight update "
+           "whose outputs add)",
+    "ln": "LN tuning changes norm weights (a multiplicative change inside the normalisation, not a low-rank "
+          "weight update whose outputs add)",
+    "prefix": "prefix tuning adds key/value positions to attention: there is no per-module output to weight, and "
+              "softmax attention over two prefixes is not the sum of attending to each",
+    "prompt": "prompt tuning adds input positions: there is no per-module output to weight",
+    "bottleneck": "a bottleneck adapter is a non-linear block in the residual stream, not a low-rank weight update",
+}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- what can compose ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    """A finished delta to compose: where it is, what it is, which base it was trained on."""
+    key: str  # how errors name it: "compose.sources[1] (runs/x/dpo)"
+    path: Path
+    method: str
+    base: str
+    rank: int
+    conf: dict = field(repr=False)
+
+    def record(self) -> dict:
+        return {"path": str(self.path.resolve()), "sha256": sha256(self.path / WEIGHTS_FILE), "rank": self.rank}
+
+
+def inspect_source(path: str | Path, key: str) -> Source:
+    """The delta in ``path``, or a ValueError naming ``key`` that says why it cannot compose."""
+    from deltalign import deltas
+
+    path = Path(path)
+    try:
+        conf = read_config(path)
+        method = deltas.method_of(path)
+    except FileNotFoundError:
+        raise ValueError(f"{key}: not an adapter folder (no {CONFIG_FILE}); give a finished stage of this run or "
+                         "the folder a stage wrote its delta to") from None
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{key}: {e}") from None
+    if not (path / WEIGHTS_FILE).is_file():
+        raise ValueError(f"{key}: no {WEIGHTS_FILE} (deltalign reads safetensors only)")
+    if (path / HEAD_FILE).exists():
+        raise ValueError(f"{key}: a reward model (it has a scalar head, {HEAD_FILE}); compose combines policy "
+                         "deltas only -- composing reward models would need their heads composed too")
+    if method != "lora":
+        reason = NOT_COMPOSABLE.get(method, "not a LoRA delta")
+        name = "DoRA" if method == "dora" else method
+        raise ValueError(f"{key}: a {name} delta; compose combines only LoRA deltas: {reason}")
+    problems = [why for bad, why in (
+        (conf.get("use_rslora"), "rsLoRA scaling (peft's merge would give the result the wrong scale)"),
+        (conf.get("lora_bias"), "a bias on lora_B (not part of a low-rank update)"),
+        (conf.get("modules_to_save"), "whole modules to save (they cannot be weighted)"),
+        (conf.get("target_parameters"), "targeted parameters (peft cannot merge those)"),
+    ) if bad]
+    if problems:
+        raise ValueError(f"{key}: a LoRA delta with {'; '.join(problems)}: not composable")
+    ranks = [int(conf.get("r", 0)), *map(int, (conf.get("rank_pattern") or {}).values())]
+    return Source(key, path, method, str(conf.get("base_model_name_or_path") or ""), max(ranks), conf)
+
+
+def _normalised(path: str) -> Path | None:
+    """An existing base model directory for a recorded or configured model path (``tiny`` built on demand)."""
+    if path == "tiny":
+        from deltalign import tiny
+
+        return tiny.ensure().resolve()
+    p = Path(path)
+    return p.resolve() if p.is_dir() else None
+
+
+def same_base(recorded: str, model_path: str) -> bool:
+    """Whether a delta recorded as trained on ``recorded`` belongs to the base at ``model_path``: the same folder,
+    or folders with the same files (by content); when the recorded folder no longer exists here, the same folder
+    name (a weaker check: a moved run directory still composes)."""
+    a, b = _normalised(recorded), _normalised(model_path)
+    if a is not None and b is not None:
+        if a == b:
+            return True
+        from deltalign.pipeline.rundir import model_fingerprint
+
+        return model_fingerprint(str(a)) == model_fingerprint(str(b))
+    if not recorded:
+        return True  # a folder written without a base path: nothing to compare (shapes are still checked)
+    name_a = a.name if a is not None else Path(recorded).name
+    name_b = b.name if b is not None else Path(model_path).name
+    return name_a == name_b
+
+
+def check_base(sources: list[Source], model_path: str) -> None:
+    for s in sources:
+        if not same_base(s.base, model_path):
+            raise ValueError(f"{s.key}: trained on a different base model ({s.base}) than model.path "
+                             f"({model_path}); a delta only means something on the base it was trained on")
+
+
+def load_sources(backbone, paths: list[str | Path], keys: list[str] | None = None) -> list[str]:
+    """Load the LoRA deltas in ``paths`` frozen as ``source0``, ``source1``, ...; their adapter names."""
+    names = []
+    for i, p in enumerate(paths):
+        name = f"source{i}"
+        try:
+            backbone.load_adapter(name, p, trainable=False)
+        except RuntimeError as e:  # peft: size mismatch -> another architecture
+            key = keys[i] if keys else str(p)
+            raise ValueError(f"{key}: does not fit this base model ({str(e).splitlines()[0]})") from None
+        names.append(name)
+    return names
+
+
+def lora_modules(backbone, names: list[str]) -> dict[str, tuple[int, list[tuple[int, nn.Module, nn.Module, float]]]]:
+    """Every module that one of the peft adapters ``names`` changes: path -> (decoder layer, [(source index,
+    lora_A, lora_B, scale)] for each source that has it)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for path, m in backbone.causal_lm.named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        parts = [(i, m.lora_A[n], m.lora_B[n], float(m.scaling[n])) for i, n in enumerate(names) if n in m.lora_A]
+        if not parts:
+            continue
+        if any(m.use_dora.get(names[i], False) for i, *_ in parts):
+            raise ValueError(f"{path}: a DoRA module (cannot be gated)")
+        if not isinstance(parts[0][1], nn.Linear):
+            raise ValueError(f"{path}: {type(parts[0][1]).__name__} LoRA factors (only linear layers are gated)")
+        found = _LAYER.search(path)
+        if found is None:
+            raise ValueError(f"{path}: outside the decoder layers; per-layer gates need every adapted module "
+                             "inside one")
+        out[path] = (int(found.group(1)), parts)
+    if not out:
+        raise ValueError("the sources change no module of this model")
+    return out
+
+
+# --- the gates ----------------------------------------------------------------------------------------------------
+
+class Gates(nn.Module):
+    """One logit per decoder layer per source; ``forward(layer)`` gives that layer's weights [S]."""
+
+    def __init__(self, n_layers: int, n_sources: int, activation: str, init: list[float] | None = None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"gate activation must be one of {ACTIVATIONS} (got {activation!r})")
+        self.activation = activation
+        w = torch.tensor(init if init else [1.0 / n_sources] * n_sources, dtype=torch.float32)
+        if w.shape != (n_sources,):
+            raise ValueError(f"{len(w)} initial gate weights for {n_sources} sources")
+        if activation == "softmax":
+            if (w <= 0).any():
+                raise ValueError("softmax gates start from weights > 0")
+            logits = torch.log(w / w.sum())
+        else:
+            if ((w <= 0) | (w >= 1)).any():
+                raise ValueError("sigmoid gates start from weights strictly between 0 and 1")
+            logits = torch.log(w) - torch.log1p(-w)
+        self.logits = nn.Parameter(logits.repeat(n_layers, 1))
+
+    def forward(self, layer: int) -> torch.Tensor:
+        return self._act(self.logits[layer])
+
+    def weights(self) -> torch.Tensor:
+        """[layers, sources] gate values."""
+        return self._act(self.logits).detach()
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x, dim=-1) if self.activation == "softmax" else torch.sigmoid(x)
+
+
+class Fusion(Delta):
+    """Learned per-layer gates over the frozen peft LoRA adapters ``names`` on ``backbone`` (module docstring).
+
+    Only ``gates.logits`` is a parameter of this module; the sources' factors are referenced, not registered, so
+    the Backbone never makes them trainable through this delta and nothing here can write them. Dropout is not
+    applied to the sources (they are frozen; the gated forward is the same function in training and in eval)."""
+
+    method = "gates"
+
+    def __init__(self, backbone, names: list[str], activation: str = "softmax", init: list[float] | None = None):
+        super().__init__(cfg=None)
+        self.sources = list(names)
+        self._modules_of = lora_modules(backbone, names)  # a plain dict: not registered as submodules
+        n_layers = len(decoder_layers(backbone.causal_lm))
+        self.gates = Gates(n_layers, len(names), activation, init)
+
+    def attach(self, lm) -> None:
+        modules = dict(lm.named_modules())
+        for path, (layer, parts) in self._modules_of.items():
+            self.hook_output(modules[path], self._adder(layer, parts))
+
+    def _adder(self, layer: int, parts):
+        def add(output, x):
+            w = self.gates(layer)  # called here: ZeRO-3 gathers the logits exactly when they act
+            total = None
+            for i, lora_a, lora_b, scale in parts:
+                y = lora_b(lora_a(x.to(lora_a.weight.dtype))) * (w[i] * scale)
+                total = y if total is None else total + y
+            return output + total.to(output.dtype)
+        return add
+
+    @torch.no_grad()
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per module, the one LoRA (A [R, in], B [out, R], scale 1) that equals the gated sum (R = the stacked
+        ranks of the sources that have the module)."""
+        w = self.gates.weights()
+        out = {}
+        for path, (layer, parts) in self._modules_of.items():
+            a = torch.cat([lora_a.weight for _, lora_a, _, _ in parts], dim=0)
+            b = torch.cat([lora_b.weight * (w[layer, i].to(lora_b.weight) * scale)
+                           for i, _, lora_b, scale in parts], dim=1)
+            out[path] = (a, b)
+        return out
+
+
+def attach(backbone, name: str, delta: Delta, trainable: bool) -> None:
+    """Hook a delta built here into ``backbone`` under ``name`` (as ``Backbone.add_adapter`` does for the methods
+    of the table) and activate it."""
+    if name in backbone.adapters:
+        raise ValueError(f"adapter {name!r} already attached")
+    delta.to(next(backbone.causal_lm.parameters()).device)
+    delta.attach(backbone.causal_lm)
+    backbone.deltas[name] = delta
+    (backbone.trainable.add if trainable else backbone.trainable.discard)(name)
+    backbone.activate(name)
+
+
+@torch.no_grad()
+def bake(backbone, fusion: Fusion, name: str) -> None:
+    """Add a plain peft LoRA adapter ``name`` to ``backbone`` equal to ``fusion`` with its current gates."""
+    backbone.model.add_weighted_adapter(fusion.sources, [1.0] * len(fusion.sources), name, combination_type="cat")
+    modules = dict(backbone.causal_lm.named_modules())
+    for path, (a, b) in fusion.factors().items():
+        m = modules[path]
+        if float(m.scaling[name]) != 1.0:  # peft gives a cat adapter r == lora_alpha
+            raise RuntimeError(f"{path}: unexpected scale {m.scaling[name]} of the baked adapter")
+        ta, tb = m.lora_A[name].weight, m.lora_B[name].weight
+        ta.zero_()
+        tb.zero_()
+        ta[: a.shape[0]] = a.to(ta)
+        tb[:, : b.shape[1]] = b.to(tb)
+
+
+def save_gates(fusion: Fusion, out_dir: str | Path, sources: list[Source], base: str) -> None:
+    """``gates.safetensors`` (the logits) and ``gates.json`` (how to rebuild the gates over their sources)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"logits": fusion.gates.logits.detach().cpu().contiguous()}, str(out / GATES_FILE))
+    meta = {"format": "deltalign-gates/1", "activation": fusion.gates.activation,
+            "layers": int(fusion.gates.logits.shape[0]), "sources": [s.record() for s in sources],
+            "weights": fusion.gates.weights().tolist(), "base_model_name_or_path": base,
+            "note": f"the gates over the sources above; {CONFIG_FILE} + {WEIGHTS_FILE} beside this file hold the "
+                    "same composition baked into one plain LoRA adapter"}
+    (out / GATES_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_gates(backbone, path: str | Path, name: str = "gates") -> str:
+    """Attach the gates saved in ``path`` (frozen) over the sources they name, loaded frozen too; returns
+    ``name``. A source whose weights changed since the gates were trained is refused."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads((path / GATES_JSON).read_text())
+    paths = []
+    for i, rec in enumerate(meta["sources"]):
+        p = Path(rec["path"])
+        key = f"{path / GATES_JSON}: sources[{i}] ({p})"
+        if not (p / WEIGHTS_FILE).is_file():
+            raise ValueError(f"{key}: not found (the baked adapter in {path} still holds the composition)")
+        if sha256(p / WEIGHTS_FILE) != rec["sha256"]:
+            raise ValueError(f"{key}: its weights changed since the gates were trained (the baked adapter in "
+                             f"{path} still holds the composition as trained)")
+        inspect_source(p, key)
+        paths.append(p)
+    names = [f"{name}.source{i}".replace(".", "_") for i in range(len(paths))]
+    for n, p in zip(names, paths):
+        backbone.load_adapter(n, p, trainable=False)
+    fusion = Fusion(backbone, names, meta["activation"])
+    logits = load_file(str(path / GATES_FILE))["logits"]
+    if logits.shape != fusion.gates.logits.shape:
+        raise ValueError(f"{path / GATES_FILE}: gates of shape {tuple(logits.shape)}, this model and these sources "
+                         f"need {tuple(fusion.gates.logits.shape)}")
+    with torch.no_grad():
+        fusion.gates.logits.copy_(logits)
+    attach(backbone, name, fusion, trainable=False)
+    return name
+
+
+def finite(values: list[float]) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
