@@ -15,10 +15,10 @@ LAUNCH   = $(if $(ACCELERATE)$(NPROC),.venv/bin/accelerate launch $(if $(ACCELER
 ARGS     = --config $(CONFIG) $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
 STAGES  := sft rm dpo ppo grpo compose
 
-.PHONY: install model test eval export demo docs doctor compose-demo help $(STAGES)
+.PHONY: install model test eval export demo docs doctor compose-demo methods help $(STAGES)
 
 help:
-	@echo "make install | model | test | demo | doctor | $(STAGES) | eval | export | docs | bench"
+	@echo "make install | model | test | demo | doctor | $(STAGES) | eval | export | docs | bench | methods"
 	@echo "   (CONFIG=... RUN=... SET='k=v ...')"
 	@echo "look at a policy: $(PY) -m deltalign generate --from {base,sft,dpo,ppo,grpo,export,DIR} --prompt 'TEXT' [--run-dir RUN]"
 
@@ -65,6 +65,11 @@ demo: $(STAMP) $(MODEL)
 # Two DPO deltas on disjoint constraint families, composed (cat, task arithmetic, learned gates), scored on both.
 compose-demo: $(STAMP) $(MODEL)
 	$(PY) bench/compose_demo.py $(if $(filter 1 yes true,$(QUICK)),--quick)
+
+# Every delta method through SFT then DPO on the embedded default at one budget (bench/methods.py), each stage a
+# fresh process. Results: bench/results/methods-<date>-<time>[-quick].md/.json
+methods: $(STAMP) $(MODEL)
+	$(PY) bench/methods.py $(if $(filter 1 yes true,$(QUICK)),--quick)
 
 # Rewrite the figures in README.md and docs/*.md from the result files (docs/results/, bench/results/).
 docs:

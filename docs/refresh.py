@@ -14,7 +14,9 @@ and NAME is one of :data:`GENERATORS`, each reading one kind of result file:
   run (``--record-demo runs/demo --name rl``);
 * ``bench``: the newest full (not QUICK) ``bench/results/*.json`` of ``make bench``: the table vs TRL;
 * ``bench-steps``: the same file's seconds per optimizer step of our SFT and DPO;
-* ``zero-memory``: the predicted memory per GPU under each ZeRO stage, computed from parameter counts.
+* ``zero-memory``: the predicted memory per GPU under each ZeRO stage, computed from parameter counts;
+* ``methods`` / ``methods-capabilities``: the newest full ``make methods`` table and the capability table of the
+  delta methods (``bench/methods.py``).
 
     python docs/refresh.py                       # rewrite every block
     python docs/refresh.py --check               # exit 1 if a block differs (tests/test_docs.py runs this)
@@ -24,6 +26,7 @@ and NAME is one of :data:`GENERATORS`, each reading one kind of result file:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import re
@@ -74,7 +77,7 @@ def demo(name: str = "demo") -> str:
 
 
 def _bench_file() -> Path | None:
-    full = [p for p in sorted((ROOT / "bench" / "results").glob("*.json")) if not p.stem.endswith("quick")]
+    full = [p for p in sorted((ROOT / "bench" / "results").glob("[0-9]*.json")) if not p.stem.endswith("quick")]
     return full[-1] if full else None
 
 
@@ -118,8 +121,17 @@ def zero_memory(gpus: int = 8) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bench_methods():
+    """bench/methods.py, imported by path (registered in sys.modules: its dataclasses need it)."""
+    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "bench" / "methods.py")
+    mod = sys.modules["bench_methods"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 GENERATORS = {"demo": demo, "rl": lambda: demo("rl"), "bench": bench, "bench-steps": bench_steps,
-              "zero-memory": zero_memory}
+              "zero-memory": zero_memory, "methods": lambda: _bench_methods().results_block(),
+              "methods-capabilities": lambda: _bench_methods().capability_table()}
 
 
 # --- recording and rewriting ------------------------------------------------------------------------------------
