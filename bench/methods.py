@@ -406,24 +406,31 @@ def describe(results: dict) -> str:
 
 # --- generators for docs/refresh.py --------------------------------------------------------------------------------
 
-def newest_full(results_dir: Path = RESULTS) -> Path | None:
-    """The newest ``methods-*.json`` of a full run on the default model (not QUICK, not tiny)."""
-    full = []
+def newest_full(results_dir: Path = RESULTS, quick: bool = False) -> Path | None:
+    """The newest ``methods-*.json`` of a full run on the default model (not tiny; QUICK only with ``quick``)."""
+    found = []
     for p in sorted(results_dir.glob(f"{PREFIX}*.json")):
         try:
             d = json.loads(p.read_text())
         except ValueError:
             continue
-        if not d.get("quick") and not d.get("tiny"):
-            full.append(p)
-    return full[-1] if full else None
+        if not d.get("tiny") and bool(d.get("quick")) == quick:
+            found.append(p)
+    return found[-1] if found else None
 
 
 def results_block(results_dir: Path = RESULTS) -> str:
-    """``<!-- generated: methods -->``: the table of the newest full ``make methods`` run, with its settings."""
+    """``<!-- generated: methods -->``: the table of the newest full ``make methods`` run, with its settings; until
+    there is one, the newest ``QUICK=1`` run, labelled as such."""
     f = newest_full(results_dir)
+    if f is None and (f := newest_full(results_dir, quick=True)) is not None:
+        return "**QUICK=1 budget (few steps: a smoke comparison, not the full one):**\n\n" + results_block_of(f)
     if f is None:
-        return "_No full `make methods` result yet._\n"
+        return "_No `make methods` result yet._\n"
+    return results_block_of(f)
+
+
+def results_block_of(f: Path) -> str:
     d = json.loads(f.read_text())
     m = d["machine"]
     return (f"{d['table_markdown']}\n\n{describe(d)} {m['cpu']}, {m['usable_cpus']} CPUs, {m['ram_gb']} GB; "

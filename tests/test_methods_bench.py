@@ -151,7 +151,12 @@ def test_table_and_results_files(tmp_path):
         r["table_markdown"] = "QUICK TABLE"
         mb.write(r, tmp_path, stamp)
     assert mb.newest_full(tmp_path).name == "methods-2026-11-28-1000.json"
-    assert mb.results_block(tmp_path / "none").startswith("_No full `make methods` result yet._")
+    assert mb.results_block(tmp_path).startswith(res["table_markdown"])
+    assert mb.results_block(tmp_path / "none").startswith("_No `make methods` result yet._")
+    # until a full run exists, the newest QUICK one (not tiny) is shown, labelled
+    (tmp_path / "methods-2026-11-28-1000.json").unlink()
+    quick = mb.results_block(tmp_path)
+    assert quick.startswith("**QUICK=1 budget") and "QUICK TABLE" in quick and "quick-tiny" not in quick
 
 
 def test_capability_table_lists_every_method():
