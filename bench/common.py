@@ -38,6 +38,16 @@ Tokens are real (non-pad) tokens: padding is work the implementation chose to do
   reference ``T * F(T)``, reward model and critic values ``2 * T * F_body(T)``, then E epochs of policy training
   ``T * train(T)`` and critic training ``T * train_body(T)``. Every side is charged with this same count for the
   samples it processed, whether it actually recomputes something or caches it.
+* GRPO (per sample, i.e. per response of a group; prompt P, response R, T = P + R, E passes over the rollout):
+  rollout generation ``T * F(T)`` (KV cache), then E passes of policy training ``T * train(T)``; plus, only on
+  the side that actually runs it, a separate no-grad forward for the old log-probs ``T * F(T)`` (ours takes them
+  from the first pass's training forward when a pass is one minibatch, which gives ratio 1 by construction; TRL's
+  ``GRPOTrainer`` runs the forward whenever ``gradient_accumulation_steps`` is not a multiple of
+  ``steps_per_generation x num_iterations``, as with the bench's 1 vs 1 x 2); the
+  reference ``T * F(T)`` only if ``beta > 0``; a learned reward model ``T * F_body(T)`` only if it scores (the
+  bench rewards with the embedded checker alone: ~0 FLOPs). Unlike PPO's count, GRPO's depends on what each side
+  runs, so its FLOP/s share is the share of the work that side did; samples/s is the like-for-like comparison,
+  and the table's notes say which side ran the optional forwards.
 """
 
 from __future__ import annotations
@@ -88,6 +98,23 @@ class Settings:
     backbone; naive: policy and critic; TRL: its policy, as PPOTrainer applies it). At 135M parameters the
     activations, not the weight copies, dominate PPO's memory; with them checkpointed the comparison shows
     what sharing one backbone saves."""
+    # GRPO (max_new_tokens, max_prompt_length and temperature are shared with PPO)
+    grpo_steps: int = 3
+    """Rollout steps per GRPO process (each: one rollout, then ``grpo_epochs`` optimizer updates); the first
+    is warm-up, not timed."""
+    grpo_batch_size: int = 4
+    """Prompts per rollout step (ours ``grpo.batch_size``; TRL: ``per_device_train_batch_size`` = prompts x
+    generations, since TRL counts completions)."""
+    grpo_num_generations: int = 8
+    """G, responses per prompt (ours ``grpo.num_generations``, TRL ``num_generations``)."""
+    grpo_epochs: int = 2
+    """Passes over each rollout, one update each (ours ``grpo.grpo_epochs`` with one minibatch, TRL
+    ``num_iterations``)."""
+    grpo_beta: float = 0.0
+    """KL weight: 0 on both sides, so neither runs a reference forward."""
+    grpo_gradient_checkpointing: bool = True
+    """Activation checkpointing in GRPO's training forwards on both sides (TRL's GRPOConfig default; ours
+    ``model.gradient_checkpointing``); generation runs without it on both (KV cache)."""
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -1,7 +1,7 @@
 """Our side: run one deltalign stage for a fixed number of optimizer steps in this (fresh) process and report.
 
-    python bench/ours.py --stage {sft,rm,dpo,ppo} --settings JSON --out DIR
-    python bench/ours.py --prepare-ppo DIR --settings JSON     # untrained sft + rm folders that ppo reads
+    python bench/ours.py --stage {sft,rm,dpo,ppo,grpo} --settings JSON --out DIR
+    python bench/ours.py --prepare-ppo DIR --settings JSON     # untrained sft + rm folders that ppo / grpo read
 
 The stage runs exactly as ``python -m deltalign run STAGE`` would (``deltalign.stages.<stage>.run``) with the config
 built from ``configs/default.yaml`` plus the benchmark's overrides (the shared settings of ``bench/common.py``;
@@ -54,6 +54,18 @@ def overrides(stage: str, s: Settings) -> list[str]:
                      f"ppo.kl_coef={s.kl_coef}", "ppo.kl_target=0", "ppo.warmup_ratio=0", "ppo.critic_init=rm",
                      "ppo.rm_weight=1.0", "ppo.rules.checker=0", "ppo.eval_checker=false",
                      f"model.gradient_checkpointing={str(s.ppo_gradient_checkpointing).lower()}"]
+    elif stage == "grpo":
+        # the policy is a trainable copy of the (untrained) sft adapter; beta 0 (no reference forward), the
+        # embedded checker as the only reward (no reward model loaded), one minibatch per pass, DAPO token loss
+        o += [f"grpo.data={s.pref_data}", f"grpo.max_steps={s.grpo_steps}", f"grpo.batch_size={s.grpo_batch_size}",
+              f"grpo.num_generations={s.grpo_num_generations}", f"grpo.grpo_epochs={s.grpo_epochs}",
+              "grpo.mini_batch_size=0", f"grpo.max_prompt_length={s.max_prompt_length}",
+              f"grpo.rollout.max_new_tokens={s.max_new_tokens}", f"grpo.rollout.temperature={s.temperature}",
+              "grpo.rollout.top_p=1.0", f"grpo.beta={s.grpo_beta}", "grpo.rm_weight=0", "grpo.rules.checker=1.0",
+              "grpo.advantage=grpo", "grpo.loss_aggregation=token", "grpo.clip_low=0.2", "grpo.clip_high=0.28",
+              "grpo.missing_eos_penalty=0", "grpo.resample_rounds=0", "grpo.warmup_ratio=0",
+              "grpo.disable_dropout=true", "grpo.eval_checker=false",
+              f"model.gradient_checkpointing={str(s.grpo_gradient_checkpointing).lower()}"]
     return o
 
 
@@ -101,7 +113,7 @@ def prepare_ppo(out: Path, s: Settings) -> None:
     (out / "rm" / STATS_FILE).write_text(json.dumps({"mean": 0.0, "std": 1.0, "n": 0}))
 
 
-def install_hooks(stage: str, timer: StepTimer, dims: dict, s: Settings) -> None:
+def install_hooks(stage: str, timer: StepTimer, dims: dict, s: Settings, cfg=None) -> None:
     import torch
 
     import deltalign.engine as engine_mod
@@ -162,6 +174,33 @@ def install_hooks(stage: str, timer: StepTimer, dims: dict, s: Settings) -> None
             return orig(prompts, responses, pad_id)
 
         mod.rollout_batch = rollout_batch
+    elif stage == "grpo":
+        import deltalign.stages.grpo as mod
+        orig = mod.rollout_batch
+        flags = grpo_flags(cfg)
+
+        def rollout_batch(prompts, responses, pad_id):  # once per step, the rollout that trains
+            timer.add(samples=len(prompts), **grpo_work(dims, [len(p) for p in prompts],
+                                                        [len(r) for r in responses], cfg.grpo_epochs, **flags))
+            return orig(prompts, responses, pad_id)
+
+        mod.rollout_batch = rollout_batch
+
+
+def grpo_flags(cfg) -> dict:
+    """Which optional forwards our grpo stage runs with this config (see deltalign/stages/grpo.py, step 3.3): old
+    log-probs only when a pass has several minibatches, the reference only when beta > 0."""
+    n_rows = cfg.batch_size * cfg.num_generations
+    return {"old_logprobs": (cfg.mini_batch_size or n_rows) < n_rows, "reference": cfg.beta > 0}
+
+
+def grpo_work(dims: dict, P: list[int], R: list[int], epochs: int, old_logprobs: bool, reference: bool) -> dict:
+    """Model FLOPs of one GRPO step by the convention in common.py: generation, the optional forwards this side
+    runs, ``epochs`` training passes (the checker reward costs no model FLOPs)."""
+    T = [p + r for p, r in zip(P, R)]
+    fwd = seq_flops(dims, T, "fwd")
+    flops = (1 + int(old_logprobs) + int(reference)) * fwd + epochs * seq_flops(dims, T, "train")
+    return {"flops": flops, "tokens": sum(T), "response_tokens": sum(R)}
 
 
 def ppo_work(dims: dict, P: list[int], R: list[int], epochs: int) -> dict:
@@ -174,7 +213,7 @@ def ppo_work(dims: dict, P: list[int], R: list[int], epochs: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["sft", "rm", "dpo", "ppo"])
+    ap.add_argument("--stage", choices=["sft", "rm", "dpo", "ppo", "grpo"])
     ap.add_argument("--settings", required=True)
     ap.add_argument("--out", default=None)
     ap.add_argument("--prepare-ppo", default=None, metavar="DIR")
@@ -186,28 +225,30 @@ def main() -> int:
         prepare_ppo(Path(args.prepare_ppo), s)
         emit({"side": "ours", "stage": "ppo_prepare", "dir": args.prepare_ppo})
         return 0
-    if args.stage == "ppo":
+    if args.stage in ("ppo", "grpo"):
         try:
-            import deltalign.stages.ppo  # noqa: F401
+            __import__(f"deltalign.stages.{args.stage}")
         except ImportError as e:
-            emit({"side": "ours", "stage": "ppo", "error": f"not available: {e}"})
+            emit({"side": "ours", "stage": args.stage, "error": f"not available: {e}"})
             return 0
 
     cfgs, dropped = build_configs(args.stage, s)
     timer = StepTimer()
     dims = model_dims(s.model)
-    install_hooks(args.stage, timer, dims, s)
+    install_hooks(args.stage, timer, dims, s, cfgs[args.stage])
     from deltalign.pipeline.graph import stage_module
 
     upstream = {}
-    if args.stage == "ppo":
+    if args.stage in ("ppo", "grpo"):  # grpo reads only the sft folder (no reward model, no reference)
         up = Path(s.extra.get("ppo_upstream") or ROOT / "bench" / ".cache" / "ppo-upstream")
-        upstream = {"sft": up / "sft", "rm": up / "rm"}
+        upstream = {"sft": up / "sft", "rm": up / "rm"} if args.stage == "ppo" else {"sft": up / "sft"}
     with tempfile.TemporaryDirectory(prefix=f"bench-ours-{args.stage}-") as tmp:
         out = Path(args.out or tmp)
         stage_module(args.stage).run(cfgs[args.stage], cfgs["model"], out / args.stage, upstream)
     res = {"side": "ours", "stage": args.stage, **timer.summary(), "dropped_overrides": dropped,
            "threads": s.threads}
+    if args.stage == "grpo":
+        res.update(grpo_flags(cfgs["grpo"]), rollout_batch_size=cfgs["grpo"].rollout.batch_size)
     emit(res)
     return 0
 

@@ -1,6 +1,7 @@
 """Benchmark orchestrator: deltalign vs TRL on the same model, data and settings; one markdown table.
 
-    python bench/run.py [--quick] [--runs N] [--steps N] [--ppo-steps N] [--threads N] [--stages sft,rm,dpo,ppo]
+    python bench/run.py [--quick] [--runs N] [--steps N] [--ppo-steps N] [--grpo-steps N] [--threads N]
+                        [--stages sft,rm,dpo,ppo,grpo]
 
 (``make bench`` / ``make bench QUICK=1``.) Every measurement is a fresh process; for each stage the sides alternate
 (ours, TRL, ours, TRL, ...; for PPO ours, TRL, naive, ...), and each number is the median over the runs. Our side
@@ -34,12 +35,13 @@ from common import ROOT, Settings, parse_result  # noqa: E402
 BENCH = ROOT / "bench"
 OURS_PY = os.environ.get("BENCH_OURS_PY", str(ROOT / ".venv/bin/python"))
 TRL_PY = os.environ.get("BENCH_TRL_PY", str(ROOT / ".bench-venv/bin/python"))
-STAGES = ["sft", "rm", "dpo", "ppo"]
+STAGES = ["sft", "rm", "dpo", "ppo", "grpo"]
 # headline metric of each stage (higher is better), and the unit shown
 # QUICK=1 overrides of the shared settings (under 10 minutes on 2 cores; not comparable with the full table)
-QUICK = {"steps": 3, "ppo_steps": 2, "batch_size": 4, "ppo_mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 32}
+QUICK = {"steps": 3, "ppo_steps": 2, "batch_size": 4, "ppo_mini_batch_size": 4, "ppo_epochs": 1, "max_new_tokens": 32,
+         "grpo_steps": 2, "grpo_batch_size": 2, "grpo_num_generations": 4, "grpo_epochs": 2}
 METRIC = {"sft": ("tokens_per_s", "tokens/s"), "rm": ("pairs_per_s", "pairs/s"), "dpo": ("pairs_per_s", "pairs/s"),
-          "ppo": ("samples_per_s", "samples/s")}
+          "ppo": ("samples_per_s", "samples/s"), "grpo": ("samples_per_s", "samples/s")}
 
 
 # --- running children -------------------------------------------------------------------------------------------
@@ -199,6 +201,44 @@ def goals(agg: dict) -> list[str]:
     r = p_o / naive if p_o and naive else None
     line("PPO peak memory <= 0.5x the naive four-model PPO", f"{r:.2f}x" if r else "n/a",
          None if r is None else r <= 0.5)
+    if "grpo" in agg:
+        g_o, g_t = g("grpo", "ours", "samples_per_s"), g("grpo", "trl", "samples_per_s")
+        m_o, m_t = g("grpo", "ours", "peak_rss_mb"), g("grpo", "trl", "peak_rss_mb")
+        r = g_o / g_t if g_o and g_t else None
+        ok = None if r is None or not (m_o and m_t) else (r >= 1.3 and m_o <= m_t)
+        line("GRPO samples/s >= 1.3x TRL at <= its peak memory",
+             f"{r:.2f}x at {gb(m_o)} vs {gb(m_t)}" if r else "n/a", ok)
+    return out
+
+
+def work_notes(raw: dict, s: Settings) -> list[str]:
+    """Where the sides do different work for the same samples (the issue's rule: say so in the table's notes)."""
+    out = []
+    if "grpo" in raw:
+        def ran(side: str, key: str):
+            vals = {bool(r.get(key)) for r in raw["grpo"].get(side, []) if "error" not in r and key in r}
+            return None if not vals else vals.pop() if len(vals) == 1 else "varies"
+
+        what = {"old_logprobs": "a separate no-grad forward for the old log-probs",
+                "reference": "a reference forward (beta > 0)"}
+        for key, text in what.items():
+            o, t = ran("ours", key), ran("trl", key)
+            if o is None or t is None or o == t:
+                continue
+            who, other = ("TRL", "ours") if t is True else ("ours", "TRL")
+            why = (" (ours takes them from the first pass's training forward: one minibatch per pass, dropout "
+                   "off, so the ratio is 1 by construction; TRL runs it whenever gradient_accumulation_steps is "
+                   "not a multiple of steps_per_generation x num_iterations: here 1 vs 1 x "
+                   f"{s.grpo_epochs})") if key == "old_logprobs" and who == "TRL" else ""
+            out.append(f"GRPO: {who} runs {text} every rollout and {other} does not{why}; "
+                       f"{'our side does less work' if who == 'TRL' else 'TRL does less work'} per sample; "
+                       f"each side's FLOP/s counts only the forwards it ran (bench/common.py).")
+        n = s.grpo_batch_size * s.grpo_num_generations
+        c = next((r["rollout_batch_size"] for r in raw["grpo"].get("ours", []) if "rollout_batch_size" in r), 16)
+        out.append(f"GRPO: ours generates the {n} rows of a rollout in {-(-n // c)} chunk(s) of at most {c} "
+                   f"(grpo.rollout.batch_size) with per-row seeded sampling, from length-grouped "
+                   f"prompt batches; TRL generates all {n} rows at once (model.generate) from a random prompt order "
+                   f"(RepeatSampler); reward = the embedded checker on both sides (no reward model).")
     return out
 
 
@@ -207,11 +247,13 @@ def goals(agg: dict) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="development mode: 1 run per side, fewer steps, batch 4, "
-                                                         "lighter PPO (see QUICK)")
+                                                         "lighter PPO and GRPO (see QUICK)")
     ap.add_argument("--runs", type=int, default=None, help="runs per side (default 3; quick 1)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per SFT/RM/DPO process, the first "
                                                             "untimed (default 6)")
     ap.add_argument("--ppo-steps", type=int, default=None, help="PPO steps per process (default 3)")
+    ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO rollout steps per process, the first "
+                                                                 "untimed (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all usable cores)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--stages", default=",".join(STAGES))
@@ -226,6 +268,7 @@ def main() -> int:
         s = dataclasses.replace(s, **QUICK)
     s.steps = args.steps or s.steps
     s.ppo_steps = args.ppo_steps or s.ppo_steps
+    s.grpo_steps = args.grpo_steps or s.grpo_steps
     if args.batch_size:
         s.batch_size = args.batch_size
         s.ppo_mini_batch_size = min(s.ppo_mini_batch_size, s.batch_size)
@@ -243,7 +286,8 @@ def main() -> int:
     load_before = os.getloadavg()
     info = machine()
     print(f"[bench] {info['cpu']}, {info['usable_cpus']} cpus, {info['ram_gb']} GB; threads={s.threads}, "
-          f"runs={runs}, steps={s.steps}, ppo_steps={s.ppo_steps}, batch={s.batch_size}; logs in {logs}", flush=True)
+          f"runs={runs}, steps={s.steps}, ppo_steps={s.ppo_steps}, grpo_steps={s.grpo_steps}, batch={s.batch_size}; "
+          f"logs in {logs}", flush=True)
 
     loads: list[float] = []
 
@@ -262,7 +306,7 @@ def main() -> int:
 
     raw: dict = {}
     for stage in stages:
-        if stage == "ppo":
+        if stage in ("ppo", "grpo"):  # untrained sft (+ rm) folders, made once, shared by ppo and grpo
             key = hashlib.sha256(json.dumps([s.model, s.lora_r, s.lora_alpha, s.lora_dropout, s.target_modules,
                                              s.seed]).encode()).hexdigest()[:12]
             s.extra["ppo_upstream"] = str(BENCH / ".cache" / f"ppo-upstream-{key}")
@@ -272,10 +316,9 @@ def main() -> int:
             sides["trl"] = [TRL_PY, str(BENCH / "trl_side.py"), "--stage", stage, "--settings", js]
         if stage == "ppo":
             sides["naive"] = [OURS_PY, str(BENCH / "naive_ppo.py"), "--settings", js]
-            has_ppo = (ROOT / "deltalign" / "stages" / "ppo.py").exists()
-            if has_ppo:
-                child("ppo_prepare", [OURS_PY, str(BENCH / "ours.py"), "--prepare-ppo", s.extra["ppo_upstream"],
-                                      "--settings", js], 0)
+        if stage in ("ppo", "grpo") and (ROOT / "deltalign" / "stages" / f"{stage}.py").exists():
+            child(f"{stage}_prepare", [OURS_PY, str(BENCH / "ours.py"), "--prepare-ppo", s.extra["ppo_upstream"],
+                                       "--settings", js], 0)
         raw[stage] = {side: [] for side in sides}
         for i in range(runs):  # alternate: A, B(, C), A, B(, C), ...
             for side, cmd in sides.items():
@@ -289,7 +332,7 @@ def main() -> int:
     goal_lines = goals(agg)
     contended = max([load_before[0], *loads]) > s.threads + 0.75
     trl_v = info["trl_env"].get("trl") if isinstance(info["trl_env"], dict) else None
-    notes = []
+    notes = work_notes(raw, s)
     for stage, sides in raw.items():
         for side, rs in sides.items():
             bad = [r for r in rs if "error" in r]
@@ -314,7 +357,12 @@ def main() -> int:
           f"(PPO {s.ppo_steps}; the first step of each is warm-up, not timed), {s.threads} thread(s); "
           f"PPO: minibatch {s.ppo_mini_batch_size}, {s.ppo_epochs} epochs, {s.max_new_tokens} new tokens, "
           f"temperature {s.temperature}, activation checkpointing {'on' if s.ppo_gradient_checkpointing else 'off'} "
-          f"(PPO only, every side). Fresh process per run, sides alternating, median of {runs} run(s) each. "
+          f"(PPO only, every side). "
+          f"GRPO: {s.grpo_batch_size} prompts x {s.grpo_num_generations} responses per step, {s.grpo_steps} steps "
+          f"(first untimed), {s.grpo_epochs} passes per rollout (one update each), {s.max_new_tokens} new tokens, "
+          f"temperature {s.temperature}, beta {s.grpo_beta}, checker reward, DAPO token loss, dropout off, "
+          f"activation checkpointing {'on' if s.grpo_gradient_checkpointing else 'off'} on both sides; samples = "
+          f"responses. Fresh process per run, sides alternating, median of {runs} run(s) each. "
           f"Peak RSS = the whole process's resident high-water mark. FLOP/s share: model FLOPs per real token "
           f"(frozen-base LoRA: forward 2N + activation backward 2N, attention included; see bench/common.py) "
           f"over the measured matmul peak.",

@@ -1,6 +1,6 @@
 """TRL's side: the same stage with TRL's trainer, same model, data and settings, in this (fresh) process.
 
-    .bench-venv/bin/python bench/trl_side.py --stage {sft,rm,dpo,ppo} --settings JSON
+    .bench-venv/bin/python bench/trl_side.py --stage {sft,rm,dpo,ppo,grpo} --settings JSON
 
 Runs in ``.bench-venv`` (bench/requirements.txt: trl pinned next to the same torch / transformers / peft /
 accelerate versions as deltalign's ``.venv``). TRL is never imported by deltalign itself.
@@ -14,6 +14,9 @@ switch it off by default (``disable_dropout=True``), as ours do (``rm/dpo.disabl
 sides. SFT data are our ``messages`` rows as conversational prompt/completion, so TRL trains on the
 completion only, as ours does. The DPO reference is the base with the adapter disabled (peft model, no
 ``ref_model``), computed every step (``precompute_ref_log_probs=False``), as ours does on first use of a pair.
+GRPO: ``GRPOTrainer`` with a fresh LoRA, no vLLM, beta 0, the embedded checker as reward function, group size,
+prompts per step, response length, passes per rollout (``num_iterations``), DAPO loss and clip range, dropout off
+and activation checkpointing as ours (see :func:`run_grpo` and bench/README.md's GRPO table).
 
 Timing: a ``TrainerCallback.on_step_end`` timestamps every optimizer step; ``training_step`` is wrapped to count the
 real tokens of each batch (from ``attention_mask``). Same window and FLOP convention as ours (common.py).
@@ -201,9 +204,73 @@ def run_ppo(s: Settings, timer: StepTimer, dims: dict, out: str) -> None:
     trainer.train()
 
 
+def checker_reward(prompts, completions, **kwargs) -> list[float]:
+    """TRL reward function: deltalign's embedded checker (``deltalign.rewards.checker``, stdlib only; the repo
+    root is on sys.path) on the completions' text, the same reward our side's ``grpo.rules={checker: 1}`` gives.
+    Prompts and completions arrive conversational (message lists); the checker reads the last user message."""
+    from deltalign.rewards import checker
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return checker.score_batch(prompts, texts)
+
+
+def run_grpo(s: Settings, timer: StepTimer, dims: dict, out: str) -> dict:
+    """TRL's GRPOTrainer: policy = base + a fresh LoRA (B = 0, the compute of our untrained sft copy), no
+    reference (beta 0), the embedded checker as the only reward. Per rollout step: ``grpo_batch_size`` prompts x
+    ``grpo_num_generations`` completions (``per_device_train_batch_size`` counts completions), one generation per
+    ``num_iterations`` = ``grpo_epochs`` optimizer steps, each over the whole rollout (as ours: one minibatch per
+    pass). A TRL optimizer step is one of our updates, so the timer marks a step after every ``num_iterations``
+    of them, the end of a rollout's last update, as ours does. Returns which optional forwards TRL ran."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from ours import grpo_work
+
+    G, E = s.grpo_num_generations, s.grpo_epochs
+    tok = tokenizer(s, padding_side="left")
+    rows = pref_rows_for_trl(s.pref_data)
+
+    def n_tokens(prompt) -> int:
+        x = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        return len(x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x)
+
+    train = Dataset.from_list([{"prompt": r["prompt"]} for r in rows if n_tokens(r["prompt"]) <= s.max_prompt_length])
+    a = common_args(s, out)
+    a.update(per_device_train_batch_size=s.grpo_batch_size * G, gradient_accumulation_steps=1,
+             max_steps=s.grpo_steps * E, warmup_steps=0, gradient_checkpointing=s.grpo_gradient_checkpointing)
+    args = GRPOConfig(**a, num_generations=G, max_completion_length=s.max_new_tokens, temperature=s.temperature,
+                      top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0, beta=s.grpo_beta, num_iterations=E,
+                      epsilon=0.2, epsilon_high=0.28, loss_type="dapo", scale_rewards="group",
+                      mask_truncated_completions=False, disable_dropout=True, use_vllm=False,
+                      log_completions=False)
+    ran: dict = {"old_logprobs": False, "reference": False}
+
+    class Counting(GRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            o = super()._generate_and_score_completions(inputs)
+            if self.model.training:
+                flags = {"old_logprobs": "old_per_token_logps" in o, "reference": "ref_per_token_logps" in o}
+                ran.update({k: ran[k] or v for k, v in flags.items()})
+                P = [int(x) for x in o["prompt_mask"].sum(1).tolist()]
+                R = [int(x) for x in o["completion_mask"].sum(1).tolist()]
+                timer.add(samples=len(P), **grpo_work(dims, P, R, E, **flags))
+            return o
+
+    class Timing(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % E == 0:  # the last update on this rollout
+                timer.step_end()
+
+    trainer = Counting(model=load_lm(s), reward_funcs=[checker_reward], args=args, train_dataset=train,
+                       processing_class=tok, peft_config=lora(s), callbacks=[Timing()])
+    trainer.train()
+    return ran
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", required=True, choices=["sft", "rm", "dpo", "ppo"])
+    ap.add_argument("--stage", required=True, choices=["sft", "rm", "dpo", "ppo", "grpo"])
     ap.add_argument("--settings", required=True)
     args = ap.parse_args()
     s = Settings.from_json(args.settings)
@@ -221,13 +288,11 @@ def main() -> int:
             emit({"side": "trl", "stage": "ppo", "error": f"not available in trl {trl.__version__}: {e}"})
             return 0
     with tempfile.TemporaryDirectory(prefix=f"bench-trl-{args.stage}-") as out:
-        {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "ppo": run_ppo}[args.stage](s, timer, dims, out)
-    if args.stage == "ppo":
-        s_steps = s.ppo_steps
-    else:
-        s_steps = s.steps
+        extra = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "ppo": run_ppo,
+                 "grpo": run_grpo}[args.stage](s, timer, dims, out) or {}
+    s_steps = {"ppo": s.ppo_steps, "grpo": s.grpo_steps}.get(args.stage, s.steps)
     res = {"side": "trl", "stage": args.stage, **timer.summary(), "trl": trl.__version__, "threads": s.threads,
-           "configured_steps": s_steps}
+           "configured_steps": s_steps, **extra}
     emit(res)
     return 0
 
