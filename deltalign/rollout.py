@@ -10,9 +10,31 @@ log-prob of every response token under whichever adapter is active.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
 from deltalign.losses import entropy_from_logits, token_logprobs
+from deltalign.pipeline.config import setting
+
+
+@dataclass
+class PromptData:
+    """Where an online RL stage's prompts come from (its Config inherits these settings)."""
+
+    data: str = "embedded:pref_train"
+    """Prompts: prompt-only rows, or SFT / preference rows (their responses are ignored)."""
+    eval_data: str = "embedded:pref_eval"
+    """Held-out prompts for the final checker / KL / reward report ('' to skip)."""
+    split: str = "train"
+    """Split to read when ``data`` is a `datasets` id."""
+    max_prompt_length: int = setting(192, ge=1)
+    """Prompts longer than this many tokens are dropped (and counted)."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
+    assistant turn): ``error`` stops the stage naming file/row/field; ``skip`` leaves it out with one log line
+    naming it, and counts it in the metrics (``data.*.skipped``)."""
 
 
 def load_prompts(cfg, tokenizer, with_eval: bool = True) -> dict:

@@ -14,13 +14,35 @@ stages tokenise prompts themselves). An empty ``source`` gives an empty split.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from deltalign.data.formats import load_rows, preference_examples, prompt_examples, sft_examples
 from deltalign.data.rows import Log
 from deltalign.data.tokenize import tokenize_all, tokenize_pair, tokenize_sft
+from deltalign.pipeline.config import setting
 
 BUILDERS = {"sft": (sft_examples, tokenize_sft), "pref": (preference_examples, tokenize_pair),
             "prompt": (prompt_examples, None)}
+
+
+@dataclass
+class RowRules:
+    """How a stage reads its rows, training and held-out alike (a stage's Config inherits these settings)."""
+
+    max_length: int = setting(256, ge=2)
+    """Maximum tokens per row: prompt + completion (for a pair, prompt + the longer response)."""
+    truncation: Literal["completion", "keep_end", "drop", "error"] = "completion"
+    """Too-long rows (training and held-out alike): ``completion`` (cut the response; a prompt that alone fills
+    max_length is a bad row), ``keep_end`` (keep the end of a long prompt, then cut the response: never fails),
+    ``drop`` (leave the row out, counted) or ``error`` (a bad row)."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
+    assistant turn, a prompt that cannot fit): ``error`` stops the stage naming file/row/field; ``skip`` leaves it
+    out with one log line naming it, and counts it in the metrics (``data.*.skipped``)."""
+
+    def read(self, source: str, split: str, kind: str, tokenizer) -> "Split":
+        """:func:`load_split` under these rules."""
+        return load_split(source, split, kind, tokenizer, self.max_length, self.truncation, self.bad_rows)
 
 
 @dataclass

@@ -47,7 +47,7 @@ from typing import Literal
 from deltalign import atomic
 from deltalign.backbone import Backbone, ModelConfig, labelled_logits, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches
-from deltalign.data.splits import load_split
+from deltalign.data.splits import RowRules
 from deltalign.deltas import fusion
 from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig, checker_eval
@@ -67,7 +67,7 @@ def is_stage_name(source: str) -> bool:
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(RowRules, TrainConfig):
     """Combine finished LoRA deltas into one. The training settings (``lr``, ``batch_size``, ``max_steps``,
     ``epochs``, ...) and ``data`` apply to ``method: gates`` only."""
 
@@ -105,12 +105,6 @@ class Config(TrainConfig):
     skip)."""
     split: str = "train"
     """Split to read when ``data`` is a `datasets` id."""
-    max_length: int = setting(256, ge=2)
-    """Maximum tokens per example (prompt + completion), training and held-out."""
-    truncation: Literal["completion", "keep_end", "drop", "error"] = "completion"
-    """Too-long rows: ``completion`` (cut the response), ``keep_end``, ``drop`` or ``error`` (as in ``sft``)."""
-    bad_rows: Literal["error", "skip"] = "error"
-    """A row with a problem of its own: ``error`` stops naming file/row/field; ``skip`` leaves it out, counted."""
     eval_batch_size: int = setting(16, ge=1)
     """Rows per batch for held-out loss."""
     eval_checker: bool = True
@@ -247,7 +241,7 @@ def train_gates(cfg: Config, backbone, names: list[str], sources: list[fusion.So
         raise ValueError(f"compose.method gates: {e}") from None
     fusion.attach(backbone, GATES, gates, trainable=True)
     tok = backbone.tokenizer
-    data = load_split(cfg.data, cfg.split, "sft", tok, cfg.max_length, cfg.truncation, cfg.bad_rows)
+    data = cfg.read(cfg.data, cfg.split, "sft", tok)
     train = data.items
     lengths = [len(x["input_ids"]) for x in train]
 
@@ -288,7 +282,7 @@ def evaluate(cfg: Config, backbone, policies: dict[str, str]) -> dict:
     if not cfg.eval_data:
         return {}
     tok = backbone.tokenizer
-    held = load_split(cfg.eval_data, "test", "sft", tok, cfg.max_length, cfg.truncation, cfg.bad_rows)
+    held = cfg.read(cfg.eval_data, "test", "sft", tok)
     device = next(backbone.parameters()).device
     examples = held.examples[: cfg.eval_limit or None]
     report = {}

@@ -23,7 +23,7 @@ import torch
 from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, response_logprobs, train_mode
 from deltalign.data.batching import length_grouped_batches, pair_batch, to_device
-from deltalign.data.splits import load_split
+from deltalign.data.splits import RowRules
 from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig
 from deltalign.losses import dpo_sigmoid_loss, ipo_loss, simpo_loss
@@ -36,23 +36,13 @@ REFERENCE = "sft"  # the reference IS the SFT adapter (frozen), under its own na
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(RowRules, TrainConfig):
     data: str = "embedded:pref_train"
     """Preference pairs: prompt/chosen/rejected (plain or conversational) or HH-style rows."""
     eval_data: str = "embedded:pref_eval"
     """Held-out pairs: prompts for generation, pairs for held-out reward accuracy ('' to skip)."""
     split: str = "train"
     """Split to read when ``data`` is a `datasets` id."""
-    max_length: int = setting(256, ge=2)
-    """Maximum tokens of prompt + response."""
-    truncation: Literal["completion", "keep_end", "drop", "error"] = "completion"
-    """Too-long rows (training and held-out alike): ``completion`` (cut the response; a prompt that alone fills
-    max_length is a bad row), ``keep_end`` (keep the end of a long prompt, then cut the response: never fails),
-    ``drop`` (leave the row out, counted) or ``error`` (a bad row)."""
-    bad_rows: Literal["error", "skip"] = "error"
-    """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
-    assistant turn, a prompt that cannot fit): ``error`` stops the stage naming file/row/field; ``skip`` leaves it
-    out with one log line naming it, and counts it in the metrics (``data.*.skipped``)."""
     loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
     """``sigmoid`` (DPO, Rafailov et al. 2023), ``ipo`` (Azar et al. 2023) or ``simpo`` (Meng et al. 2024,
     reference-free)."""
@@ -186,8 +176,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     tok = backbone.tokenizer
 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
-    data = load_split(cfg.data, cfg.split, "pref", tok, cfg.max_length, cfg.truncation, cfg.bad_rows)
-    held = load_split(cfg.eval_data, "test", "pref", tok, cfg.max_length, cfg.truncation, cfg.bad_rows)
+    data, held = cfg.read(cfg.data, cfg.split, "pref", tok), cfg.read(cfg.eval_data, "test", "pref", tok)
     train, eval_ex = data.items, held.examples
     lengths = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in train]
 

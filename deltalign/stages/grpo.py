@@ -52,7 +52,7 @@ from deltalign.losses import (clipped_policy_loss, constant_loss_sum, dr_grpo_ad
 from deltalign.pipeline.config import setting
 from deltalign.rewards.composite import CompositeReward
 from deltalign.rewards.model import RewardModel
-from deltalign.rollout import load_prompts, policy_logprobs, rollout_batch, rollout_seed
+from deltalign.rollout import PromptData, load_prompts, policy_logprobs, rollout_batch, rollout_seed
 
 NAME = "grpo"
 READS = {"data": "prompt", "eval_data": "prompt"}  # setting -> row shape (checked before the run)
@@ -66,7 +66,7 @@ def _rollout_default() -> GenerationConfig:
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(PromptData, TrainConfig):
     lr: float = setting(1e-4, gt=0)
     """Peak learning rate of the policy delta. LoRA needs about 10x the full-fine-tuning rate (TRL issue 2872:
     GRPO with LoRA does not learn at 5e-7; TRL's LoRA recipe: 1e-5 at rank 1 vs 1e-6 full); 1e-4 suits the
@@ -79,18 +79,6 @@ class Config(TrainConfig):
     """G, responses sampled per prompt: the group that is its own baseline. 8 (TRL's default; DeepSeekMath uses
     64): fewer makes the group mean and std noisy and more groups all-equal under a 0/1 checker, more costs
     generation, the dominant cost on CPU."""
-    data: str = "embedded:pref_train"
-    """Prompts: prompt-only rows, or SFT / preference rows (their responses are ignored)."""
-    eval_data: str = "embedded:pref_eval"
-    """Held-out prompts for the final checker / KL / reward report ('' to skip)."""
-    split: str = "train"
-    """Split to read when ``data`` is a `datasets` id."""
-    max_prompt_length: int = setting(192, ge=1)
-    """Prompts longer than this many tokens are dropped (and counted)."""
-    bad_rows: Literal["error", "skip"] = "error"
-    """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
-    assistant turn): ``error`` stops the stage naming file/row/field; ``skip`` leaves it out with one log line
-    naming it, and counts it in the metrics (``data.*.skipped``)."""
     rollout: GenerationConfig = field(default_factory=_rollout_default)
     """Sampling for rollouts: temperature 1 and top-p 1 sample the policy itself, so the ratio is exact
     (log-probs are computed at the same temperature; top-p < 1 makes them approximate)."""

@@ -44,7 +44,7 @@ from deltalign.losses import (AdaptiveKLController, FixedKLController, gae_advan
 from deltalign.pipeline.config import setting
 from deltalign.rewards.composite import CompositeReward
 from deltalign.rewards.model import HEAD_FILE, RewardModel
-from deltalign.rollout import at_positions, load_prompts, policy_logprobs, rollout_batch, rollout_seed
+from deltalign.rollout import PromptData, at_positions, load_prompts, policy_logprobs, rollout_batch, rollout_seed
 
 NAME = "ppo"
 READS = {"data": "prompt", "eval_data": "prompt"}  # setting -> row shape (checked before the run)
@@ -58,7 +58,7 @@ def _rollout_default() -> GenerationConfig:
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(PromptData, TrainConfig):
     lr: float = setting(3e-5, gt=0)
     """Peak learning rate for policy and critic deltas (LoRA PPO: 1e-5 to 5e-5; TRL's example uses 3e-6 for
     full fine-tuning, LoRA needs larger steps)."""
@@ -66,18 +66,6 @@ class Config(TrainConfig):
     """Share of the updates with linear warmup (PPO usually runs without)."""
     batch_size: int = setting(16, ge=1)
     """Prompts per rollout per process (one PPO step)."""
-    data: str = "embedded:pref_train"
-    """Prompts: prompt-only rows, or SFT / preference rows (their responses are ignored)."""
-    eval_data: str = "embedded:pref_eval"
-    """Held-out prompts for the final checker / KL / reward report ('' to skip)."""
-    split: str = "train"
-    """Split to read when ``data`` is a `datasets` id."""
-    max_prompt_length: int = setting(192, ge=1)
-    """Prompts longer than this many tokens are dropped (and counted)."""
-    bad_rows: Literal["error", "skip"] = "error"
-    """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
-    assistant turn): ``error`` stops the stage naming file/row/field; ``skip`` leaves it out with one log line
-    naming it, and counts it in the metrics (``data.*.skipped``)."""
     rollout: GenerationConfig = field(default_factory=_rollout_default)
     """Sampling for rollouts: temperature 1 and top-p 1 sample the policy itself, so the PPO ratio is exact
     (log-probs are computed at the same temperature; top-p < 1 makes them approximate)."""

@@ -20,7 +20,7 @@ import torch
 from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pair_batch, to_device
-from deltalign.data.splits import load_split
+from deltalign.data.splits import RowRules
 from deltalign.engine import Engine, TrainConfig
 from deltalign.losses import bradley_terry_loss
 from deltalign.pipeline.config import setting
@@ -31,7 +31,7 @@ READS = {"data": "pref", "eval_data": "pref"}  # setting -> row shape (checked b
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(RowRules, TrainConfig):
     lr: float = setting(1e-4, gt=0)
     """Peak learning rate (AdamW). 1e-4 is the usual LoRA reward-model rate (1e-5 for full fine-tuning), 1 epoch."""
     data: str = "embedded:pref_train"
@@ -40,16 +40,6 @@ class Config(TrainConfig):
     """Held-out pairs in the same shapes ('' to skip held-out evaluation)."""
     split: str = "train"
     """Split to read when ``data`` is a `datasets` id."""
-    max_length: int = setting(256, ge=2)
-    """Maximum tokens of prompt + each response."""
-    truncation: Literal["completion", "keep_end", "drop", "error"] = "completion"
-    """Too-long rows (training and held-out alike): ``completion`` (cut the response; a prompt that alone fills
-    max_length is a bad row), ``keep_end`` (keep the end of a long prompt, then cut the response: never fails),
-    ``drop`` (leave the row out, counted) or ``error`` (a bad row)."""
-    bad_rows: Literal["error", "skip"] = "error"
-    """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
-    assistant turn, a prompt that cannot fit): ``error`` stops the stage naming file/row/field; ``skip`` leaves it
-    out with one log line naming it, and counts it in the metrics (``data.*.skipped``)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The delta this stage trains (``rm``), when ``init: fresh``; with ``init: sft`` it is a copy of the SFT
     adapter and keeps the SFT adapter's own settings (these are then unused)."""
@@ -124,9 +114,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     pad = backbone.tokenizer.pad_token_id
 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
-    rules = (backbone.tokenizer, cfg.max_length, cfg.truncation, cfg.bad_rows)
-    data = load_split(cfg.data, cfg.split, "pref", *rules)
-    held_split = load_split(cfg.eval_data, "test", "pref", *rules)
+    data = cfg.read(cfg.data, cfg.split, "pref", backbone.tokenizer)
+    held_split = cfg.read(cfg.eval_data, "test", "pref", backbone.tokenizer)
     train, held = data.items, held_split.items
     if not cfg.margin:
         for x in train:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, labelled_logits, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batch, to_device
-from deltalign.data.splits import load_split
+from deltalign.data.splits import RowRules
 from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig, checker_eval
 from deltalign.losses import sft_loss_sum
@@ -27,23 +26,13 @@ READS = {"data": "sft", "eval_data": "sft"}  # setting -> row shape (checked bef
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(RowRules, TrainConfig):
     data: str = "embedded:sft_train"
     """Training data: a .json/.jsonl/.parquet file, ``embedded:<split>``, or a `datasets` id."""
     eval_data: str = "embedded:sft_eval"
     """Held-out data in the same shapes ('' to skip held-out evaluation)."""
     split: str = "train"
     """Split to read when ``data`` is a `datasets` id."""
-    max_length: int = setting(256, ge=2)
-    """Maximum tokens per example (prompt + completion)."""
-    truncation: Literal["completion", "keep_end", "drop", "error"] = "completion"
-    """Too-long rows (training and held-out alike): ``completion`` (cut the response; a prompt that alone fills
-    max_length is a bad row), ``keep_end`` (keep the end of a long prompt, then cut the response: never fails),
-    ``drop`` (leave the row out, counted) or ``error`` (a bad row)."""
-    bad_rows: Literal["error", "skip"] = "error"
-    """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
-    assistant turn, a prompt that cannot fit): ``error`` stops the stage naming file/row/field; ``skip`` leaves it
-    out with one log line naming it, and counts it in the metrics (``data.*.skipped``)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The delta this stage trains (a fresh ``sft`` adapter)."""
     disable_dropout: bool = False
@@ -88,8 +77,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     tok = backbone.tokenizer
 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
-    data = load_split(cfg.data, cfg.split, "sft", tok, cfg.max_length, cfg.truncation, cfg.bad_rows)
-    held = load_split(cfg.eval_data, "test", "sft", tok, cfg.max_length, cfg.truncation, cfg.bad_rows)
+    data, held = cfg.read(cfg.data, cfg.split, "sft", tok), cfg.read(cfg.eval_data, "test", "sft", tok)
     train, heldout, eval_ex = data.items, held.items, held.examples
     lengths = [len(x["input_ids"]) for x in train]
 
