@@ -52,8 +52,10 @@ def machine() -> str:
     import os
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {mem:.1f} GiB, " \
-           f"Python {platform.python_version()}"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() \
+        else platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPUs, {mem:.1f} GiB, Python {platform.python_version()}"
 
 
 # --- generators ------------------------------------------------------------------------------------------------
@@ -65,12 +67,13 @@ def demo(name: str = "demo") -> str:
     d = json.loads(f.read_text())
     lines = ["| policy | checker score | reward-model score | KL to SFT | mean response tokens |",
              "|---|---|---|---|---|"]
-    for label, row in d["table"].items():
+    order = ["base", "sft", "dpo", "ppo", "grpo", "compose"]  # the pipeline's order (the JSON sorts its keys)
+    for label, row in sorted(d["table"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         rm = f"{row['rm_score']:.3f}" if "rm_score" in row else "—"
         lines.append(f"| {label} | {row['checker_score']:.2f} | {rm} | {row['kl_to_reference']:.3f} | "
                      f"{row['mean_response_tokens']:.1f} |")
     stages = ", ".join(f"{s} {t / 60:.1f} min" for s, t in d["stage_wall_s"].items())
-    total = f"; `make demo` {d['wall_s'] / 60:.1f} min in all" if d.get("wall_s") else ""
+    total = f"; {d['wall_s'] / 60:.1f} min from the first stage to the eval table" if d.get("wall_s") else ""
     return ("\n".join(lines) + f"\n\n{d['n_prompts']} held-out prompts, greedy decoding. Stage wall times: "
             f"{stages}{total}. Machine: {d['machine']}; commit {d['commit']}, {d['date']} "
             f"(`docs/results/{name}.json`).\n")
