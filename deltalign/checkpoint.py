@@ -1,12 +1,20 @@
 """Resumable checkpoints of a training run: only what trains, written so that a kill never loses the last one.
 
-A checkpoint (``<run>/<stage>/checkpoints/step-NNNNNN/``) holds the trainable tensors (adapter and head
-values, safetensors), the optimizer and scheduler state, every process's RNG state, the step and any extra state
-a stage registered (e.g. PPO's KL controller). It is written to a temporary directory and renamed into place, so
-a kill at any moment leaves the previous checkpoint intact; the newest ``keep`` are kept. Under DeepSpeed each
-rank adds its own optimizer shard (``ds/``, frozen parameters excluded) -- the only files a rank other than 0
-writes. :func:`restore` loads the newest one into a prepared :class:`deltalign.engine.Engine` and drops the
-metrics logged after it.
+A checkpoint (``<run>/<stage>/checkpoints/step-NNNNNN/``) holds safetensors and JSON only, so resuming unpickles
+nothing:
+
+* ``trainable.safetensors`` -- the full values of the trainable tensors (adapter and head values);
+* ``optimizer.safetensors`` -- the optimizer's tensors: ``state/<param>/<key>`` (AdamW's ``exp_avg``,
+  ``exp_avg_sq``, ``step``). Under DeepSpeed the full fp32 moments of each trainable parameter, gathered from
+  the ZeRO shards (so the file does not depend on how they were sharded), its fp32 master value
+  ``master/<param>`` and the per-partition scalars ``flat/<i>/<key>`` (the step count);
+* ``rng.safetensors`` -- every process's torch RNG state (``rng/<rank>``);
+* ``state.json`` -- the step, the optimizer's hyperparameters (param groups) and other scalars, the scheduler,
+  Python's RNG state, any extra state a stage registered (e.g. PPO's KL controller), the process count.
+
+Only rank 0 writes. A checkpoint is written to a temporary directory and renamed into place, so a kill at any
+moment leaves the previous checkpoint intact; the newest ``keep`` are kept. :func:`restore` loads the newest one
+into a prepared :class:`deltalign.engine.Engine` and drops the metrics logged after it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch
 from deltalign import atomic, zero
 
 CKPT_DIR = "checkpoints"
+FORMAT = 2  # 1: optimizer.pt (torch.save) and DeepSpeed's own ds/ shards
 
 
 def latest(out_dir: Path) -> Path | None:
@@ -33,12 +42,16 @@ def latest(out_dir: Path) -> Path | None:
 
 def trainable_state(engine) -> dict[str, torch.Tensor]:
     """Full values of every trainable tensor. Every process must call it (ZeRO-3 gathers)."""
+    return zero.full_tensors(_trainable(engine), engine.zero_stage)
+
+
+def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
     backbone = engine.accelerator.unwrap_model(engine.model)
     wanted = set(engine.param_names)
-    return zero.full_tensors([(n, p) for n, p in backbone.named_parameters() if n in wanted], engine.zero_stage)
+    return [(n, p) for n, p in backbone.named_parameters() if n in wanted]
 
 
-def _all_rng(engine) -> list:
+def _all_rng(engine) -> list[torch.Tensor]:
     """Every process's torch RNG state (dropout differs per process), gathered to all."""
     state = torch.get_rng_state()
     if engine.world == 1:
@@ -48,13 +61,72 @@ def _all_rng(engine) -> list:
     return gather_object([state])
 
 
+def _plain(obj, where: str):
+    """``obj`` as JSON values (tuples become lists); anything else (a tensor, an object) is an error, never str()."""
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, where) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    raise TypeError(f"checkpoint: {where} is a {type(obj).__name__}, not a JSON value")
+
+
+def _like(value, current):
+    """A JSON value read back, with the tuples of ``current`` (e.g. AdamW's betas) restored."""
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _optimizer_state(engine) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer as tensors (for safetensors) and JSON values. Every process must call it (ZeRO gathers)."""
+    if engine.deepspeed:
+        return zero.optimizer_state(engine.model, _trainable(engine))
+    sd = engine.optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        name = engine.param_names[idx]
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state/{name}/{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(name, {})[k] = v
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [engine.param_names[i] for i in g["params"]]}
+              for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _load_optimizer_state(engine, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    if engine.deepspeed:
+        zero.load_optimizer_state(engine.model, _trainable(engine), tensors, meta)
+        return
+    index = {n: i for i, n in enumerate(engine.param_names)}
+    current = engine.optimizer.state_dict()["param_groups"]
+    if len(current) != len(meta["param_groups"]):
+        raise RuntimeError(f"checkpoint: {len(meta['param_groups'])} optimizer param groups, expected {len(current)}")
+    groups = []
+    for cur, saved in zip(current, meta["param_groups"]):
+        g = {k: _like(v, cur.get(k)) for k, v in saved.items() if k != "params"}
+        groups.append(g | {"params": [index[n] for n in saved["params"]]})
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        _, name, k = key.split("/", 2)
+        state.setdefault(index[name], {})[k] = t
+    for name, st in meta["scalars"].items():
+        state.setdefault(index[name], {}).update(st)
+    engine.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
 def save(engine, keep: int) -> None:
-    """Write a checkpoint of the engine's current step (every process calls it)."""
+    """Write a checkpoint of the engine's current step (every process calls it; only rank 0 writes)."""
     from safetensors.torch import save_file
 
     acc = engine.accelerator
     acc.wait_for_everyone()
     state = trainable_state(engine)
+    # ZeRO gathers (every process takes part); otherwise every process holds the same state and rank 0 reads it
+    opt_tensors, opt_meta = _optimizer_state(engine) if engine.deepspeed or engine.is_main else ({}, {})
     rngs = _all_rng(engine)
     root = engine.out / CKPT_DIR
     final = root / f"step-{engine.step_no:06d}"
@@ -62,20 +134,16 @@ def save(engine, keep: int) -> None:
     if engine.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    if engine.deepspeed:  # every rank writes its own optimizer shard (ZeRO); frozen parameters are left out
-        engine.model.save_checkpoint(str(tmp), tag="ds", save_latest=False, exclude_frozen_parameters=True)
-    acc.wait_for_everyone()
-    if engine.is_main:
         save_file(state, tmp / "trainable.safetensors")
-        blob = {"scheduler": engine.scheduler.state_dict(), "torch_rng": rngs[0], "torch_rng_all": rngs}
-        if not engine.deepspeed:
-            blob["optimizer"] = engine.optimizer.state_dict()
-        torch.save(blob, tmp / "optimizer.pt")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file({f"rng/{r}": s for r, s in enumerate(rngs)}, tmp / "rng.safetensors")
         extra = {name: get() for name, (get, _) in engine.extra_state.items()}
-        atomic.write_json(tmp / "state.json", {"step": engine.step_no, "python_rng": repr(random.getstate()),
-                                               "extra": extra, "world": engine.world,
-                                               "deepspeed": engine.deepspeed})
+        meta = {"format": FORMAT, "step": engine.step_no, "python_rng": repr(random.getstate()),
+                "extra": extra, "world": engine.world, "deepspeed": engine.deepspeed,
+                "optimizer": opt_meta, "scheduler": engine.scheduler.state_dict()}
+        if engine.deepspeed:
+            meta["deepspeed_counters"] = zero.counters(engine.model)
+        atomic.write_json(tmp / "state.json", _plain(meta, "state"))
         if final.exists():
             old = root / f".step-{engine.step_no:06d}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -91,36 +159,33 @@ def save(engine, keep: int) -> None:
 
 def restore(engine) -> bool:
     """Load the newest checkpoint into the prepared engine, if there is one; metrics logged after it are
-    dropped. Returns whether it resumed."""
+    dropped. Returns whether it resumed. Every process must call it (ZeRO scatters)."""
     from safetensors.torch import load_file
 
     ckpt = latest(engine.out)
     if ckpt is None:
         return False
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("format") != FORMAT:
+        raise RuntimeError(f"{ckpt}: a checkpoint of an older deltalign (optimizer.pt, read with pickle); "
+                           f"delete {ckpt.parent} to start this stage afresh")
     tensors = load_file(str(ckpt / "trainable.safetensors"))
     missing = set(engine.param_names) - set(tensors)
     if missing:
         raise RuntimeError(f"{ckpt}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
-    state = json.loads((ckpt / "state.json").read_text())
     if bool(state.get("deepspeed", False)) != engine.deepspeed or int(state.get("world", 1)) != engine.world:
         raise RuntimeError(f"{ckpt}: written with deepspeed={state.get('deepspeed', False)}, "
                            f"{state.get('world', 1)} process(es); resume it the same way (or start afresh)")
-    blob = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    # the trainable values (ZeRO-3: scattered into the shards), then the optimizer (ZeRO: its fp32 master too)
+    zero.set_full_tensors(_trainable(engine), tensors, engine.zero_stage)
+    _load_optimizer_state(engine, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
     if engine.deepspeed:
-        # DeepSpeed restores the trainable weights (ZeRO: from its fp32 master shards) and the optimizer.
-        engine.model.load_checkpoint(str(ckpt), tag="ds", load_module_strict=False, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
-    else:
-        backbone = engine.accelerator.unwrap_model(engine.model)
-        with torch.no_grad():
-            for n, p in backbone.named_parameters():
-                if n in tensors:
-                    p.copy_(tensors[n])
-        engine.optimizer.load_state_dict(blob["optimizer"])
-    engine.scheduler.load_state_dict(blob["scheduler"])
-    rngs = blob.get("torch_rng_all") or [blob["torch_rng"]]
+        zero.set_counters(engine.model, state.get("deepspeed_counters", {}))
+    current = engine.scheduler.state_dict()
+    engine.scheduler.load_state_dict({k: _like(v, current.get(k)) for k, v in state["scheduler"].items()})
+    rngs = load_file(str(ckpt / "rng.safetensors"))
     rank = engine.accelerator.process_index
-    torch.set_rng_state(rngs[rank] if len(rngs) == engine.world else blob["torch_rng"])
+    torch.set_rng_state(rngs[f"rng/{rank}"] if len(rngs) == engine.world else rngs["rng/0"])
     random.setstate(ast.literal_eval(state["python_rng"]))
     for name, (_, put) in engine.extra_state.items():
         put(state["extra"].get(name, {}))

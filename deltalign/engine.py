@@ -16,9 +16,19 @@ Gradient accumulation is normalised once and correctly: each micro-batch contrib
 ``total`` counts the tokens (or pairs) of the whole optimizer step across every process, so a micro-batch with
 more tokens weighs more, exactly as if the step were one big batch.
 
-Checkpoints hold only what trains (adapter and head tensors, in safetensors), the optimizer and scheduler, the
-RNG state, the step and any extra state a stage registers. They are written to a temp dir and renamed, so a kill
-at any moment leaves the previous checkpoint intact; a new run in the same directory resumes from the last one.
+Every step is a full global batch: each process always gets exactly ``grad_accum`` micro-batches. When an epoch's
+micro-batch count is not a multiple of ``processes x grad_accum``, its last step is filled up with the epoch's
+first micro-batches (wrap-pad; ``total_steps`` counts that step), so no process ever sits out a step.
+
+Several processes without DeepSpeed (``configs/accelerate/ddp.yaml``): the model is not wrapped in DDP; every
+process runs its backward passes locally and :meth:`Engine.update` averages the trainable gradients over the
+processes with one flattened all-reduce. So any number of backward passes per update works, each touching any
+subset of the deltas (PPO: policy, then critic), with the same result as one process over the global batch.
+
+Checkpoints hold only what trains (adapter and head tensors), the optimizer and scheduler, the RNG state, the step
+and any extra state a stage registers, in safetensors and JSON only (nothing is unpickled on resume). They are
+written to a temp dir and renamed, so a kill at any moment leaves the previous checkpoint intact; a new run in the
+same directory resumes from the last one.
 
 Under DeepSpeed (``accelerate launch --config_file configs/accelerate/zero{2,3}.yaml``) the same stage code runs
 unchanged: accumulation, the update boundary and clipping stay the engine's (see :mod:`deltalign.zero`);
@@ -109,11 +119,17 @@ class Engine:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        # On CPU, accelerate leaves the backend unset and each launched process would think it is alone.
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
+        use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        on_cpu = launched and not torch.cuda.is_available()
+        # On CPU, accelerate leaves the backend unset and each launched process would think it is alone; without
+        # DeepSpeed it also needs cpu=True, or it sets up the process group but reduces nothing (distributed type NO).
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
+        if use_ds and not torch.cuda.is_available():
             zero.skip_shm_build()
-        self.accelerator = Accelerator(kwargs_handlers=handlers)
+        self.accelerator = Accelerator(kwargs_handlers=handlers, cpu=on_cpu and not use_ds)
+        if launched and self.accelerator.distributed_type.value == "NO":
+            raise RuntimeError(f"{int(os.environ['WORLD_SIZE'])} processes launched, but accelerate set up no "
+                               "distributed run: its reductions would silently be local")
         self.ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         self.zero_stage = int(self.ds_plugin.zero_stage) if self.ds_plugin is not None else 0
         self.quiet = quiet or not self.is_main
@@ -143,6 +159,11 @@ class Engine:
     def deepspeed(self) -> bool:
         return self.ds_plugin is not None
 
+    @property
+    def data_parallel(self) -> bool:
+        """Several processes without DeepSpeed: gradients are averaged by :meth:`update` (no DDP wrapper)."""
+        return self.world > 1 and not self.deepspeed
+
     def total_steps(self, n_micro_batches: int) -> int:
         """Optimizer steps for the configured epochs (or max_steps)."""
         if self.cfg.max_steps > 0:
@@ -165,11 +186,18 @@ class Engine:
         if not params:
             raise RuntimeError("nothing to train: no parameter requires grad")
         self.param_names = [n for n, p in backbone.named_parameters() if p.requires_grad]
+        self._params = params
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         if self.deepspeed:
             zero.configure(self.ds_plugin.deepspeed_config, self.cfg.batch_size, self.world, self.cfg.max_grad_norm)
             self.accelerator.gradient_accumulation_steps = 1
-        self.model, self.optimizer = self.accelerator.prepare(backbone, self.optimizer)
+        if self.data_parallel:
+            # No DDP wrapper (device placement and mixed precision only): update() averages the gradients itself.
+            self.model = self.accelerator.prepare_model(backbone, evaluation_mode=True)
+            self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+            self._broadcast_trainable()  # as DDP does: every process starts from rank 0's deltas
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(backbone, self.optimizer)
         warmup = max(1, int(self.cfg.warmup_ratio * n_updates))
         # The schedule drives the optimizer that really steps (under ZeRO, the one inside DeepSpeed's wrapper).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -205,6 +233,9 @@ class Engine:
         """Yield ``(step, micro_batches)`` for each optimizer step this process runs, skipping resumed steps.
 
         ``batches_for_epoch(epoch)`` must be deterministic; micro-batch i of a step goes to process i % world.
+        Every process always gets exactly ``grad_accum`` micro-batches: an epoch's last step, when its micro-batch
+        count is not a multiple of ``grad_accum x world``, is filled up with the epoch's first micro-batches
+        (wrap-pad), so every step is a full global batch.
         """
         group = self.cfg.grad_accum * self.world
         step, epoch = 0, 0
@@ -219,8 +250,8 @@ class Engine:
                 if step >= self.n_steps:
                     break
                 if step >= self.step_no:
-                    mine = batches[i:i + group][self.accelerator.process_index::self.world]
-                    yield step, mine
+                    full = [batches[(i + j) % len(batches)] for j in range(group)]  # wrap-pad the last group
+                    yield step, full[self.accelerator.process_index::self.world]
                 step += 1
             epoch += 1
         self._bar.close()
@@ -236,18 +267,14 @@ class Engine:
         return self.accelerator.reduce(t.detach().clone(), reduction="sum")
 
     def accumulate(self, micro_batches: list) -> Iterator:
-        """Iterate micro-batches; gradients are synchronised across processes only on the last one."""
-        for i, mb in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            if self.deepspeed:  # DeepSpeed reduces in update() (managed_gradient_accumulation: false)
-                ctx = contextlib.nullcontext()
-            else:
-                ctx = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
-            with ctx:
-                yield mb
+        """Iterate micro-batches. Nothing is synchronised per micro-batch: gradients are reduced across processes
+        once per update, in :meth:`update` (DeepSpeed with ``managed_gradient_accumulation: false``, plain data
+        parallel by the engine's own all-reduce)."""
+        yield from micro_batches
 
     def backward(self, loss_sum: torch.Tensor, total: float) -> None:
-        """Backward of this micro-batch's share of the step loss: ``loss_sum / total`` (times world: DDP means)."""
+        """Backward of this micro-batch's share of the step loss: ``loss_sum / total`` (times world: the
+        reduction across processes is a mean)."""
         loss = loss_sum * (self.world / max(total, 1e-12))
         if self.deepspeed:
             # Not accelerator.backward: under DeepSpeed it would also run the optimizer step after every call.
@@ -256,7 +283,8 @@ class Engine:
             self.accelerator.backward(loss)
 
     def update(self) -> dict[str, float]:
-        """One optimizer update: clip, step, advance the schedule, zero the gradients. Returns ``grad_norm``."""
+        """One optimizer update: average the gradients over processes (plain data parallel), clip, step, advance
+        the schedule, zero the gradients. Returns ``grad_norm``."""
         out = {}
         if self.deepspeed:
             self.model.step()  # clip (gradient_clipping = max_grad_norm), optimizer step, zero the gradients
@@ -265,6 +293,8 @@ class Engine:
             self.scheduler.step()
             zero.clear_gradients(self.model, self.zero_stage)
             return out
+        if self.data_parallel:
+            self._average_gradients()
         if self.cfg.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(self.backbone.trainable_parameters(), self.cfg.max_grad_norm)
             out["grad_norm"] = float(norm)
@@ -272,6 +302,32 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return out
+
+    def _broadcast_trainable(self) -> None:
+        """Copy rank 0's trainable values to every process (one flattened broadcast)."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self._params])
+            dist.broadcast(flat, src=0)
+            for p, v in zip(self._params, flat.split([p.numel() for p in self._params])):
+                p.copy_(v.view_as(p))
+
+    def _average_gradients(self) -> None:
+        """Plain data parallel: average the trainable gradients over the processes, in one flattened all-reduce
+        (fp32). A parameter keeps ``grad = None`` only if it got no gradient on any process, as in one process."""
+        import torch.distributed as dist
+
+        params = self._params
+        has = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+        flat = torch.cat([has, *[(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32)
+                                 for p in params]])
+        dist.all_reduce(flat)
+        flat[len(params):].div_(self.world)
+        grads = flat[len(params):].split([p.numel() for p in params])
+        for p, any_grad, g in zip(params, flat[:len(params)].tolist(), grads):
+            if any_grad:
+                p.grad = g.view_as(p).to(p.dtype)
 
     def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
         """Stages report per-process values normalised by the step's global count (``total / world``): their mean

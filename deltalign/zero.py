@@ -12,7 +12,11 @@ The engine (:mod:`deltalign.engine`) calls these; stages never do. What each one
   (PPO's critic, after the policy) starts from 0, not from the previous update's gradient;
 * :func:`gathered` -- ZeRO-3 shards every parameter, the frozen base included: code that runs on rank 0 only
   (evaluation, generation, saving) needs the full weights and ZeRO-3's hooks off;
-* :func:`full_tensors` -- the full values of (sharded) parameters, for checkpoints and saving.
+* :func:`full_tensors` / :func:`set_full_tensors` -- the full values of (sharded) parameters, for checkpoints and
+  saving, and setting them on resume;
+* :func:`optimizer_state` / :func:`load_optimizer_state` -- the optimizer for a checkpoint, without DeepSpeed's
+  own ``save_checkpoint`` / ``load_checkpoint`` (which unpickle on load): per trainable parameter its full fp32
+  master value and moments (``deepspeed.utils.safe_get_full_*``), plus the per-partition step count.
 """
 
 from __future__ import annotations
@@ -104,3 +108,103 @@ def full_tensors(named: list[tuple[str, torch.nn.Parameter]], zero_stage: int) -
         ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
     with ctx:
         return {n: p.detach().cpu().clone() for n, p in named}
+
+
+def set_full_tensors(named: list[tuple[str, torch.nn.Parameter]], values: dict[str, torch.Tensor],
+                     zero_stage: int) -> None:
+    """Set these parameters to full values (ZeRO-3: scattered into the shards; every process must call it)."""
+    ctx = contextlib.nullcontext()
+    if zero_stage == 3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0)
+    with torch.no_grad(), ctx:
+        for n, p in named:
+            p.copy_(values[n])
+
+
+@contextlib.contextmanager
+def _flat_partitions(ds_engine):
+    """Yield the torch optimizer inside ZeRO and the flat fp32 partitions it steps (this process's shards), in the
+    order of its param groups. ZeRO-3 leaves the groups empty between steps: they are filled meanwhile."""
+    opt = ds_engine.optimizer
+    base = opt.optimizer
+    fill = getattr(opt, "_set_fp32_optimizer_param_groups", None)  # ZeRO-3
+    if fill is not None:
+        fill()
+    try:
+        yield base, [p for g in base.param_groups for p in g["params"]]
+    finally:
+        if fill is not None:
+            opt._clear_fp32_optimizer_param_groups()
+
+
+def optimizer_state(ds_engine, named: list[tuple[str, torch.nn.Parameter]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The ZeRO optimizer as CPU tensors and JSON values (every process must call it; all but rank 0 may drop the
+    result): ``master/<param>`` the full fp32 value, ``state/<param>/<key>`` the full moments, ``flat/<i>/<key>``
+    the tensors of partition i that are not per-element (the step count); the JSON holds the param groups'
+    hyperparameters, the per-element keys and the partitions' other values."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    per_element = lambda f, v: torch.is_tensor(v) and v.dim() == 1 and v.shape == f.shape  # noqa: E731
+    tensors: dict[str, torch.Tensor] = {}
+    flat_scalars = []
+    with _flat_partitions(ds_engine) as (base, flats):
+        keys = sorted({k for f in flats for k, v in base.state.get(f, {}).items() if per_element(f, v)})
+        for i, f in enumerate(flats):
+            other = {k: v for k, v in base.state.get(f, {}).items() if not per_element(f, v)}
+            tensors |= {f"flat/{i}/{k}": v.detach().cpu().clone() for k, v in other.items() if torch.is_tensor(v)}
+            flat_scalars.append({k: v for k, v in other.items() if not torch.is_tensor(v)})
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    for n, p in named:
+        tensors[f"master/{n}"] = safe_get_full_fp32_param(p).detach().cpu().clone()
+        for k in keys:
+            tensors[f"state/{n}/{k}"] = safe_get_full_optimizer_state(p, k).detach().cpu().clone()
+    return tensors, {"param_groups": groups, "keys": keys, "flat_scalars": flat_scalars}
+
+
+def load_optimizer_state(ds_engine, named: list[tuple[str, torch.nn.Parameter]], tensors: dict[str, torch.Tensor],
+                         meta: dict) -> None:
+    """Put :func:`optimizer_state`'s output back into a freshly prepared ZeRO optimizer (every process calls it)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    # The torch optimizer creates its state at its first step: create it here (zeros of the right shapes, the saved
+    # step), through its own load_state_dict, then fill the moments in from the full tensors.
+    with _flat_partitions(ds_engine) as (base, flats):
+        if len(meta["flat_scalars"]) != len(flats) or len(meta["param_groups"]) != len(base.param_groups):
+            raise RuntimeError(f"checkpoint: {len(meta['flat_scalars'])} ZeRO partitions in "
+                               f"{len(meta['param_groups'])} param groups; this run has {len(flats)} in "
+                               f"{len(base.param_groups)}")
+        current = base.state_dict()["param_groups"]
+        groups = [{k: (tuple(v) if isinstance(cur.get(k), tuple) and isinstance(v, list) else v)
+                   for k, v in saved.items()} | {"params": cur["params"]}
+                  for cur, saved in zip(current, meta["param_groups"])]
+        state = {}
+        for i, f in enumerate(flats):
+            st = {k: torch.zeros_like(f) for k in meta["keys"]} | meta["flat_scalars"][i]
+            prefix = f"flat/{i}/"
+            st |= {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            state[i] = st
+        base.load_state_dict({"state": state, "param_groups": groups})
+    opt = ds_engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link each parameter to its new moments
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    for n, p in named:
+        safe_set_full_fp32_param(p, tensors[f"master/{n}"])
+        for k in meta["keys"]:
+            safe_set_full_optimizer_state(p, tensors[f"state/{n}/{k}"], k)
+
+
+COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+def counters(ds_engine) -> dict[str, int]:
+    """DeepSpeed's own step counters (its logging and profiling use them), for a checkpoint."""
+    return {k: int(getattr(ds_engine, k, 0)) for k in COUNTERS}
+
+
+def set_counters(ds_engine, values: dict[str, int]) -> None:
+    for k in COUNTERS:
+        if k in values and hasattr(ds_engine, k):
+            setattr(ds_engine, k, int(values[k]))

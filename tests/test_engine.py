@@ -68,7 +68,10 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path):
                 check=False)
     assert p.returncode == 137
     assert not (killed / "sft" / "manifest.json").exists()          # not mistaken for finished
-    assert (killed / "sft" / "checkpoints" / "step-000002").is_dir()  # last checkpoint before the kill
+    ckpt = killed / "sft" / "checkpoints" / "step-000002"
+    assert ckpt.is_dir()  # last checkpoint before the kill
+    files = sorted(f.name for f in ckpt.rglob("*"))
+    assert files and all(f.endswith((".safetensors", ".json")) for f in files), files  # nothing to unpickle
     p = run_cli(["run", "sft", *TINY, "--run-dir", str(killed)])
     assert "resuming" in p.stdout + p.stderr
     a, b = adapter(straight), adapter(killed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -123,6 +124,12 @@ def _probe(probe_dir: Path, argv: list[str]) -> int:
     try:
         return main(argv)
     finally:
+        if rank != 0 and run_dir.is_dir():  # a canary through each audited channel: the audit does see writes
+            canary = run_dir / f"audit-canary-rank{rank}.bin"
+            canary.write_text("x")
+            st.save_file({"x": torch.zeros(1)}, canary)
+            torch.save({}, canary)
+            os.remove(canary)
         (probe_dir / f"writes-rank{rank}.json").write_text(json.dumps(writes))
 
 
@@ -137,16 +144,17 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
-def ppo_prompts(path: Path) -> Path:
-    """The first 8 prompts of the embedded preference set (the checker reward understands them)."""
+def ppo_prompts(path: Path, n: int = 8) -> Path:
+    """The first ``n`` prompts of the embedded preference set (the checker reward understands them)."""
     from deltalign.data.formats import load_rows
 
-    rows = load_rows("embedded:pref_train")[:8]
+    rows = load_rows("embedded:pref_train")[:n]
     path.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
     return path
 
 
-def launch(config: str | None, probe_dir: Path, run_dir: Path, extra: list[str], env=None, stages=STAGES):
+def launch(config: str | None, probe_dir: Path, run_dir: Path, extra: list[str], env=None, stages=STAGES,
+           timeout: float = 600):
     """Run the probe: under ``accelerate launch`` with 2 processes (config given) or as one plain process."""
     probe_dir.mkdir(parents=True, exist_ok=True)
     data = ["--set", f"ppo.data={ppo_prompts(probe_dir / 'ppo-prompts.jsonl')}"]
@@ -158,7 +166,16 @@ def launch(config: str | None, probe_dir: Path, run_dir: Path, extra: list[str],
     else:
         cmd = [sys.executable, *args]
     t0 = time.time()
-    p = subprocess.run(cmd, cwd=ROOT, env=_env() | (env or {}), capture_output=True, text=True, timeout=600)
+    # its own process group: on a timeout (a hang) the workers under `accelerate launch` are killed with it
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env() | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s (a hang?)\nstdout:\n{out[-3000:]}\nstderr:\n{err[-6000:]}")
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     p.wall = time.time() - t0
     return p
 
@@ -200,9 +217,11 @@ def runs(tmp_path_factory):
                env={"DELTALIGN_TEST_KILL_AT_STEP": "3"})
     WALL["zero3_killed_sft"] = p.wall
     ckpt = root / "zero3" / "sft" / "checkpoints" / "step-000002"
-    out["killed"] = (p.returncode, sorted(x.name for x in (ckpt / "ds").glob("*optim_states.pt")),
-                     {k: v.numel() for k, v in load_file(str(ckpt / "trainable.safetensors")).items()}
-                     if (ckpt / "trainable.safetensors").is_file() else {})
+    files = sorted(f.relative_to(ckpt).as_posix() for f in ckpt.rglob("*")) if ckpt.is_dir() else []
+    out["killed"] = (p.returncode, files,
+                     {k: v.shape for k, v in load_file(str(ckpt / "trainable.safetensors")).items()}
+                     if "trainable.safetensors" in files else {},
+                     load_file(str(ckpt / "optimizer.safetensors")) if "optimizer.safetensors" in files else {})
     for name, config, extra in [("single", None, SINGLE), ("zero2", "configs/accelerate/zero2.yaml", MULTI),
                                 ("zero3", "configs/accelerate/zero3.yaml", Z3)]:
         p = _check(launch(config, root / f"{name}-probe", root / name, extra))
@@ -272,10 +291,11 @@ def test_saved_outputs_are_complete_equal_to_rank0_memory_and_load_in_peft(runs,
 def test_only_rank0_writes_and_the_backbone_stays_bit_identical(runs, zero):
     run, probe, _ = runs[zero]
     writes = json.loads((probe / "writes-rank1.json").read_text())
-    # ZeRO's per-rank optimizer shards inside a checkpoint are the only thing rank 1 may write
-    outside = [w for w in writes if "/checkpoints/" not in w[1] or "/ds" not in w[1]]
+    # rank 1 writes nothing in the run directory, checkpoints included (rank 0 writes the whole optimizer state)
+    outside = [w for w in writes if "audit-canary-rank1" not in w[1]]
     assert not outside, outside
-    assert any("zero_pp_rank_1" in w[1] for w in writes)  # the audit does see rank 1's writes
+    # the audit does see rank 1's writes: the probe's canary, through every channel
+    assert {w[0] for w in writes} == {"open", "safetensors.save_file", "torch.save", "os.remove"}, writes
     base_file = _tiny_base()
     for stage in STAGES:
         for rank in (0, 1):
@@ -308,13 +328,19 @@ def test_zero3_shards_the_frozen_base_and_generates_from_gathered_weights(runs):
 
 
 def test_zero3_resume_after_kill(runs):
-    """Killed at step 3 under ZeRO-3: the step-2 checkpoint holds complete trainable tensors and one optimizer shard
-    per rank; the resumed run logs steps 1-3 once and ends where one uninterrupted process ends (measured: ZeRO-3
+    """Killed at step 3 under ZeRO-3: the step-2 checkpoint holds only safetensors and JSON (nothing to unpickle),
+    with complete trainable tensors and the full (gathered, not sharded) fp32 master values and AdamW moments of
+    each; the resumed run logs steps 1-3 once and ends where one uninterrupted process ends (measured: ZeRO-3
     without a kill differs from it by < 2e-7, ZeRO-2 by 0; the tolerance is 1e-6)."""
-    code, shards, trainable = runs["killed"]
+    code, files, trainable, optimizer = runs["killed"]
     assert code != 0
-    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    assert trainable and all(n > 0 for n in trainable.values())
+    assert files == ["optimizer.safetensors", "rng.safetensors", "state.json", "trainable.safetensors"], files
+    assert trainable and all(s.numel() > 0 for s in trainable.values())
+    for n, shape in trainable.items():
+        for key in (f"master/{n}", f"state/{n}/exp_avg", f"state/{n}/exp_avg_sq"):
+            assert optimizer[key].shape == shape, (key, optimizer[key].shape, shape)
+        assert optimizer[f"state/{n}/exp_avg_sq"].abs().sum() > 0, n  # two updates happened
+    assert any(k.startswith("flat/") and k.endswith("/step") and float(v) == 2 for k, v in optimizer.items())
     single, _, _ = runs["single"]
     run, _, p = runs["zero3"]
     assert "resuming" in p.stdout + p.stderr
