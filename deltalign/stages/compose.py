@@ -45,15 +45,14 @@ from pathlib import Path
 from typing import Literal
 
 from deltalign import atomic
-from deltalign.backbone import Backbone, ModelConfig, labelled_logits, train_mode
+from deltalign.backbone import Backbone, ModelConfig, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches
 from deltalign.data.splits import RowRules
 from deltalign.deltas import fusion
 from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig, checker_eval
-from deltalign.losses import sft_loss_sum
 from deltalign.pipeline.config import setting
-from deltalign.stages.sft import batch_of, heldout_loss
+from deltalign.stages.sft import heldout_loss, train_step
 
 NAME = "compose"
 READS = {"data": "sft", "eval_data": "sft"}  # setting -> row shape (checked before the run)
@@ -256,17 +255,9 @@ def train_gates(cfg: Config, backbone, names: list[str], sources: list[fusion.So
     train_mode(model, dropout=False)
     pads = PadCounter()
     for step, micro in engine.steps(batches):
-        micro = [batch_of(train, idx, tok.pad_token_id, engine.device) for idx in micro]
-        total = engine.global_sum(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro))
-        loss_total = 0.0
-        for mb in engine.accumulate(micro):
-            pads.add(mb["n_tokens"], mb["n_pad"])
-            logits, targets, _ = labelled_logits(backbone, model, mb)
-            loss_sum, _ = sft_loss_sum(logits, targets)
-            engine.backward(loss_sum, total)
-            loss_total += loss_sum.item()
+        loss = train_step(engine, backbone, model, train, micro, pads)  # SFT's step: only the gates train
         w = gates.gates.weights()
-        engine.step({"loss": loss_total / max(total, 1), "pad_share": pads.share}
+        engine.step({"loss": loss, "pad_share": pads.share}
                     | {f"gate_mean/{i}": float(w[:, i].mean()) for i in range(len(names))})
     backbone.eval()
     fusion.bake(backbone, gates, NAME)

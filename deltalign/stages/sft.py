@@ -53,6 +53,21 @@ def batch_of(items: list[dict], idx: list[int], pad_id: int, device) -> dict:
     return to_device(b, device)
 
 
+def train_step(engine, backbone, model, items: list[dict], micro: list[list[int]], pads: PadCounter) -> float:
+    """One optimizer step's forward/backward passes of token cross-entropy over the completions (normalised over
+    the step's tokens on every process); returns the step's mean token loss as this process saw it."""
+    batches = [batch_of(items, idx, backbone.tokenizer.pad_token_id, engine.device) for idx in micro]
+    total = engine.global_sum(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in batches))
+    loss_total = 0.0
+    for mb in engine.accumulate(batches):
+        pads.add(mb["n_tokens"], mb["n_pad"])
+        logits, targets, _ = labelled_logits(backbone, model, mb)
+        loss_sum, _ = sft_loss_sum(logits, targets)
+        engine.backward(loss_sum, total)
+        loss_total += loss_sum.item()
+    return loss_total / max(total / engine.world, 1)
+
+
 @torch.no_grad()
 def heldout_loss(backbone, model, items: list[dict], batch_size: int, device) -> float:
     """Mean token cross-entropy on held-out completions."""
@@ -111,16 +126,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     train_mode(model, dropout=not cfg.disable_dropout)
     pads = PadCounter()
     for step, micro in engine.steps(batches):
-        micro = [batch_of(train, idx, tok.pad_token_id, engine.device) for idx in micro]
-        total = engine.global_sum(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro))
-        loss_total = 0.0
-        for mb in engine.accumulate(micro):
-            pads.add(mb["n_tokens"], mb["n_pad"])
-            logits, targets, _ = labelled_logits(backbone, model, mb)
-            loss_sum, _ = sft_loss_sum(logits, targets)
-            engine.backward(loss_sum, total)
-            loss_total += loss_sum.item()
-        engine.step({"loss": loss_total / max(total / engine.world, 1), "pad_share": pads.share})
+        engine.step({"loss": train_step(engine, backbone, model, train, micro, pads), "pad_share": pads.share})
 
     # 5. evaluate and save
     with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
