@@ -132,7 +132,8 @@ def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: floa
     steps = cfg.max_steps if getattr(cfg, "max_steps", 0) else math.ceil(per_epoch * getattr(cfg, "epochs", 1.0))
     bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[model_cfg.dtype]
     weights = facts["params"] * (0.56 if model_cfg.quantization == "nf4" else bytes_per)
-    rows_per_forward = cfg.batch_size * (2 if name in ("rm", "dpo") else 1)
+    # pairs are two rows; a GRPO prompt is num_generations rows
+    rows_per_forward = cfg.batch_size * (2 if name in ("rm", "dpo") else getattr(cfg, "num_generations", 1))
     tokens = rows_per_forward * getattr(cfg, "max_length", 256)
     act = tokens * facts["hidden"] * facts["layers"] * 34 * bytes_per / 4
     memory = (weights + act + 2 * tokens * facts["vocab"] * 4) / 2**30
