@@ -86,6 +86,12 @@ def policy_report(backbone, examples: list, gen_cfg: GenerationConfig, policies:
     return report
 
 
+def report_scalars(report: dict) -> dict[str, float]:
+    """``{"<label>/<metric>": value}`` of a :func:`policy_report`'s numbers: what a stage logs as its eval row."""
+    return {f"{label}/{k}": v for label, row in report.items() if isinstance(row, dict) for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 POLICY_STAGES = ("sft", "dpo", "ppo", "grpo", "compose")
 
 

@@ -27,7 +27,7 @@ from deltalign.data.splits import RowRules
 from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig
 from deltalign.losses import dpo_sigmoid_loss, ipo_loss, simpo_loss
-from deltalign.evaluation import policy_report
+from deltalign.evaluation import policy_report, report_scalars
 from deltalign.pipeline.config import setting
 
 NAME = "dpo"
@@ -235,8 +235,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                                     rm_dir=upstream.get("rm"), checker=cfg.eval_checker)
             if held.items:
                 metrics["heldout_pairs"] = heldout_pairs(backbone, model, held.items, cfg, engine.device)
-            engine.log({f"{label}/{k}": v for label, row in metrics.items() for k, v in row.items()
-                        if isinstance(v, (int, float))}, kind="eval")
+            engine.log(report_scalars(metrics), kind="eval")
             metrics["data"] = {"train": data.counts, "eval": held.counts}
             backbone.save_adapter(NAME, out_dir)
             atomic.write_json(out_dir / "eval.json", metrics)

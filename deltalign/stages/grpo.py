@@ -45,7 +45,7 @@ from deltalign import atomic
 from deltalign.backbone import Backbone, ModelConfig, eval_mode, train_mode
 from deltalign.data.batching import length_grouped_batches
 from deltalign.engine import Engine, TrainConfig, release_free_memory
-from deltalign.evaluation import policy_report
+from deltalign.evaluation import policy_report, report_scalars
 from deltalign.generation import GenerationConfig, decode, generate, stop_token_ids
 from deltalign.losses import (clipped_policy_loss, constant_loss_sum, dr_grpo_advantages, grpo_advantages,
                               masked_mean, rloo_advantages, sequence_loss_sum, token_loss_sum, zero_variance_groups)
@@ -315,8 +315,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         if engine.is_main:
             report = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
                                    {"reference": REFERENCE, NAME: NAME}, reference=REFERENCE, reward_model=rm)
-            engine.log({f"{label}/{k}": v for label, row in report.items() for k, v in row.items()
-                        if isinstance(v, (int, float))}, kind="eval")
+            engine.log(report_scalars(report), kind="eval")
             backbone.save_adapter(NAME, out_dir)
             report["data"] = data["counts"]
             atomic.write_json(out_dir / "eval.json", report)

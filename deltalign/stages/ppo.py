@@ -37,7 +37,7 @@ from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, train_mode
 from deltalign.data.batching import length_grouped_batches
 from deltalign.engine import Engine, TrainConfig, release_free_memory
-from deltalign.evaluation import policy_report
+from deltalign.evaluation import policy_report, report_scalars
 from deltalign.generation import GenerationConfig, decode, generate, stop_token_ids
 from deltalign.losses import (AdaptiveKLController, FixedKLController, gae_advantages, kl_penalty_rewards,
                               masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
@@ -282,8 +282,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         if engine.is_main:
             report = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
                                    {"reference": REFERENCE, NAME: NAME}, reference=REFERENCE, reward_model=rm)
-            engine.log({f"{label}/{k}": v for label, row in report.items() for k, v in row.items()
-                        if isinstance(v, (int, float))}, kind="eval")
+            engine.log(report_scalars(report), kind="eval")
             backbone.save_adapter(NAME, out_dir)
             backbone.save_adapter(CRITIC, out_dir / CRITIC)
             backbone.save_head(CRITIC, out_dir / CRITIC / HEAD_FILE)
