@@ -124,6 +124,19 @@ def zero_memory(gpus: int = 8) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compose() -> str:
+    """The newest ``make compose-demo`` table (bench/results/compose-*.md, written by bench/compose_demo.py)."""
+    found = [p for p in sorted((ROOT / "bench" / "results").glob("compose-*.md")) if not p.stem.endswith("quick")]
+    if not found:
+        return "_No `make compose-demo` result yet._\n"
+    text = found[-1].read_text()
+    table = text[text.index("| policy |"):].split("\n\n", 1)[0]
+    d = json.loads(found[-1].with_suffix(".json").read_text())
+    return (f"{table}\n\nHeld-out checker score per family; {d.get('model', 'SmolLM2-135M-Instruct')}, commit "
+            f"{d.get('commit', _commit_of(found[-1]))}, {found[-1].stem[8:18]} (`bench/results/{found[-1].name}`, "
+            "with the budget, the per-kind scores and the learned gates).\n")
+
+
 def _bench_methods():
     """bench/methods.py, imported by path (registered in sys.modules: its dataclasses need it)."""
     spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "bench" / "methods.py")
@@ -133,7 +146,7 @@ def _bench_methods():
 
 
 GENERATORS = {"demo": demo, "rl": lambda: demo("rl"), "bench": bench, "bench-steps": bench_steps,
-              "zero-memory": zero_memory, "methods": lambda: _bench_methods().results_block(),
+              "zero-memory": zero_memory, "compose": compose, "methods": lambda: _bench_methods().results_block(),
               "methods-capabilities": lambda: _bench_methods().capability_table()}
 
 
