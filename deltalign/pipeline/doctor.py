@@ -137,7 +137,8 @@ def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: floa
     tokens = rows_per_forward * getattr(cfg, "max_length", 256)
     act = tokens * facts["hidden"] * facts["layers"] * 34 * bytes_per / 4
     memory = (weights + act + 2 * tokens * facts["vocab"] * 4) / 2**30
-    flops = 6 * facts["params"] * rows_per_forward * length * getattr(cfg, "grad_accum", 1)
+    # frozen base + small deltas: forward 2N and the backward through activations 2N per token, no weight gradients
+    flops = 4 * facts["params"] * rows_per_forward * length * getattr(cfg, "grad_accum", 1)
     seconds = flops / (gflops * 1e9 * FLOP_SHARE)
     return (f"{name}: ~{steps} steps of {batch} rows; peak memory ~{memory:.1f} GiB (weights "
             f"{weights / 2**30:.2f}); ~{seconds:.1f} s/step at the data's mean length {length:.0f} on this machine")
