@@ -42,3 +42,33 @@ def run_cli(args, env=None, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
     return p
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """An SFT adapter (with dropout 0.05 configured) and a reward model (adapter + head + stats), as the sft and rm
+    stages would leave them: what the online RL stages (ppo, grpo) read."""
+    import json
+
+    from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+
+    def perturbed(bb, name):  # a trained-looking delta: random non-zero values
+        with torch.no_grad():
+            for p in bb.adapter_parameters(name).values():
+                p.add_(torch.randn_like(p) * 0.05)
+
+    root = tmp_path_factory.mktemp("up")
+    bb = Backbone.load(ModelConfig(path="tiny"))
+    torch.manual_seed(3)
+    bb.add_adapter("sft", AdapterConfig(r=4, dropout=0.05))
+    perturbed(bb, "sft")
+    bb.save_adapter("sft", root / "sft")
+    bb.add_adapter("rm", AdapterConfig(r=4, dropout=0.0))
+    perturbed(bb, "rm")
+    head = bb.add_head("rm")
+    with torch.no_grad():
+        head.proj.bias.fill_(0.3)
+    bb.save_adapter("rm", root / "rm")
+    bb.save_head("rm", root / "rm" / "head.safetensors")
+    (root / "rm" / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0, "n": 10}))
+    return {"sft": root / "sft", "rm": root / "rm"}

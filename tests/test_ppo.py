@@ -25,32 +25,6 @@ FAST = dict(batch_size=4, mini_batch_size=2, ppo_epochs=2, max_steps=2, log_ever
             generation=GenerationConfig(max_new_tokens=6))
 
 
-def _perturbed(bb, name):
-    with torch.no_grad():
-        for p in bb.adapter_parameters(name).values():
-            p.add_(torch.randn_like(p) * 0.05)
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    """An SFT adapter and a reward model (adapter + head + stats) as the sft and rm stages would leave them."""
-    root = tmp_path_factory.mktemp("up")
-    bb = Backbone.load(TINY)
-    torch.manual_seed(3)
-    bb.add_adapter("sft", AdapterConfig(r=4, dropout=0.05))
-    _perturbed(bb, "sft")
-    bb.save_adapter("sft", root / "sft")
-    bb.add_adapter("rm", AdapterConfig(r=4, dropout=0.0))
-    _perturbed(bb, "rm")
-    head = bb.add_head("rm")
-    with torch.no_grad():
-        head.proj.bias.fill_(0.3)
-    bb.save_adapter("rm", root / "rm")
-    bb.save_head("rm", root / "rm" / "head.safetensors")
-    (root / "rm" / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0, "n": 10}))
-    return {"sft": root / "sft", "rm": root / "rm"}
-
-
 def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
