@@ -15,7 +15,7 @@ LAUNCH   = $(if $(ACCELERATE)$(NPROC),.venv/bin/accelerate launch $(if $(ACCELER
 ARGS     = --config $(CONFIG) $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
 STAGES  := sft rm dpo ppo grpo compose
 
-.PHONY: install model test eval export demo docs doctor compose-demo methods help $(STAGES)
+.PHONY: install model test eval export demo docs doctor compose-demo methods bench-scale help $(STAGES)
 
 help:
 	@echo "make install | model | test | demo | doctor | $(STAGES) | eval | export | docs | bench | methods"
@@ -70,6 +70,11 @@ compose-demo: $(STAMP) $(MODEL)
 # fresh process. Results: bench/results/methods-<date>-<time>[-quick].md/.json
 methods: $(STAMP) $(MODEL)
 	$(PY) bench/methods.py $(if $(filter 1 yes true,$(QUICK)),--quick)
+
+# Memory per process under ZeRO on a random ~1B Llama built locally (bench/scale.py): one process, ZeRO-2 x 2,
+# ZeRO-3 x 2, ZeRO-3 + CPU offload x 2; SFT then DPO, 2 steps each (~25 min here; QUICK=1: a ~0.23B model).
+bench-scale: $(STAMP) $(MODEL)
+	$(PY) bench/scale.py $(if $(filter 1 yes true,$(QUICK)),--quick)
 
 # Rewrite the figures in README.md and docs/*.md from the result files (docs/results/, bench/results/).
 docs:

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from deltalign import deltas
+from deltalign import deltas, zero
 from deltalign.deltas import AdapterConfig, lora, peft_config  # noqa: F401  (AdapterConfig: stages import it here)
 from deltalign.deltas.sequence import Past, run
 from deltalign.pipeline.config import setting
@@ -92,7 +92,10 @@ def load_base(cfg: ModelConfig):
         )
     elif cfg.quantization != "none":
         raise ValueError(f"model.quantization must be 'none' or 'nf4' (got {cfg.quantization!r})")
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.quantization == "none" and zero.sharded_loading():  # under ZeRO-3: never the whole base in a process
+        model = zero.load_sharded(path, dtype, cfg.trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     for m in model.modules():
         # bitsandbytes on a CPU with AVX512-BF16 repacks a 4-bit weight IN PLACE (bf16 scales) at its first
         # eval-mode forward without grad: the frozen base would change, a reference forward would differ from a

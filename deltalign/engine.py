@@ -32,9 +32,11 @@ same directory resumes from the last one.
 
 Under DeepSpeed (``accelerate launch --config_file configs/accelerate/zero{2,3}.yaml``) the same stage code runs
 unchanged: accumulation, the update boundary and clipping stay the engine's (see :mod:`deltalign.zero`);
-``grad_norm`` is DeepSpeed's pre-clip global norm; code that runs on rank 0 only (evaluation, generation,
-saving) sits inside ``with engine.gathered():``, which every rank enters (ZeRO-3 shards every parameter).
-Checkpoints are :mod:`deltalign.checkpoint`'s.
+``grad_norm`` is DeepSpeed's pre-clip global norm. ZeRO-3 shards every parameter, the frozen base included, and
+never gathers the whole base unless told to: saving gathers only the delta (:meth:`Engine.save_delta`),
+checkpoints only what trains (:mod:`deltalign.checkpoint`); generation and evaluation run inside
+``with engine.generating():`` / ``with engine.evaluating() as evaluate:``, which every rank enters, and which
+gather the full weights or step all ranks together, as ``zero3_generation`` says.
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 
-from deltalign import checkpoint, zero
+from deltalign import checkpoint, generation, zero
 from deltalign.pipeline.config import setting
 
 
@@ -87,6 +89,12 @@ class TrainConfig:
     """How many recent checkpoints to keep."""
     threads: int = setting(0, ge=0, hashed=False)
     """torch CPU threads (0: leave torch's default)."""
+    zero3_generation: Literal["gather", "lockstep"] = setting("gather", hashed=False)
+    """Under DeepSpeed ZeRO-3 only: how generation (PPO/GRPO rollouts) and evaluation see the sharded base.
+    ``gather``: every process gathers the full weights for the duration (fast; needs one device to hold the whole
+    model, as TRL's ``ds3_gather_for_generation``); ``lockstep``: the weights stay sharded, ZeRO-3 gathers one layer
+    at a time and every process runs the same forwards (slower; for a model no single device holds). Both give the
+    same tokens."""
 
 
 def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -132,6 +140,8 @@ class Engine:
                                "distributed run: its reductions would silently be local")
         self.ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         self.zero_stage = int(self.ds_plugin.zero_stage) if self.ds_plugin is not None else 0
+        if self.zero_stage == 3:  # transformers' ZeRO-3 mode, whatever zero3_init_flag says: a base loaded from
+            self.ds_plugin.set_deepspeed_weakref()  # now on is built partitioned (zero.load_sharded)
         self.quiet = quiet or not self.is_main
         self.step_no = 0
         self.extra_state: dict[str, tuple[Callable[[], dict], Callable[[dict], None]]] = {}
@@ -213,16 +223,54 @@ class Engine:
             opt = opt.optimizer
         return opt
 
+    @property
+    def lockstep(self) -> bool:
+        """ZeRO-3 with ``zero3_generation: lockstep``: generation and evaluation run on every process, sharded."""
+        return self.zero_stage == 3 and self.cfg.zero3_generation == "lockstep" and hasattr(self, "model")
+
     @contextlib.contextmanager
-    def gathered(self):
-        """Every process must enter this together. Inside, each process holds the full weights (ZeRO-3: gathered
-        from the shards, ZeRO-3 hooks off), so code that runs on rank 0 only (evaluation, generation, saving)
-        works; yields the unwrapped backbone. Without ZeRO-3 it does nothing."""
+    def generating(self):
+        """Every process must enter this together; inside, each process generates (and scores) its own rows.
+        ZeRO-3 ``gather``: the full weights are gathered, ZeRO-3's hooks off; ``lockstep``: nothing is gathered
+        and :func:`deltalign.generation.generate` keeps the processes' decoding loops in step (one forward each,
+        every token, until all are done). Without ZeRO-3 it does nothing."""
         if self.zero_stage != 3 or not hasattr(self, "model"):
-            yield getattr(self, "backbone", None)
-            return
-        with zero.gathered(self.model, self.backbone) as backbone:
-            yield backbone
+            yield
+        elif self.lockstep:
+            with generation.in_lockstep(self._all_true, self._max_int):
+                yield
+        else:
+            with zero.gathered(self.model, self.backbone):
+                yield
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Every process must enter this together. Yields whether this process runs the evaluation code: rank 0
+        only (ZeRO-3 ``gather``: with the full weights gathered), or under ZeRO-3 ``lockstep`` every process, on
+        the same rows (the forwards are collective; the results are the same). Writing stays rank 0's."""
+        with self.generating():
+            yield self.is_main or self.lockstep
+
+    def save_delta(self, name: str, out_dir: str | Path, head_file: str | Path | None = None) -> None:
+        """Every process must call it. Write delta ``name`` (and, with ``head_file``, its scalar head) from rank
+        0; under ZeRO-3 only these parameters are gathered, never the base."""
+        bb = self.backbone
+        params = list(bb.adapter_parameters(name).values())
+        if head_file is not None:
+            params += list(bb.heads[name].parameters())
+        with zero.gathered_parameters(params, self.zero_stage):
+            if self.is_main:
+                bb.save_adapter(name, out_dir)
+                if head_file is not None:
+                    bb.save_head(name, head_file)
+
+    def _all_true(self, flag: bool) -> bool:
+        t = torch.tensor([0.0 if flag else 1.0], device=self.device)
+        return float(self.all_sum(t)) == 0.0
+
+    def _max_int(self, n: int) -> int:
+        t = torch.tensor([float(n)], device=self.device)
+        return int(self.accelerator.reduce(t, reduction="max").item()) if self.world > 1 else n
 
     def register_state(self, name: str, get: Callable[[], dict], put: Callable[[dict], None]) -> None:
         """Include a stage's own state (e.g. a KL controller) in checkpoints; ``put`` is called on resume."""
@@ -356,9 +404,11 @@ class Engine:
             self._bar.update(1)
         if self.cfg.checkpoint_every and self.step_no % self.cfg.checkpoint_every == 0 and self.step_no < self.n_steps:
             checkpoint.save(self, self.cfg.keep_checkpoints)
-        fail_at = os.environ.get("DELTALIGN_TEST_KILL_AT_STEP")  # tests simulate a kill -9 right here
-        if fail_at and int(fail_at) == self.step_no:
-            os._exit(137)
+        fail_at = os.environ.get("DELTALIGN_TEST_KILL_AT_STEP")  # tests simulate a kill -9 right here: "N" or
+        if fail_at:                                                   # "STAGE:N" (that stage's step N only)
+            stage, _, at = fail_at.rpartition(":")
+            if int(at) == self.step_no and stage in ("", self.out.name):
+                os._exit(137)
 
     # --- logging --------------------------------------------------------------------------------------------
     def log(self, metrics: dict, kind: str = "train") -> None:

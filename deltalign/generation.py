@@ -14,12 +14,20 @@ distribution (no top-k) by the Gumbel-max trick, with one random stream per prom
 its batch or process — so a rollout is the same in one process and in two. The caller's RNG state is untouched.
 
 Deltas are chosen by the caller: ``with backbone.using(name): generate(...)``.
+
+Under DeepSpeed ZeRO-3 with the weights left sharded (``zero3_generation: lockstep``), every forward is collective:
+inside :func:`in_lockstep` (the engine's ``generating()``) the processes agree on the number of batches and each
+decoding loop runs until every process's rows are done; a process with fewer rows decodes a one-token dummy row
+meanwhile. The tokens are the same as without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -29,6 +37,20 @@ from deltalign.data.tokenize import tokenize_prompt
 from deltalign.rewards.checker import score_batch
 
 _MARK = "\u2063deltalign-end-of-turn\u2063"  # unlikely text, used to find what a template appends after a turn
+# (all_true(flag) -> bool, max_int(n) -> int) over the processes while generation runs in lockstep; else None
+_LOCKSTEP: ContextVar[tuple[Callable[[bool], bool], Callable[[int], int]] | None] = ContextVar("lockstep",
+                                                                                                default=None)
+
+
+@contextlib.contextmanager
+def in_lockstep(all_true: Callable[[bool], bool], max_int: Callable[[int], int]):
+    """Inside, :func:`generate` keeps every process's decoding in step (see the module docstring): ``all_true``
+    and ``max_int`` reduce a flag / a count over the processes (every process calls them together)."""
+    token = _LOCKSTEP.set((all_true, max_int))
+    try:
+        yield
+    finally:
+        _LOCKSTEP.reset(token)
 
 
 @dataclass
@@ -94,7 +116,8 @@ def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed:
     """Response ids for each prompt (in input order), ending with the stop token if one was generated.
     Sampling: prompt i draws from its own stream, seeded ``row_seeds[i]`` (default ``seed * 1_000_003 + i``)."""
     cfg.validate()
-    if not prompt_ids:
+    sync = _LOCKSTEP.get()
+    if not prompt_ids and sync is None:
         return []
     if row_seeds is None:
         row_seeds = [seed * 1_000_003 + i for i in range(len(prompt_ids))]
@@ -107,9 +130,19 @@ def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed:
     device = next(backbone.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # longest first: OOM shows early
     out: list[list[int] | None] = [None] * len(prompt_ids)
+    n_batches = math.ceil(len(order) / cfg.batch_size)
+    all_done = None
+    if sync is not None:
+        all_done, max_int = sync
+        n_batches = max_int(n_batches)
     with torch.no_grad(), eval_mode(backbone):
-        for start in range(0, len(order), cfg.batch_size):
+        for start in range(0, n_batches * cfg.batch_size, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
+            if not idx:  # lockstep: the other processes still have rows; a dummy row keeps the forwards in step
+                one = torch.full((1, 1), tok.pad_token_id, dtype=torch.long, device=device)
+                decode_batch(backbone, one, torch.ones_like(one), cfg.max_new_tokens, stops, tok.pad_token_id,
+                             all_done=all_done)
+                continue
             width = max(len(prompt_ids[i]) for i in idx)
             ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -119,17 +152,17 @@ def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed:
                 mask[row, width - n:] = 1
             sampler = RowSampler([row_seeds[i] for i in idx], cfg.temperature, cfg.top_p) if cfg.temperature else None
             new = decode_batch(backbone, ids.to(device), mask.to(device), cfg.max_new_tokens, stops, tok.pad_token_id,
-                               sampler)
+                               sampler, all_done)
             for row, i in enumerate(idx):
                 out[i] = _cut(new[row].tolist(), stops)
     return out  # type: ignore[return-value]
 
 
 def decode_batch(backbone, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: list[int], pad: int,
-                 sampler: "RowSampler | None" = None) -> torch.Tensor:
+                 sampler: "RowSampler | None" = None, all_done: Callable[[bool], bool] | None = None) -> torch.Tensor:
     """New tokens [B, <= max_new_tokens] for a left-padded batch: prefill, then one token a step from the KV cache.
     Greedy over the logits with the pad token suppressed, or a draw by ``sampler``; a row that produced a stop
-    token gets pads after it; stops early once every row has."""
+    token gets pads after it; stops early once every row has (with ``all_done``: every row of every process)."""
     hidden, past = backbone.encode(ids, mask, cache=True)
     stop = torch.tensor(stops, device=ids.device)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -142,7 +175,8 @@ def decode_batch(backbone, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens
         token = scores.argmax(-1).masked_fill(done, pad)
         new.append(token)
         done |= torch.isin(token, stop)
-        if done.all() or step == max_new_tokens - 1:
+        finished = bool(done.all()) if all_done is None else all_done(bool(done.all()))
+        if finished or step == max_new_tokens - 1:
             break
         hidden, past = backbone.encode(token[:, None], torch.ones_like(token)[:, None], past=past)
     return torch.stack(new, dim=1)

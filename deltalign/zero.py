@@ -12,8 +12,9 @@ The engine (:mod:`deltalign.engine`) calls these; stages never do. What each one
   (PPO's critic, after the policy) starts from 0, not from the previous update's gradient;
 * :func:`gathered` -- ZeRO-3 shards every parameter, the frozen base included: code that runs on rank 0 only
   (evaluation, generation, saving) needs the full weights and ZeRO-3's hooks off;
-* :func:`full_tensors` / :func:`set_full_tensors` -- the full values of (sharded) parameters, for checkpoints and
-  saving, and setting them on resume;
+* :func:`gathered_parameters`, :func:`full_tensors` / :func:`set_full_tensors` -- the full values of some (sharded)
+  parameters -- a delta, what trains -- for saving and checkpoints, and setting them on resume;
+* :func:`load_sharded` -- the base loaded partitioned, one tensor at a time (no process holds the whole base);
 * :func:`optimizer_state` / :func:`load_optimizer_state` -- the optimizer for a checkpoint, without DeepSpeed's
   own ``save_checkpoint`` / ``load_checkpoint`` (which unpickle on load): per trainable parameter its full fp32
   master value and moments (``deepspeed.utils.safe_get_full_*``), plus the per-partition step count.
@@ -22,7 +23,10 @@ The engine (:mod:`deltalign.engine`) calls these; stages never do. What each one
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import struct
+from pathlib import Path
 
 import torch
 
@@ -99,14 +103,23 @@ def gathered(ds_engine, backbone):
             del parameter_offload.FWD_MODULE_STACK[depth:]
 
 
+@contextlib.contextmanager
+def gathered_parameters(params, zero_stage: int):
+    """ZeRO-3: inside, every process holds the full values of these parameters only (read-only; every process must
+    enter); otherwise nothing happens."""
+    sharded = [p for p in params if hasattr(p, "ds_id")] if zero_stage == 3 else []
+    if not sharded:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+        yield
+
+
 def full_tensors(named: list[tuple[str, torch.nn.Parameter]], zero_stage: int) -> dict[str, torch.Tensor]:
     """CPU copies of the full values of these parameters (ZeRO-3: gathered; every process must call it)."""
-    ctx = contextlib.nullcontext()
-    if zero_stage == 3:
-        import deepspeed
-
-        ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
-    with ctx:
+    with gathered_parameters([p for _, p in named], zero_stage):
         return {n: p.detach().cpu().clone() for n, p in named}
 
 
@@ -191,9 +204,27 @@ def load_optimizer_state(ds_engine, named: list[tuple[str, torch.nn.Parameter]],
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
     for n, p in named:
-        safe_set_full_fp32_param(p, tensors[f"master/{n}"])
-        for k in meta["keys"]:
-            safe_set_full_optimizer_state(p, tensors[f"state/{n}/{k}"], k)
+        if hasattr(p, "ds_id"):  # ZeRO-3: DeepSpeed's own setter fails on a padded partition (see _set_partition)
+            _set_partition(opt, p, tensors[f"master/{n}"])
+            for k in meta["keys"]:
+                _set_partition(opt, p, tensors[f"state/{n}/{k}"], k)
+        else:
+            safe_set_full_fp32_param(p, tensors[f"master/{n}"])
+            for k in meta["keys"]:
+                safe_set_full_optimizer_state(p, tensors[f"state/{n}/{k}"], k)
+
+
+def _set_partition(opt, p: torch.nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+    """This process's ZeRO-3 partition of a parameter's fp32 master value (or of its optimizer state ``key``) from
+    the full tensor. DeepSpeed's ``set_full_hp_param`` reads past the end of the value on the last rank when the
+    parameter does not divide evenly over the processes (a 1-element head bias over 2 ranks); the padding is 0."""
+    part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    size = part.numel()
+    start = size * opt._get_param_partition_rank(p)
+    chunk = value.flatten()[start:start + size]
+    with torch.no_grad():
+        part.zero_()
+        part.view(-1)[:chunk.numel()].copy_(chunk.to(part.dtype))
 
 
 COUNTERS = ("global_steps", "global_samples", "skipped_steps")
@@ -208,3 +239,76 @@ def set_counters(ds_engine, values: dict[str, int]) -> None:
     for k in COUNTERS:
         if k in values and hasattr(ds_engine, k):
             setattr(ds_engine, k, int(values[k]))
+
+
+# --- loading the base sharded ---------------------------------------------------------------------------------------
+
+def sharded_loading() -> bool:
+    """Whether a base loaded now is built partitioned (the engine turned transformers' ZeRO-3 mode on)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_index(path: Path) -> dict[str, tuple[Path, int, int, str, list[int]]]:
+    """Every tensor of a checkpoint directory: name -> (file, byte offset, byte size, dtype, shape), from the
+    safetensors headers alone (``model.safetensors``, or the shards ``model.safetensors.index.json`` names)."""
+    index_file = path / "model.safetensors.index.json"
+    files = (sorted({path / f for f in json.loads(index_file.read_text())["weight_map"].values()})
+             if index_file.is_file() else [path / "model.safetensors"])
+    out = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, e in header.items():
+            if name != "__metadata__":
+                start, end = e["data_offsets"]
+                out[name] = (f, 8 + n + start, end - start, e["dtype"], e["shape"])
+    return out
+
+
+def read_tensor(entry: tuple[Path, int, int, str, list[int]]) -> torch.Tensor:
+    """One tensor, read with plain file reads (no memory map: the process holds this tensor and nothing else of
+    the file)."""
+    f, offset, size, dtype, shape = entry
+    buf = bytearray(size)
+    with open(f, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        fh.readinto(buf)
+    if not size:
+        return torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
+    return torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[dtype]).reshape(shape)
+
+
+def load_sharded(path: Path, dtype: torch.dtype, trust_remote_code: bool):
+    """The base under ZeRO-3 without any process holding all of it: built partitioned (transformers wraps
+    ``from_config`` in ``deepspeed.zero.Init`` when ZeRO-3 is on), then filled one tensor at a time: every process
+    gathers that one parameter, rank 0 reads it from the safetensors file and copies it in, and leaving the scope
+    re-partitions it. (transformers' own ZeRO-3 loading has rank 0 map every checkpoint file at once.)"""
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    index = safetensors_index(path)
+    params = dict(model.named_parameters())  # tied weights once (lm_head = embed_tokens)
+    missing = sorted(set(params) - set(index))
+    if missing:
+        raise ValueError(f"{path}: the checkpoint has no tensor for {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+                         " (its names differ from the model's; ZeRO-3 sharded loading needs them to match)")
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    with torch.no_grad():
+        for name, p in params.items():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank0:
+                    p.copy_(read_tensor(index[name]).to(p.dtype))
+        for name, b in model.named_buffers():  # buffers are not partitioned: every process reads its own
+            if name in index:
+                b.copy_(read_tensor(index[name]).to(b.dtype))
+    return model

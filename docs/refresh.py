@@ -79,21 +79,39 @@ def demo(name: str = "demo") -> str:
             f"(`docs/results/{name}.json`).\n")
 
 
-def _bench_file() -> Path | None:
+def _bench_files(stage: str = "sft") -> list[Path]:
+    """Full (not QUICK) ``make bench`` result files that measured ``stage``, oldest first."""
     full = [p for p in sorted((ROOT / "bench" / "results").glob("[0-9]*.json")) if not p.stem.endswith("quick")]
-    return full[-1] if full else None
+    return [p for p in full if stage in json.loads(p.read_text()).get("medians", {})]
 
 
-def bench() -> str:
-    f = _bench_file()
-    if f is None:
-        return "_No full `make bench` result yet._\n"
+def _bench_file() -> Path | None:
+    found = _bench_files()
+    return found[-1] if found else None
+
+
+def _bench_table(f: Path) -> str:
     d = json.loads(f.read_text())
     m = d["machine"]
     commit = d.get("commit") or _commit_of(f)
     return (f"{d['table_markdown']}\n\n{d['runs']} runs per side, medians; {m['cpu']}, {m['usable_cpus']} CPUs, "
             f"{m['ram_gb']} GB; fp32 matmul peak {d['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; commit {commit}, "
             f"{d['started'][:10]} (`bench/results/{f.name}`).\n")
+
+
+def bench() -> str:
+    """The newest full ``make bench`` table; a stage it lacks (GRPO, measured later with ``--stages grpo``) is
+    appended from the newest full file that has it, with its own provenance."""
+    f = _bench_file()
+    if f is None:
+        return "_No full `make bench` result yet._\n"
+    out = _bench_table(f)
+    measured = set(json.loads(f.read_text())["medians"])
+    for stage in ("grpo",):
+        later = _bench_files(stage)
+        if stage not in measured and later:
+            out += "\n" + _bench_table(later[-1])
+    return out
 
 
 def bench_steps() -> str:
@@ -137,6 +155,22 @@ def compose() -> str:
             "with the budget, the per-kind scores and the learned gates).\n")
 
 
+def scale() -> str:
+    """The newest ``make bench-scale`` table (bench/results/scale-*.md, written by bench/scale.py); a QUICK one only
+    if there is no full one, labelled."""
+    found = sorted((ROOT / "bench" / "results").glob("scale-*.md"))
+    full = [p for p in found if not p.stem.endswith("quick")]
+    if not found:
+        return "_No `make bench-scale` result yet._\n"
+    f = (full or found)[-1]
+    text = f.read_text()
+    table = text[text.index("| setting |"):].split("\n\n", 1)[0].rstrip("\n")
+    d = json.loads(f.with_suffix(".json").read_text())
+    label = "" if full else " **QUICK run (a ~0.23B model): a check, not the result.**"
+    return (f"{table}\n\n{Path(d['model']).name} ({d['n_base'] / 1e9:.2f}B parameters, float32), {d['machine']}, "
+            f"commit {d['commit']} (`bench/results/{f.name}`).{label}\n")
+
+
 def _bench_methods():
     """bench/methods.py, imported by path (registered in sys.modules: its dataclasses need it)."""
     spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "bench" / "methods.py")
@@ -146,7 +180,7 @@ def _bench_methods():
 
 
 GENERATORS = {"demo": demo, "rl": lambda: demo("rl"), "bench": bench, "bench-steps": bench_steps,
-              "zero-memory": zero_memory, "compose": compose, "methods": lambda: _bench_methods().results_block(),
+              "zero-memory": zero_memory, "scale": scale, "compose": compose, "methods": lambda: _bench_methods().results_block(),
               "methods-capabilities": lambda: _bench_methods().capability_table()}
 
 

@@ -8,7 +8,8 @@ import torch
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.data.formats import PrefExample, SFTExample
 from deltalign.data.tokenize import tokenize_prompt
-from deltalign.generation import GenerationConfig, RowSampler, checker_eval, decode, generate, stop_token_ids
+from deltalign.generation import (GenerationConfig, RowSampler, checker_eval, decode, generate, in_lockstep,
+                                  stop_token_ids)
 from deltalign.rewards.checker import describe
 
 TEXTS = ["hi", "hello there friend", "a", "what is the capital of france?", "x" * 30, "Answer in lowercase.",
@@ -46,6 +47,38 @@ def test_batched_matches_one_by_one_in_input_order(bb):
     assert batched == single
     assert len({tuple(r) for r in batched}) > 4  # outputs depend on the prompt, so order is really checked
     assert generate(bb, ids[::-1], cfg) == batched[::-1]
+
+
+def test_lockstep_runs_the_others_batches_and_steps_and_gives_the_same_tokens(bb):
+    """In lockstep (ZeRO-3, sharded weights) a process decodes until every process is done and runs as many
+    batches as the process with the most: simulated here by reducers that say "not done" for longer and "the others
+    have 2 more batches". Every forward counted; the tokens are those of a plain call."""
+    ids = prompts(bb)[:5]
+    cfg = GenerationConfig(max_new_tokens=24, batch_size=2, temperature=0.7)
+    plain = generate(bb, ids, cfg, seed=3)
+    calls = {"encode": 0, "all_done": 0}
+    real = bb.encode
+
+    def encode(*a, **k):
+        calls["encode"] += 1
+        return real(*a, **k)
+
+    def all_done(flag: bool) -> bool:  # the other process finishes each batch only at the last token
+        calls["all_done"] += 1
+        return False
+
+    bb.encode = encode
+    try:
+        with in_lockstep(all_done, lambda n: n + 2):
+            synced = generate(bb, ids, cfg, seed=3)
+            nothing = generate(bb, [], cfg)  # a process with no rows still runs every batch
+    finally:
+        del bb.encode
+    assert synced == plain and nothing == []
+    assert max(len(r) for r in plain) < cfg.max_new_tokens  # plain stopped early: lockstep really stepped on
+    batches = (3 + 2) + (0 + 2)  # 3 batches of its own + 2 dummies; then 0 + 2 dummies
+    assert calls["encode"] == batches * cfg.max_new_tokens  # prefill + 23 cached steps, every batch
+    assert calls["all_done"] == batches * cfg.max_new_tokens
 
 
 def test_left_padding_matches_unpadded(bb):

@@ -227,8 +227,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     # 5. evaluate the policy against its reference on held-out prompts, then save
     metrics: dict = {}
-    with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
-        if engine.is_main:
+    with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
+        if evaluate:
             reference = REFERENCE if cfg.reference == "sft" else None
             metrics = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
                                     {"reference": reference, NAME: NAME}, reference=reference,
@@ -236,8 +236,9 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             if held.items:
                 metrics["heldout_pairs"] = heldout_pairs(backbone, model, held.items, cfg, engine.device)
             engine.log(report_scalars(metrics), kind="eval")
-            metrics["data"] = {"train": data.counts, "eval": held.counts}
-            backbone.save_adapter(NAME, out_dir)
-            atomic.write_json(out_dir / "eval.json", metrics)
+    engine.save_delta(NAME, out_dir)
+    if engine.is_main:
+        metrics["data"] = {"train": data.counts, "eval": held.counts}
+        atomic.write_json(out_dir / "eval.json", metrics)
     engine.finish()
     return metrics

@@ -175,6 +175,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     out_dir, upstream = Path(out_dir), upstream or {}
     engine = Engine(cfg, out_dir)
     G = cfg.num_generations
+    if engine.zero_stage == 3 and cfg.zero3_generation == "lockstep" and cfg.resample_rounds and cfg.rm_weight:
+        raise ValueError("grpo.resample_rounds > 0 with grpo.rm_weight > 0 needs grpo.zero3_generation=gather under "
+                         "ZeRO-3: a process with no group to resample would leave the others' reward-model forwards "
+                         "waiting")
 
     # 1. load: one backbone; reference and reward model frozen (when needed), the policy a trainable copy
     backbone, rm = load_roles(cfg, model_cfg, upstream)
@@ -213,8 +217,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         # 3.1 rollout (G per prompt) and 3.2 score; slot s holds the group of idx[s], or of its replacement
         def sample_and_score(slots: list[int], prompts: list[int], rnd: int):
             nonlocal t_gen, t_score
-            # every process enters, even with nothing to sample (ZeRO-3 gathers; the RM then scores locally)
-            with engine.gathered():
+            # every process enters, even with nothing to sample (ZeRO-3)
+            with engine.generating():
                 t = time.time()
                 with backbone.using(NAME):
                     resp = generate(backbone, [prompt_ids[p] for p in prompts for _ in range(G)], cfg.rollout,
@@ -311,13 +315,14 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     # 4. evaluate (greedy, held-out prompts) and save the policy
     report: dict = {}
-    with engine.gathered():
-        if engine.is_main:
+    with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
+        if evaluate:
             report = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
                                    {"reference": REFERENCE, NAME: NAME}, reference=REFERENCE, reward_model=rm)
             engine.log(report_scalars(report), kind="eval")
-            backbone.save_adapter(NAME, out_dir)
-            report["data"] = data["counts"]
-            atomic.write_json(out_dir / "eval.json", report)
+    engine.save_delta(NAME, out_dir)
+    if engine.is_main:
+        report["data"] = data["counts"]
+        atomic.write_json(out_dir / "eval.json", report)
     engine.finish()
     return report

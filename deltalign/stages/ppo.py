@@ -200,7 +200,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         idx = micro[0]
         # 3.1 rollout with the policy
         t0 = time.time()
-        with engine.gathered(), backbone.using(NAME):  # ZeRO-3: generate from gathered weights
+        with engine.generating(), backbone.using(NAME):  # ZeRO-3: every rank enters
             responses = generate(backbone, [prompt_ids[i] for i in idx], cfg.rollout,
                                  row_seeds=[rollout_seed(cfg.seed, step, i) for i in idx])
         t_gen = time.time() - t0
@@ -278,15 +278,15 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     # 4. evaluate (greedy, held-out prompts) and save policy, critic adapter and head
     report: dict = {}
-    with engine.gathered():
-        if engine.is_main:
+    with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
+        if evaluate:
             report = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
                                    {"reference": REFERENCE, NAME: NAME}, reference=REFERENCE, reward_model=rm)
             engine.log(report_scalars(report), kind="eval")
-            backbone.save_adapter(NAME, out_dir)
-            backbone.save_adapter(CRITIC, out_dir / CRITIC)
-            backbone.save_head(CRITIC, out_dir / CRITIC / HEAD_FILE)
-            report["data"] = data["counts"]
-            atomic.write_json(out_dir / "eval.json", report)
+    engine.save_delta(NAME, out_dir)
+    engine.save_delta(CRITIC, out_dir / CRITIC, head_file=out_dir / CRITIC / HEAD_FILE)
+    if engine.is_main:
+        report["data"] = data["counts"]
+        atomic.write_json(out_dir / "eval.json", report)
     engine.finish()
     return report

@@ -135,12 +135,14 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     # 3. before training: the initial adapter (SFT copy or base) with the fresh head; kept across a resume
     evals: dict = {"init": cfg.init, "data": {"train": data.counts, "eval": held_split.counts}}
     before_file = out_dir / "eval_before.json"
-    with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
-        if before_file.exists():
-            evals["before"] = json.loads(before_file.read_text())
-        elif engine.is_main:
-            evals["before"] = heldout(model, held, cfg, pad, engine.device)
-            engine.log(evals["before"] or {}, kind="eval_before")
+    if before_file.exists():
+        evals["before"] = json.loads(before_file.read_text())
+    else:
+        with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
+            if evaluate:
+                evals["before"] = heldout(model, held, cfg, pad, engine.device)
+                engine.log(evals["before"] or {}, kind="eval_before")
+        if engine.is_main:
             atomic.write_json(before_file, evals["before"])
 
     # 4. loop: chosen and rejected in one forward; per-pair loss summed, normalised over the step's pairs
@@ -164,8 +166,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         engine.step({k: v / max(n, 1) for k, v in sums.items()} | {"pad_share": pads.share})
 
     # 5. evaluate, measure the reward scale on the training responses, save
-    with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
-        if engine.is_main:
+    with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
+        if evaluate:
             evals["after"] = heldout(model, held, cfg, pad, engine.device)
             engine.log(evals["after"] or {}, kind="eval")
             rc, rr = score_all(model, train[: cfg.stats_pairs or None], cfg.eval_batch_size, pad, engine.device)
@@ -173,9 +175,9 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             evals["reward_stats"] = {"mean": float(scores.mean()), "std": float(scores.std(correction=0)),
                                      "n": scores.numel()}
             engine.log(evals["reward_stats"], kind="reward_stats")
-            backbone.save_adapter(NAME, out_dir)
-            backbone.save_head(NAME, out_dir / HEAD_FILE)
-            atomic.write_json(out_dir / STATS_FILE, evals["reward_stats"])
-            atomic.write_json(out_dir / "eval.json", evals)
+    engine.save_delta(NAME, out_dir, head_file=out_dir / HEAD_FILE)
+    if engine.is_main:
+        atomic.write_json(out_dir / STATS_FILE, evals["reward_stats"])
+        atomic.write_json(out_dir / "eval.json", evals)
     engine.finish()
     return evals

@@ -110,16 +110,18 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     evals: dict = {"data": {"train": data.counts, "eval": held.counts}}
     gen_examples = eval_ex[: cfg.eval_limit or None]
     base_file = out_dir / "eval_base.json"
-    with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
-        if base_file.exists():
-            evals["base"] = json.loads(base_file.read_text())
-        elif engine.is_main:
-            with backbone.using(None):
-                evals["base"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size,
-                                                              engine.device) if heldout else None}
-                if cfg.eval_checker and gen_examples:
-                    evals["base"] |= _checker(backbone, gen_examples, cfg, None)
-            engine.log(evals["base"], kind="eval_base")
+    if base_file.exists():
+        evals["base"] = json.loads(base_file.read_text())
+    else:
+        with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
+            if evaluate:
+                with backbone.using(None):
+                    evals["base"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size,
+                                                                  engine.device) if heldout else None}
+                    if cfg.eval_checker and gen_examples:
+                        evals["base"] |= _checker(backbone, gen_examples, cfg, None)
+                engine.log(evals["base"], kind="eval_base")
+        if engine.is_main:
             atomic.write_json(base_file, evals["base"])
 
     # 4. loop
@@ -129,15 +131,16 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         engine.step({"loss": train_step(engine, backbone, model, train, micro, pads), "pad_share": pads.share})
 
     # 5. evaluate and save
-    with engine.gathered():  # ZeRO-3: every rank enters; rank 0 then holds the full weights
-        if engine.is_main:
+    with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
+        if evaluate:
             evals["sft"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size, engine.device)
                             if heldout else None, "pad_share": pads.share}
             if cfg.eval_checker and gen_examples:
                 evals["sft"] |= _checker(backbone, gen_examples, cfg, NAME)
             engine.log(evals["sft"], kind="eval")
-            backbone.save_adapter(NAME, out_dir)
-            atomic.write_json(out_dir / "eval.json", evals)
+    engine.save_delta(NAME, out_dir)
+    if engine.is_main:
+        atomic.write_json(out_dir / "eval.json", evals)
     engine.finish()
     return evals
 
