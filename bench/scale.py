@@ -56,6 +56,7 @@ TOKENIZER_FROM = ROOT / "models" / "SmolLM2-135M-Instruct"
 # ZeRO-3 keeps at most this many parameters gathered (about one decoder layer of the 1B shape: 44M), and
 # releases a layer's after use instead of keeping it for reuse
 LIVE = {"stage3_max_live_parameters": 5e7, "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 2e7,
+        "reduce_bucket_size": 1e7,
         "stage3_param_persistence_threshold": 0}
 SETTINGS = {
     "single": (None, None),
@@ -84,8 +85,8 @@ def build_model(shape: str) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
-    for f in TOKENIZER_FROM.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or f.name == "generation_config.json":
+    for f in TOKENIZER_FROM.iterdir():  # the tokenizer with its chat template: every file but weights and config
+        if f.is_file() and f.name not in ("config.json", "model.safetensors") and not (tmp / f.name).exists():
             shutil.copy(f, tmp / f.name)
     tmp.rename(out)
     return out

@@ -89,12 +89,12 @@ class TrainConfig:
     """How many recent checkpoints to keep."""
     threads: int = setting(0, ge=0, hashed=False)
     """torch CPU threads (0: leave torch's default)."""
-    zero3_generation: Literal["gather", "lockstep"] = setting("gather", hashed=False)
+    zero3_generation: Literal["lockstep", "gather"] = setting("lockstep", hashed=False)
     """Under DeepSpeed ZeRO-3 only: how generation (PPO/GRPO rollouts) and evaluation see the sharded base.
-    ``gather``: every process gathers the full weights for the duration (fast; needs one device to hold the whole
-    model, as TRL's ``ds3_gather_for_generation``); ``lockstep``: the weights stay sharded, ZeRO-3 gathers one layer
-    at a time and every process runs the same forwards (slower; for a model no single device holds). Both give the
-    same tokens."""
+    ``lockstep``: the weights stay sharded, ZeRO-3 gathers a layer at a time and every process runs the same
+    forwards (no process ever holds the whole base); ``gather``: every process gathers the full weights for the
+    duration -- faster, when one device holds the whole model (TRL's ``ds3_gather_for_generation``, its default).
+    Both give the same tokens."""
 
 
 def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -244,10 +244,15 @@ class Engine:
                 yield
 
     @contextlib.contextmanager
-    def evaluating(self):
+    def evaluating(self, forwards: bool = True):
         """Every process must enter this together. Yields whether this process runs the evaluation code: rank 0
         only (ZeRO-3 ``gather``: with the full weights gathered), or under ZeRO-3 ``lockstep`` every process, on
-        the same rows (the forwards are collective; the results are the same). Writing stays rank 0's."""
+        the same rows (the forwards are collective; the results are the same). Writing stays rank 0's.
+        ``forwards=False``: there is nothing to evaluate (the block runs no forward): rank 0 runs it, nothing is
+        gathered."""
+        if not forwards:
+            yield self.is_main
+            return
         with self.generating():
             yield self.is_main or self.lockstep
 

@@ -256,7 +256,10 @@ from safetensors.torch import load_file  # noqa: E402
 WALL: dict[str, float] = {}
 
 
+# the main ZeRO-3 chain generates from gathered weights (zero3_generation: gather); the method chains below use the
+# default, lockstep
 Z3 = ["--set", "model.gradient_checkpointing=true", *MULTI]
+Z3_GATHER = [*Z3, *[x for s in STAGES for x in ("--set", f"{s}.zero3_generation=gather")]]
 
 
 KILLS = [("sft", ["sft"]), ("dpo", ["sft", "rm", "dpo"]), ("ppo", ["sft", "rm", "dpo", "ppo"])]
@@ -271,7 +274,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero")
     out = {"killed": {}}
     for stage, stages in KILLS:
-        p = launch("configs/accelerate/zero3.yaml", root / "zero3-probe", root / "zero3", Z3, stages=stages,
+        p = launch("configs/accelerate/zero3.yaml", root / "zero3-probe", root / "zero3", Z3_GATHER, stages=stages,
                    env={"DELTALIGN_TEST_KILL_AT_STEP": f"{stage}:3"})
         WALL[f"zero3_killed_{stage}"] = p.wall
         ckpt = root / "zero3" / stage / "checkpoints" / "step-000002"
@@ -282,7 +285,7 @@ def runs(tmp_path_factory):
                                 load_file(str(ckpt / "optimizer.safetensors")) if "optimizer.safetensors" in files
                                 else {})
     for name, config, extra in [("single", None, SINGLE), ("zero2", "configs/accelerate/zero2.yaml", MULTI),
-                                ("zero3", "configs/accelerate/zero3.yaml", Z3)]:
+                                ("zero3", "configs/accelerate/zero3.yaml", Z3_GATHER)]:
         p = _check(launch(config, root / f"{name}-probe", root / name, extra))
         WALL[name] = p.wall
         out[name] = (root / name, root / f"{name}-probe", p)
@@ -450,12 +453,12 @@ def test_zero3_resume_after_kill(runs):
 @pytest.fixture(scope="module")
 def method_runs(tmp_path_factory):
     """Each chain of METHOD_CHAINS in one process and under ZeRO-3 with 2 processes (gradient checkpointing on), the
-    latter with ``zero3_generation: lockstep`` (rollouts and evaluation from the sharded weights, all ranks in step)."""
+    latter with the default ``zero3_generation: lockstep`` (rollouts and evaluation from the sharded weights, all
+    ranks in step)."""
     root = tmp_path_factory.mktemp("zero-methods")
     out = {}
     for chain, (stages, _, extra) in METHOD_CHAINS.items():
-        lockstep = [x for s in stages for x in ("--set", f"{s}.zero3_generation=lockstep")]
-        for name, config, more in [("single", None, SINGLE), ("zero3", "configs/accelerate/zero3.yaml", Z3 + lockstep)]:
+        for name, config, more in [("single", None, SINGLE), ("zero3", "configs/accelerate/zero3.yaml", Z3)]:
             tag = f"{chain}-{name}"
             p = _check(launch(config, root / f"{tag}-probe", root / tag, [*extra, *more], stages=stages))
             WALL[tag] = p.wall

@@ -227,7 +227,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     # 5. evaluate the policy against its reference on held-out prompts, then save
     metrics: dict = {}
-    with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
+    with engine.evaluating(bool(eval_ex[: cfg.eval_limit or None]) or bool(held.items)) as evaluate:
         if evaluate:
             reference = REFERENCE if cfg.reference == "sft" else None
             metrics = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,

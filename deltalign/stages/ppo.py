@@ -278,7 +278,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     # 4. evaluate (greedy, held-out prompts) and save policy, critic adapter and head
     report: dict = {}
-    with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
+    with engine.evaluating(bool(eval_ex[: cfg.eval_limit or None])) as evaluate:  # every rank enters (ZeRO-3)
         if evaluate:
             report = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
                                    {"reference": REFERENCE, NAME: NAME}, reference=REFERENCE, reward_model=rm)

@@ -138,7 +138,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     if before_file.exists():
         evals["before"] = json.loads(before_file.read_text())
     else:
-        with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
+        with engine.evaluating(bool(held)) as evaluate:  # every rank enters (ZeRO-3)
             if evaluate:
                 evals["before"] = heldout(model, held, cfg, pad, engine.device)
                 engine.log(evals["before"] or {}, kind="eval_before")

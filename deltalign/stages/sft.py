@@ -113,8 +113,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     if base_file.exists():
         evals["base"] = json.loads(base_file.read_text())
     else:
-        with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
-            if evaluate:
+        with engine.evaluating(bool(heldout) or (cfg.eval_checker and bool(gen_examples))) as evaluate:
+            if evaluate:  # every rank entered (ZeRO-3)
                 with backbone.using(None):
                     evals["base"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size,
                                                                   engine.device) if heldout else None}
@@ -131,8 +131,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         engine.step({"loss": train_step(engine, backbone, model, train, micro, pads), "pad_share": pads.share})
 
     # 5. evaluate and save
-    with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
-        if evaluate:
+    with engine.evaluating(bool(heldout) or (cfg.eval_checker and bool(gen_examples))) as evaluate:
+        if evaluate:  # every rank entered (ZeRO-3)
             evals["sft"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size, engine.device)
                             if heldout else None, "pad_share": pads.share}
             if cfg.eval_checker and gen_examples:
