@@ -255,6 +255,7 @@ def main() -> int:
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--note", default="", help="a sentence for the result file (e.g. what else ran meanwhile)")
     args = ap.parse_args()
     model = build_model("quick" if args.quick else "1b")
     n_base = base_numel(model)
@@ -278,11 +279,12 @@ def main() -> int:
     text = (f"# ZeRO scaling: memory per process, {model.name} ({n_base / 1e9:.2f}B parameters, float32) — "
             f"{stamp}{' (QUICK: a ~0.23B model)' if args.quick else ''}\n\nMachine: {machine}. Commit {commit}. "
             f"SFT then DPO, 2 optimizer steps each, batch 1 x 128 tokens, LoRA r=16 on every linear layer, "
-            f"activation checkpointing; ZeRO-3 live-parameter limits {LIVE}. Total {time.time() - t0:.0f} s.\n\n"
+            f"activation checkpointing; ZeRO-3 live-parameter limits {LIVE}. Total {time.time() - t0:.0f} s. "
+            f"{args.note}\n\n"
             + table(results, n_base))
     (out / f"scale-{stamp}{suffix}.md").write_text(text)
     (out / f"scale-{stamp}{suffix}.json").write_text(json.dumps(
-        {"model": str(model), "n_base": n_base, "commit": commit, "machine": machine, "live": LIVE,
+        {"model": str(model), "n_base": n_base, "commit": commit, "machine": machine, "live": LIVE, "note": args.note,
          "results": results}, indent=1))
     print(text)
     return 0

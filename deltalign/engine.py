@@ -142,6 +142,7 @@ class Engine:
         self.zero_stage = int(self.ds_plugin.zero_stage) if self.ds_plugin is not None else 0
         if self.zero_stage == 3:  # transformers' ZeRO-3 mode, whatever zero3_init_flag says: a base loaded from
             self.ds_plugin.set_deepspeed_weakref()  # now on is built partitioned (zero.load_sharded)
+            zero.return_gather_buffers()
         self.quiet = quiet or not self.is_main
         self.step_no = 0
         self.extra_state: dict[str, tuple[Callable[[], dict], Callable[[dict], None]]] = {}

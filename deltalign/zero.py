@@ -14,6 +14,7 @@ The engine (:mod:`deltalign.engine`) calls these; stages never do. What each one
   (evaluation, generation, saving) needs the full weights and ZeRO-3's hooks off;
 * :func:`gathered_parameters`, :func:`full_tensors` / :func:`set_full_tensors` -- the full values of some (sharded)
   parameters -- a delta, what trains -- for saving and checkpoints, and setting them on resume;
+* :func:`return_gather_buffers` -- ZeRO-3's gather buffers go back to the OS when freed (no heap fragmentation);
 * :func:`load_sharded` -- the base loaded partitioned, one tensor at a time (no process holds the whole base);
 * :func:`optimizer_state` / :func:`load_optimizer_state` -- the optimizer for a checkpoint, without DeepSpeed's
   own ``save_checkpoint`` / ``load_checkpoint`` (which unpickle on load): per trainable parameter its full fp32
@@ -44,6 +45,22 @@ def skip_shm_build() -> None:
     except ImportError:
         return
     ds_torch.build_shm_op = lambda: None
+
+
+def return_gather_buffers(threshold: int = 256 * 1024) -> None:
+    """ZeRO-3 allocates a full-size buffer for every parameter it gathers and frees it after use, module by module,
+    each forward and backward. glibc serves blocks below its (adaptive, up to 32 MiB) mmap threshold from the heap,
+    where the freed buffers leave holes that the next, differently sized ones do not fill: measured on a 0.23B
+    model, the resident memory of a ZeRO-3 process grew by 1.1 GB over 3 SFT steps (it holds a 0.46 GB shard), and
+    stayed 1 GB above its shard with no parameter gathered. A fixed mmap threshold (no adaptation) makes every
+    block above it its own mapping, returned to the OS when freed: 0.1 GB growth (about 10% slower steps: fresh
+    pages are faulted in). glibc only; elsewhere nothing happens."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def check_supported(quantization: str, zero_stage: int) -> None:
