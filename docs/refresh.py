@@ -168,7 +168,7 @@ def scale() -> str:
     d = json.loads(f.with_suffix(".json").read_text())
     label = "" if full else " **QUICK run (a ~0.23B model): a check, not the result.**"
     return (f"{table}\n\n{Path(d['model']).name} ({d['n_base'] / 1e9:.2f}B parameters, float32), {d['machine']}, "
-            f"commit {d['commit']} (`bench/results/{f.name}`).{label}\n")
+            f"commit {d['commit']} (`bench/results/{f.name}`).{label} {d.get('note', '')}".rstrip() + "\n")
 
 
 def _bench_methods():
