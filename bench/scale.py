@@ -24,8 +24,12 @@ the end ``VmHWM``; the table shows per rank the peak above the pre-load RSS, ano
 (a memory-mapped safetensors file counts as RssFile), and s/step from the stage's own step log (step 2 minus
 step 1). The model-state prediction is docs/scaling.md's formula with a float32 base: per process
 ``4 N_base + 16 N_trainable`` (one process), ``4 N_base + N_trainable (4 + 12 / 2)`` (ZeRO-2),
-``(4 N_base + 16 N_trainable) / 2`` (ZeRO-3); it is compared with the RSS added by loading and preparing
-(anonymous and file pages: transformers may leave weights memory-mapped), before any activation.
+``(4 N_base + 16 N_trainable) / 2`` (ZeRO-3); it is compared with the anonymous memory added by loading and
+preparing (before any activation) plus the file pages the run touched (transformers leaves the weights of a
+one-process load memory-mapped, read in at the first forward).
+
+``python bench/scale.py --rewrite bench/results/scale-<stamp>.json`` renders a result's table again from its
+JSON (after a change to :func:`table`).
 
 Writes ``bench/results/scale-<date>-<time>[-quick].md`` and ``.json``.
 """
@@ -237,7 +241,10 @@ def table(results: dict, n_base: int) -> str:
                 if setting == "single":
                     single[stage] = hwm
                 share = f" ({hwm / single[stage]:.2f}x one process)" if setting != "single" and stage in single else ""
-                state = m["after_prepare"]["VmRSS"] - m["before_load"]["VmRSS"]
+                # anonymous memory added by loading and set-up, plus the file pages the run touched (transformers
+                # leaves the weights of a one-process load memory-mapped: they are read in at the first forward)
+                state = (m["after_prepare"]["RssAnon"] - m["before_load"]["RssAnon"]
+                         + x["peak"]["RssFile"] - m["before_load"]["RssFile"])
                 pred = predicted(n_base, x["trainable"], setting)
                 lines.append(f"| {setting} | {stage} | {x['rank']} | {gb(hwm)}{share} | "
                              f"{gb(x['peak']['RssAnon'] - m['before_load']['RssAnon'])} | "
@@ -247,6 +254,13 @@ def table(results: dict, n_base: int) -> str:
 
 
 def main() -> int:
+    if "--rewrite" in sys.argv:
+        f = Path(sys.argv[sys.argv.index("--rewrite") + 1])
+        d = json.loads(f.read_text())
+        md = f.with_suffix(".md")
+        text = md.read_text()
+        md.write_text(text[:text.index("| setting |")] + table(d["results"], d["n_base"]))
+        return 0
     if "--child" in sys.argv:
         i = sys.argv.index("--child")
         return child(Path(sys.argv[i + 1]), sys.argv[i + 2:])
