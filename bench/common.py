@@ -55,6 +55,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -239,3 +240,27 @@ def sft_rows_for_trl(source: str) -> list[dict]:
         msgs = r["messages"]
         out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
     return out
+
+
+def spawn(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, float, str]:
+    """Run one fresh process (offline, output to ``log``), killed after ``timeout`` seconds: its exit status, wall
+    seconds, its own peak RSS in MB (``os.wait4``) and the log's text."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    t0 = time.time()
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() - t0 > timeout:
+                p.kill()
+                pid, status, usage = os.wait4(p.pid, 0)
+                break
+            time.sleep(0.2)
+    return (os.waitstatus_to_exitcode(status), time.time() - t0, usage.ru_maxrss / 1024,
+            log.read_text(errors="replace"))

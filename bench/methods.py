@@ -52,7 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, WARMUP_STEPS, parse_result  # noqa: E402
+from common import ROOT, WARMUP_STEPS, parse_result, spawn  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "runs" / "methods"
@@ -193,33 +193,13 @@ def heldout_file(source: str, n: int, kind: str, data_dir: Path) -> str:
 
 def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
     """One fresh process: exit status, wall time, its own peak RSS (``os.wait4``), the BENCH_RESULT line if any."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-    t0 = time.time()
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.time() - t0 > timeout:
-                p.kill()
-                pid, status, usage = os.wait4(p.pid, 0)
-                break
-            time.sleep(0.2)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.time() - t0
-    text = log.read_text(errors="replace")
-    out = {"rc": p.returncode, "wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-           "log": str(log)}
+    rc, wall, rss_mb, text = spawn(cmd, log, timeout)
+    out = {"rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(rss_mb, 1), "log": str(log)}
     res = parse_result(text)
     if res is not None:
         out["result"] = res
-    if p.returncode != 0:
-        out["error"] = f"exit {p.returncode}" + (" (timeout)" if wall > timeout else "")
+    if rc != 0:
+        out["error"] = f"exit {rc}" + (" (timeout)" if wall > timeout else "")
         out["log_tail"] = "\n".join(text.splitlines()[-15:])
     return out
 

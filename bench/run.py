@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Settings, parse_result  # noqa: E402
+from common import ROOT, Settings, parse_result, spawn  # noqa: E402
 
 BENCH = ROOT / "bench"
 OURS_PY = os.environ.get("BENCH_OURS_PY", str(ROOT / ".venv/bin/python"))
@@ -48,34 +48,13 @@ METRIC = {"sft": ("tokens_per_s", "tokens/s"), "rm": ("pairs_per_s", "pairs/s"),
 
 def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
     """Run one fresh process; its result line, wall time and peak RSS (os.wait4), or an error with the log tail."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-    t0 = time.time()
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        deadline = t0 + timeout
-        while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.time() > deadline:
-                p.kill()
-                pid, status, usage = os.wait4(p.pid, 0)
-                break
-            time.sleep(0.2)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.time() - t0
-    text = log.read_text(errors="replace")
+    rc, wall, rss_mb, text = spawn(cmd, log, timeout)
     res = parse_result(text)
-    if res is None or p.returncode != 0:
+    if res is None or rc != 0:
         tail = "\n".join(text.splitlines()[-15:])
-        res = dict(res or {}, error=f"exit {p.returncode}" + (" (timeout)" if wall >= timeout else ""),
-                   log_tail=tail)
+        res = dict(res or {}, error=f"exit {rc}" + (" (timeout)" if wall >= timeout else ""), log_tail=tail)
     res["wall_s"] = round(wall, 1)
-    res["peak_rss_mb_wait4"] = round(usage.ru_maxrss / 1024, 1)
+    res["peak_rss_mb_wait4"] = round(rss_mb, 1)
     return res
 
 

@@ -271,8 +271,7 @@ class Engine:
                     bb.save_head(name, head_file)
 
     def _all_true(self, flag: bool) -> bool:
-        t = torch.tensor([0.0 if flag else 1.0], device=self.device)
-        return float(self.all_sum(t)) == 0.0
+        return self._max_int(0 if flag else 1) == 0
 
     def _max_int(self, n: int) -> int:
         t = torch.tensor([float(n)], device=self.device)

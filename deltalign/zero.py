@@ -121,16 +121,17 @@ def gathered(ds_engine, backbone):
 
 
 @contextlib.contextmanager
-def gathered_parameters(params, zero_stage: int):
-    """ZeRO-3: inside, every process holds the full values of these parameters only (read-only; every process must
-    enter); otherwise nothing happens."""
+def gathered_parameters(params, zero_stage: int, modifier_rank: int | None = None):
+    """ZeRO-3: inside, every process holds the full values of these parameters only (every process must enter);
+    read-only, or with ``modifier_rank`` that process's changes are scattered into the shards on leaving.
+    Otherwise nothing happens."""
     sharded = [p for p in params if hasattr(p, "ds_id")] if zero_stage == 3 else []
     if not sharded:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(sharded, modifier_rank=modifier_rank):
         yield
 
 
@@ -143,12 +144,7 @@ def full_tensors(named: list[tuple[str, torch.nn.Parameter]], zero_stage: int) -
 def set_full_tensors(named: list[tuple[str, torch.nn.Parameter]], values: dict[str, torch.Tensor],
                      zero_stage: int) -> None:
     """Set these parameters to full values (ZeRO-3: scattered into the shards; every process must call it)."""
-    ctx = contextlib.nullcontext()
-    if zero_stage == 3:
-        import deepspeed
-
-        ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=0)
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), gathered_parameters([p for _, p in named], zero_stage, modifier_rank=0):
         for n, p in named:
             p.copy_(values[n])
 
@@ -308,7 +304,6 @@ def load_sharded(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     ``from_config`` in ``deepspeed.zero.Init`` when ZeRO-3 is on), then filled one tensor at a time: every process
     gathers that one parameter, rank 0 reads it from the safetensors file and copies it in, and leaving the scope
     re-partitions it. (transformers' own ZeRO-3 loading has rank 0 map every checkpoint file at once.)"""
-    import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -322,7 +317,7 @@ def load_sharded(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     with torch.no_grad():
         for name, p in params.items():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            with gathered_parameters([p], 3, modifier_rank=0):
                 if rank0:
                     p.copy_(read_tensor(index[name]).to(p.dtype))
         for name, b in model.named_buffers():  # buffers are not partitioned: every process reads its own
