@@ -48,6 +48,14 @@ Tokens are real (non-pad) tokens: padding is work the implementation chose to do
   bench rewards with the embedded checker alone: ~0 FLOPs). Unlike PPO's count, GRPO's depends on what each side
   runs, so its FLOP/s share is the share of the work that side did; samples/s is the like-for-like comparison,
   and the table's notes say which side ran the optional forwards.
+
+Device and model (``bench/run.py --device {cpu,cuda} --model {PATH,random:SIZE}``)
+---------------------------------------------------------------------------------
+On ``cuda`` both sides run in bfloat16 (``Settings.dtype``), on ``cpu`` in float32. The timer synchronises CUDA
+before every timestamp, a child reports ``torch.cuda.max_memory_allocated`` (``peak_gpu_mb``) next to its RSS, and
+the peak the FLOP/s share (MFU) is taken of is a bf16 matmul on the GPU (``matmul_peak.py --device cuda --dtype
+bf16``). ``random:SIZE`` is a randomly initialised Llama built here (:func:`build_random`), so that a machine
+without the checkpoint (a lent GPU machine: no internet) can run the bench; see :func:`random_shape` for the rule.
 """
 
 from __future__ import annotations
@@ -70,7 +78,15 @@ WARMUP_STEPS = 1
 class Settings:
     """The hyperparameters both sides use (one object, passed to every child as JSON)."""
     model: str = "models/SmolLM2-135M-Instruct"
+    """The checkpoint directory every child loads (for ``random:SIZE``, the built one under ``bench/.cache``)."""
+    model_name: str = ""
+    """What ``--model`` said (``random:0.5b``), for the result files; empty = ``model``."""
+    model_params: int = 0
+    """Parameter count of a ``random:`` model (0: not recorded)."""
+    device: str = "cpu"
+    """``cpu`` or ``cuda``: where every child runs (ours: accelerate picks the GPU when there is one)."""
     dtype: str = "float32"
+    """float32 on cpu, bfloat16 on cuda (both sides)."""
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -124,6 +140,20 @@ class Settings:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def cuda_active():
+    """torch, when this process has imported it and initialised CUDA; else None (no import here)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch
 
 
 def set_threads(n: int) -> None:
@@ -188,6 +218,9 @@ class StepTimer:
             self._cur[k] = self._cur.get(k, 0) + v
 
     def step_end(self) -> None:
+        torch = cuda_active()
+        if torch is not None:  # kernels are asynchronous: the step ends when the GPU is done
+            torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
         self.work.append(self._cur)
         self._cur = {}
@@ -212,6 +245,9 @@ def emit(result: dict) -> None:
     """Print the one result line the orchestrator reads (peak RSS of this whole process added)."""
     result = dict(result)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    torch = cuda_active()
+    if torch is not None:
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     sys.stdout.write(RESULT_TAG + json.dumps(result) + "\n")
     sys.stdout.flush()
 
@@ -246,7 +282,8 @@ def spawn(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, float,
     """Run one fresh process (offline, output to ``log``), killed after ``timeout`` seconds: its exit status, wall
     seconds, its own peak RSS in MB (``os.wait4``) and the log's text."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+    pythonpath = os.pathsep.join(x for x in (os.environ.get("PYTHONPATH", ""), str(ROOT)) if x)  # e.g. a test's
+    env = dict(os.environ, PYTHONPATH=pythonpath, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     t0 = time.time()
     with open(log, "w") as f:
@@ -264,3 +301,103 @@ def spawn(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, float,
             time.sleep(0.2)
     return (os.waitstatus_to_exitcode(status), time.time() - t0, usage.ru_maxrss / 1024,
             log.read_text(errors="replace"))
+
+
+# --- random:SIZE models ---------------------------------------------------------------------------------------------
+
+RANDOM_PREFIX = "random:"
+TOKENIZER_FROM = Path("models/SmolLM2-135M-Instruct")
+"""SmolLM2's tokenizer (with its chat template): the only files of the checkpoint a ``random:`` model needs."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                   "special_tokens_map.json")
+VOCAB = 49152  # SmolLM2's; bos 1, eos 2 (= pad, as in SmolLM2's config)
+RANDOM_LAYERS = 24
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)
+
+
+def llama_params(shape: dict, vocab: int = VOCAB) -> int:
+    """Parameters of a Llama with tied embeddings: embedding + layers (attention, MLP, 2 norms) + final norm."""
+    d, ff, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    h, kv, hd = shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"]
+    return vocab * d + L * (2 * d * h * hd + 2 * d * kv * hd + 3 * d * ff + 2 * d) + d
+
+
+def random_shape(size: str) -> dict:
+    """The Llama shape of ``random:SIZE`` (SIZE: ``tiny``, or a parameter count such as ``0.5b``, ``135m``).
+
+    The rule: SmolLM2's vocabulary (49,152) with tied embeddings, head size 64, key/value heads = heads / 3
+    (SmolLM2's grouping), MLP width 8/3 of the hidden size rounded up to a multiple of 64, 24 layers; the hidden size
+    is the multiple of 192 (3 heads of 64) whose total parameter count is nearest the target. E.g. 0.1b: hidden
+    576 (SmolLM2-135M's width), 113M; 0.5b: hidden 1344, 21 heads / 7 key-value, MLP 3584, 528M; 1b: hidden 1920,
+    1.04B. ``tiny``: hidden 64, 2 layers, 4 heads of 16 / 2 key-value, MLP 192: 3.3M, almost all embedding (tests).
+    """
+    if size == "tiny":
+        return dict(TINY_SHAPE)
+    units = {"b": 1e9, "m": 1e6, "k": 1e3}
+    try:
+        target = float(size[:-1]) * units[size[-1].lower()] if size[-1:].lower() in units else float(size)
+    except ValueError:
+        raise ValueError(f"random:{size}: SIZE is 'tiny' or a parameter count like 0.5b or 135m") from None
+
+    def shape(k: int) -> dict:
+        d = 192 * k
+        return dict(hidden_size=d, intermediate_size=-(-8 * d // 3 // 64) * 64, num_hidden_layers=RANDOM_LAYERS,
+                    num_attention_heads=3 * k, num_key_value_heads=k, head_dim=64)
+
+    best = min((shape(k) for k in range(1, 65)), key=lambda s: abs(llama_params(s) - target))
+    if abs(llama_params(best) - target) > 0.5 * target:
+        raise ValueError(f"random:{size}: no shape of this rule near {target:.3g} parameters (from ~20m to ~20b; "
+                         "random:tiny for a few M)")
+    return best
+
+
+def build_random(size: str, seed: int = 0, cache: Path | None = None) -> tuple[Path, int]:
+    """``random:SIZE`` as a checkpoint directory (written once, reused): the shape of :func:`random_shape`,
+    weights from ``torch.manual_seed(seed)`` (float32, safetensors), SmolLM2's tokenizer files. Returns the
+    directory and its parameter count. Only torch and transformers are needed, and the tokenizer files of
+    ``models/SmolLM2-135M-Instruct`` (not its weights)."""
+    import shutil
+
+    shape = random_shape(size)
+    out = (cache or ROOT / "bench" / ".cache") / f"random-{size}"
+    marker = out / "random.json"
+    want = {"model": RANDOM_PREFIX + size, "shape": shape, "seed": seed, "vocab": VOCAB}
+    if marker.is_file():
+        got = json.loads(marker.read_text())
+        if {k: got.get(k) for k in want} == want:
+            return out, got["n_params"]
+    src = ROOT / TOKENIZER_FROM
+    if not (src / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"{src}/tokenizer.json not found: random:{size} uses SmolLM2's tokenizer. Copy these files of "
+            f"{TOKENIZER_FROM} along (3.5 MB; models/ is git-ignored): " + ", ".join(TOKENIZER_FILES[:4]))
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**shape, vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=True,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, tmp / name)
+    (tmp / "random.json").write_text(json.dumps({**want, "n_params": n_params}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out, n_params
+
+
+if __name__ == "__main__":  # python bench/common.py --build-random SIZE [--seed S]: run.py's model-building child
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build-random", required=True, metavar="SIZE")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    path, n = build_random(a.build_random, a.seed)
+    emit({"stage": "build_random", "path": str(path.relative_to(ROOT)), "n_params": n})

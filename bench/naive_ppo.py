@@ -2,7 +2,8 @@
 
     python bench/naive_ppo.py --settings JSON
 
-The textbook layout (and TRL's PPO without peft): each role is its own full fp32 copy of the checkpoint. To isolate
+The textbook layout (and TRL's PPO without peft): each role is its own full copy of the checkpoint (fp32 on cpu;
+on ``--device cuda`` runs, ``Settings.device`` / ``dtype``: bf16 on the GPU, as ours). To isolate
 what sharing one backbone saves, everything else is as in our PPO stage: the policy and the critic train LoRA
 deltas with the same rank / targets (the critic also a scalar head), the reference and reward model are frozen,
 the same rollout batch, minibatch, PPO epochs, response length, temperature and KL coefficient, and the same pure
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Settings, StepTimer, emit, model_dims, set_threads  # noqa: E402
+from common import ROOT, Settings, StepTimer, emit, model_dims, set_threads, torch_dtype  # noqa: E402
 from ours import ppo_work  # noqa: E402
 
 
@@ -46,19 +47,21 @@ def main() -> int:
 
     torch.manual_seed(s.seed)
     path = ROOT / s.model
+    dev, dtype = torch.device(s.device), torch_dtype(s.dtype)
     tok = load_tokenizer(path)
     lora = dict(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=s.target_modules,
                 bias="none")
 
     # the four copies
-    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-                            LoraConfig(task_type="CAUSAL_LM", **lora))
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
-    reward = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+                            LoraConfig(task_type="CAUSAL_LM", **lora)).to(dev)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval().requires_grad_(False)
+    reward = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype).to(dev)
     reward.eval().requires_grad_(False)
-    critic = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    critic = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     critic.requires_grad_(False)
     inject_adapter_in_model(LoraConfig(**lora), critic.model)
+    critic.to(dev)
     for n, p in critic.named_parameters():
         p.requires_grad_("lora_" in n or n.startswith("score."))
     for m in (policy, critic):
@@ -83,7 +86,7 @@ def main() -> int:
     B = s.batch_size
 
     def hidden_positions(p_lens, R):
-        return torch.stack([torch.arange(p - 1, p - 1 + R) for p in p_lens])
+        return torch.stack([torch.arange(p - 1, p - 1 + R) for p in p_lens]).to(dev)
 
     for step in range(s.ppo_steps):
         batch_prompts = [prompts[i] for i in order[step * B:(step + 1) * B]]
@@ -93,6 +96,7 @@ def main() -> int:
         am = torch.zeros(B, P, dtype=torch.long)
         for b, p in enumerate(batch_prompts):
             ids[b, P - len(p):], am[b, P - len(p):] = torch.tensor(p), 1
+        ids, am = ids.to(dev), am.to(dev)
         with torch.no_grad():
             out = policy.generate(input_ids=ids, attention_mask=am, generation_config=gen_cfg)
         responses = []
@@ -111,31 +115,32 @@ def main() -> int:
         for b, (p, r) in enumerate(zip(batch_prompts, responses)):
             x[b, :len(p) + len(r)], xm[b, :len(p) + len(r)] = torch.tensor(p + r), 1
             rids[b, :len(r)], rmask[b, :len(r)] = torch.tensor(r), 1.0
+        x, xm, rids, rmask = x.to(dev), xm.to(dev), rids.to(dev), rmask.to(dev)
         pos = hidden_positions([len(p) for p in batch_prompts], R).clamp(max=T - 1)
 
         def lm_logprobs(model, rows):
             logits = model(input_ids=x[rows], attention_mask=xm[rows]).logits
-            logits = logits.gather(1, pos[rows].unsqueeze(-1).expand(-1, -1, logits.shape[-1])) / s.temperature
+            logits = logits.gather(1, pos[rows].unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float() / s.temperature
             return token_logprobs(logits, rids[rows])
 
         def values(rows):
             h = critic.model(input_ids=x[rows], attention_mask=xm[rows]).last_hidden_state
-            return critic.score(h).squeeze(-1).gather(1, pos[rows])
+            return critic.score(h).squeeze(-1).gather(1, pos[rows]).float()  # fp32 maths under a bf16 base
 
-        allrows = torch.arange(B)
+        allrows = torch.arange(B, device=dev)
         with torch.no_grad():
             old_lp = lm_logprobs(policy, allrows)
             ref_lp = lm_logprobs(ref, allrows)
             old_v = values(allrows)
             h = reward.model(input_ids=x, attention_mask=xm).last_hidden_state
             last = xm.sum(1) - 1
-            score = reward.score(h).squeeze(-1)[torch.arange(B), last]
+            score = reward.score(h).squeeze(-1)[torch.arange(B, device=dev), last].float()
         rewards, _ = kl_penalty_rewards(score, old_lp, ref_lp, rmask, s.kl_coef)
         adv, returns = gae_advantages(rewards, old_v, rmask, 1.0, 0.95)
         adv = masked_whiten(adv, rmask)
         release_free_memory()
         for _ in range(s.ppo_epochs):
-            for mb in torch.randperm(B, generator=g).split(s.ppo_mini_batch_size):
+            for mb in torch.randperm(B, generator=g).to(dev).split(s.ppo_mini_batch_size):
                 lp = lm_logprobs(policy, mb)
                 pg_loss, _ = ppo_policy_loss(lp, old_lp[mb], adv[mb], rmask[mb], 0.2)
                 vf_loss, _ = ppo_value_loss(values(mb), old_v[mb], returns[mb], rmask[mb], 0.2)

@@ -1,7 +1,7 @@
 """Benchmark orchestrator: deltalign vs TRL on the same model, data and settings; one markdown table.
 
     python bench/run.py [--quick] [--runs N] [--steps N] [--ppo-steps N] [--grpo-steps N] [--threads N]
-                        [--stages sft,rm,dpo,ppo,grpo]
+                        [--stages sft,rm,dpo,ppo,grpo] [--device {cpu,cuda}] [--model PATH|random:SIZE] [--no-trl]
 
 (``make bench`` / ``make bench QUICK=1``.) Every measurement is a fresh process; for each stage the sides alternate
 (ours, TRL, ours, TRL, ...; for PPO ours, TRL, naive, ...), and each number is the median over the runs. Our side
@@ -11,6 +11,14 @@ transformers / peft / accelerate pins plus trl, from bench/requirements.txt), th
 
 Writes ``bench/results/<date>-<time>[-quick].md`` (the table, the machine, the settings, the goals) and ``.json``
 (everything, every run). Model FLOPs per token and the time window: see ``bench/common.py``.
+
+``--device cuda`` runs every child on the GPU in bfloat16 (tokens/s, MFU = FLOP/s share of a measured bf16 matmul
+peak, peak GPU memory next to RSS); ``--model random:SIZE`` builds a random Llama of about that size
+(``common.random_shape``) once under ``bench/.cache``. A run that is not the default (cpu, SmolLM2) writes
+``bench/results/<device>-<model>-<date>-<time>[-quick].md`` instead, a name docs/refresh.py never takes for the
+main table. Where ``trl`` / ``datasets`` cannot be imported (a stock GPU machine), TRL's column reads "not run" and
+the notes say why; our side runs alone. Interpreters: ``.venv/bin/python`` / ``.bench-venv/bin/python`` when they
+exist, else this one (``BENCH_OURS_PY`` / ``BENCH_TRL_PY`` override).
 """
 
 from __future__ import annotations
@@ -30,11 +38,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Settings, parse_result, spawn  # noqa: E402
+from common import RANDOM_PREFIX, ROOT, Settings, parse_result, spawn  # noqa: E402
 
 BENCH = ROOT / "bench"
-OURS_PY = os.environ.get("BENCH_OURS_PY", str(ROOT / ".venv/bin/python"))
-TRL_PY = os.environ.get("BENCH_TRL_PY", str(ROOT / ".bench-venv/bin/python"))
+
+
+def _python(env_var: str, venv: str) -> str:
+    """The interpreter for one side: ``$env_var``, else the repo's venv when it exists, else this interpreter (a
+    machine with only stock packages and no venv)."""
+    if os.environ.get(env_var):
+        return os.environ[env_var]
+    return str(ROOT / venv) if (ROOT / venv).exists() else sys.executable
+
+
+OURS_PY = _python("BENCH_OURS_PY", ".venv/bin/python")
+TRL_PY = _python("BENCH_TRL_PY", ".bench-venv/bin/python")
+DEFAULT_MODEL = Settings().model
 STAGES = ["sft", "rm", "dpo", "ppo", "grpo"]
 # headline metric of each stage (higher is better), and the unit shown
 # QUICK=1 overrides of the shared settings (under 10 minutes on 2 cores; not comparable with the full table)
@@ -58,15 +77,35 @@ def run_child(cmd: list[str], log: Path, timeout: float) -> dict:
     return res
 
 
+def child_env() -> dict:
+    """The environment of a probe: the repo root appended to any PYTHONPATH the caller set (as ``spawn``)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (os.environ.get("PYTHONPATH", ""), str(ROOT)) if x))
+
+
 def sh(py: str, code: str) -> str:
     try:
         return subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout.strip()
+                              env=child_env()).stdout.strip()
     except Exception as e:  # noqa: BLE001
         return f"unavailable: {e}"
 
 
-def machine() -> dict:
+def trl_unavailable() -> str | None:
+    """Why TRL's side cannot run here (None when ``trl`` and ``datasets`` import with TRL_PY)."""
+    if not Path(TRL_PY).exists():
+        return f"{TRL_PY} not found (build it with `make .bench-venv/.installed`)"
+    try:
+        p = subprocess.run([TRL_PY, "-c", "import datasets, trl"], capture_output=True, text=True, timeout=300,
+                           env=child_env())
+    except Exception as e:  # noqa: BLE001
+        return f"{TRL_PY} could not be started: {e}"
+    if p.returncode == 0:
+        return None
+    last = (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1]
+    return f"trl / datasets cannot be imported with {TRL_PY} ({last})"
+
+
+def machine(device: str = "cpu", trl: bool = True) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     mem = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
@@ -74,10 +113,16 @@ def machine() -> dict:
     versions = "import json,torch,transformers,peft,accelerate; v={'torch':torch.__version__," \
                "'transformers':transformers.__version__,'peft':peft.__version__,'accelerate':accelerate.__version__}"
     ours = sh(OURS_PY, versions + "; print(json.dumps(v))")
-    theirs = sh(TRL_PY, versions + "; import trl; v['trl']=trl.__version__; print(json.dumps(v))")
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+    theirs = (sh(TRL_PY, versions + "; import trl; v['trl']=trl.__version__; print(json.dumps(v))") if trl
+              else "not run")
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "ram_gb": round(mem / 1024 ** 2, 1), "python": platform.python_version(),
             "kernel": platform.release(), "ours_env": _json(ours), "trl_env": _json(theirs)}
+    if device == "cuda":
+        info["gpu"] = _json(sh(OURS_PY, "import json,torch; p=torch.cuda.get_device_properties(0); print(json.dumps("
+                               "{'name':p.name,'memory_gb':round(p.total_memory/2**30,1),'count':"
+                               "torch.cuda.device_count(),'cuda':torch.version.cuda}))"))
+    return info
 
 
 def _json(text: str):
@@ -101,7 +146,7 @@ def aggregate(runs: list[dict]) -> dict:
         out["error"] = runs[0].get("error") if runs else "not run"
         return out
     for k in ("tokens_per_s", "pairs_per_s", "samples_per_s", "rows_per_s", "s_per_step", "flops_per_s",
-              "peak_rss_mb", "peak_rss_mb_wait4", "wall_s"):
+              "peak_rss_mb", "peak_rss_mb_wait4", "peak_gpu_mb", "wall_s"):
         v = median_of(ok, k)
         if v is not None:
             out[k] = v
@@ -120,7 +165,8 @@ def gb(mb) -> str:
     return "n/a" if mb is None else f"{mb / 1024:.2f} GB"
 
 
-def table(agg: dict, peak: float | None) -> str:
+def table(agg: dict, peak: float | None, gpu: bool = False) -> str:
+    """The markdown table; ``gpu``: two more columns, peak GPU memory (``torch.cuda.max_memory_allocated``)."""
     def share(a):
         f = a.get("flops_per_s")
         return "n/a" if f is None or not peak else f"{100 * f / peak:.1f}%"
@@ -131,9 +177,14 @@ def table(agg: dict, peak: float | None) -> str:
             return "not available" if "not available" in err else "not run" if "not run" in err else "failed"
         return fmt(a.get(key))
 
+    extra = " peak GPU mem ours | peak GPU mem TRL |" if gpu else ""
     rows = ["| stage | metric | ours | TRL | ours / TRL | peak RSS ours | peak RSS TRL | "
-            "FLOP/s share of peak, ours | FLOP/s share of peak, TRL |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "FLOP/s share of peak, ours | FLOP/s share of peak, TRL |" + extra,
+            "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if gpu else "")]
+
+    def mem(a, b=None):
+        return f" {gb(a.get('peak_gpu_mb'))} | {gb(b.get('peak_gpu_mb')) if b is not None else ''} |" if gpu else ""
+
     for stage in STAGES:
         if stage not in agg:
             continue
@@ -142,15 +193,17 @@ def table(agg: dict, peak: float | None) -> str:
         x, y = a.get(key), b.get(key)
         ratio = f"{x / y:.2f}x" if x and y and "error" not in a and "error" not in b else "n/a"
         rows.append(f"| {stage.upper()} | {unit} | {cell(a, key)} | {cell(b, key)} | {ratio} | "
-                    f"{gb(a.get('peak_rss_mb'))} | {gb(b.get('peak_rss_mb'))} | {share(a)} | {share(b)} |")
+                    f"{gb(a.get('peak_rss_mb'))} | {gb(b.get('peak_rss_mb'))} | {share(a)} | {share(b)} |"
+                    + mem(a, b))
         if stage == "dpo":
             x, y = a.get("s_per_step"), b.get("s_per_step")
             ratio = f"{y / x:.2f}x faster" if x and y else "n/a"
-            rows.append(f"| DPO | s/step | {cell(a, 's_per_step')} | {cell(b, 's_per_step')} | {ratio} | | | | |")
+            rows.append(f"| DPO | s/step | {cell(a, 's_per_step')} | {cell(b, 's_per_step')} | {ratio} | | | | |"
+                        + (" | |" if gpu else ""))
         if stage == "ppo" and "naive" in agg[stage]:
             n = agg[stage]["naive"]
             rows.append(f"| PPO, naive 4 models (memory baseline) | samples/s | {cell(n, key)} | | | "
-                        f"{gb(n.get('peak_rss_mb'))} | | {share(n)} | |")
+                        f"{gb(n.get('peak_rss_mb'))} | | {share(n)} | |" + mem(n))
     return "\n".join(rows)
 
 
@@ -237,12 +290,19 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--no-trl", action="store_true", help="run our side only")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where every child runs: cpu (float32, the default) or cuda (bfloat16 on both sides)")
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"checkpoint directory (default {DEFAULT_MODEL}) or random:SIZE, a random Llama of about "
+                         "SIZE parameters (tiny, 0.1b, 0.5b, ...) with SmolLM2's tokenizer, built once under "
+                         "bench/.cache (rule: bench/common.py random_shape)")
     ap.add_argument("--out", default=str(BENCH / "results"))
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     args = ap.parse_args()
 
     runs = args.runs or (1 if args.quick else 3)
-    s = Settings(threads=args.threads or len(os.sched_getaffinity(0)))
+    s = Settings(threads=args.threads or len(os.sched_getaffinity(0)), device=args.device,
+                 dtype="bfloat16" if args.device == "cuda" else "float32", model=args.model, model_name=args.model)
     if args.quick:  # development: one run per side, a smaller batch and a lighter PPO step (both sides alike)
         s = dataclasses.replace(s, **QUICK)
     s.steps = args.steps or s.steps
@@ -255,18 +315,33 @@ def main() -> int:
     bad = [x for x in stages if x not in STAGES]
     if bad:
         ap.error(f"unknown stage(s) {bad}; choose from {STAGES}")
-    if not args.no_trl and not Path(TRL_PY).exists():
-        print(f"{TRL_PY} not found: build it with `make .bench-venv/.installed` (or pass --no-trl)", file=sys.stderr)
+    if args.device == "cuda" and sh(OURS_PY, "import torch; print(torch.cuda.is_available())") != "True":
+        print(f"--device cuda: torch.cuda.is_available() is not True with {OURS_PY}", file=sys.stderr)
         return 2
+    trl_skip = "--no-trl" if args.no_trl else trl_unavailable()
+    if trl_skip and not args.no_trl:
+        print(f"[bench] TRL's side will not run: {trl_skip}", file=sys.stderr, flush=True)
 
     started = dt.datetime.now(dt.timezone.utc)
-    stamp = started.strftime("%Y-%m-%d-%H%M") + ("-quick" if args.quick else "")
+    default = args.device == "cpu" and args.model == DEFAULT_MODEL
+    slug = args.model.replace(RANDOM_PREFIX, "random-").strip("/").replace("/", "-")
+    tag = "" if default else f"{args.device}-{slug}-"  # never a name docs/refresh.py takes ([0-9]*.json)
+    stamp = tag + started.strftime("%Y-%m-%d-%H%M") + ("-quick" if args.quick else "")
     logs = BENCH / ".cache" / "logs" / stamp
     load_before = os.getloadavg()
-    info = machine()
-    print(f"[bench] {info['cpu']}, {info['usable_cpus']} cpus, {info['ram_gb']} GB; threads={s.threads}, "
-          f"runs={runs}, steps={s.steps}, ppo_steps={s.ppo_steps}, grpo_steps={s.grpo_steps}, batch={s.batch_size}; "
-          f"logs in {logs}", flush=True)
+    if args.model.startswith(RANDOM_PREFIX):  # built (once) in a child, so that this process stays small
+        built = run_child([OURS_PY, str(BENCH / "common.py"), "--build-random", args.model[len(RANDOM_PREFIX):],
+                           "--seed", str(s.seed)], logs / "build-random.log", args.timeout)
+        if "error" in built:
+            print(f"[bench] could not build {args.model}: {built['error']}\n{built.get('log_tail', '')}",
+                  file=sys.stderr)
+            return 2
+        s.model, s.model_params = built["path"], built["n_params"]
+    info = machine(args.device, trl=not trl_skip)
+    print(f"[bench] {info['cpu']}, {info['usable_cpus']} cpus, {info['ram_gb']} GB"
+          + (f", {info['gpu']}" if "gpu" in info else "") + f"; device={s.device}, model={model_label(s)}, "
+          f"dtype={s.dtype}, threads={s.threads}, runs={runs}, steps={s.steps}, ppo_steps={s.ppo_steps}, "
+          f"grpo_steps={s.grpo_steps}, batch={s.batch_size}; logs in {logs}", flush=True)
 
     loads: list[float] = []
 
@@ -280,18 +355,20 @@ def main() -> int:
         return res
 
     peak_runs = [child("matmul_peak", [OURS_PY, str(BENCH / "matmul_peak.py"), "--threads", str(s.threads),
-                                       "--seconds", "1" if args.quick else "3"], 0)]
+                                       "--seconds", "1" if args.quick else "3", "--device", s.device,
+                                       "--dtype", "bf16" if s.dtype == "bfloat16" else "fp32"], 0)]
     peak = max((r["peak_flops"] for r in peak_runs if "peak_flops" in r), default=None)
 
     raw: dict = {}
     for stage in stages:
         if stage in ("ppo", "grpo"):  # untrained sft (+ rm) folders, made once, shared by ppo and grpo
             key = hashlib.sha256(json.dumps([s.model, s.lora_r, s.lora_alpha, s.lora_dropout, s.target_modules,
-                                             s.seed]).encode()).hexdigest()[:12]
+                                             s.seed] + ([s.dtype] if s.dtype != "float32" else [])).encode()
+                                 ).hexdigest()[:12]
             s.extra["ppo_upstream"] = str(BENCH / ".cache" / f"ppo-upstream-{key}")
         js = s.to_json()
         sides = {"ours": [OURS_PY, str(BENCH / "ours.py"), "--stage", stage, "--settings", js]}
-        if not args.no_trl:
+        if not trl_skip:
             sides["trl"] = [TRL_PY, str(BENCH / "trl_side.py"), "--stage", stage, "--settings", js]
         if stage == "ppo":
             sides["naive"] = [OURS_PY, str(BENCH / "naive_ppo.py"), "--settings", js]
@@ -302,35 +379,46 @@ def main() -> int:
         for i in range(runs):  # alternate: A, B(, C), A, B(, C), ...
             for side, cmd in sides.items():
                 raw[stage][side].append(child(f"{stage}-{side}", cmd, i))
-        raw[stage].setdefault("trl", [{"error": "not run (--no-trl)"}])
+        raw[stage].setdefault("trl", [{"error": f"not run ({trl_skip})"}])
 
     agg = {stage: {side: aggregate(r) for side, r in sides.items()} for stage, sides in raw.items()}
     finished = dt.datetime.now(dt.timezone.utc)
     load_after = os.getloadavg()
-    tbl = table(agg, peak)
+    tbl = table(agg, peak, gpu=s.device == "cuda")
     goal_lines = goals(agg)
     contended = max([load_before[0], *loads]) > s.threads + 0.75
     trl_v = info["trl_env"].get("trl") if isinstance(info["trl_env"], dict) else None
     notes = work_notes(raw, s)
+    if trl_skip:
+        notes.insert(0, f"TRL's side: not run ({trl_skip}); our side ran alone.")
     for stage, sides in raw.items():
         for side, rs in sides.items():
             bad = [r for r in rs if "error" in r]
+            if side == "trl" and trl_skip:
+                continue
             if bad:
                 notes.append(f"{stage} ({side}): {len(rs) - len(bad)}/{len(rs)} runs succeeded; "
                              f"{bad[0]['error']}" + ("" if any(w in bad[0]["error"] for w in ("not available", "not run"))
                                                      else f" — log: {logs}"))
 
-    md = [f"# deltalign vs TRL {trl_v or ''} — {started:%Y-%m-%d %H:%M} UTC" + (" (QUICK mode)" if args.quick else ""),
+    gpu = info.get("gpu") if isinstance(info.get("gpu"), dict) else None
+    peak_what = (f"bf16 matmul peak ({gpu['name'] if gpu else 'GPU'})" if s.device == "cuda"
+                 else f"{'fp32' if s.dtype == 'float32' else s.dtype} matmul peak ({s.threads} thread(s))")
+    md = [f"# deltalign vs TRL{' ' + trl_v if trl_v else ''} — {started:%Y-%m-%d %H:%M} UTC" + (" (QUICK mode)" if args.quick else "")
+          + ("" if default else f" — {s.device}, {model_label(s)}, {s.dtype}"),
+          "",
+          f"Device: **{s.device}**" + (f" ({gpu['name']}, {gpu['memory_gb']} GB)" if gpu else "")
+          + f". Model: **{model_label(s)}** (`{s.model}`). Dtype: **{s.dtype}** (both sides).",
           "",
           f"Machine: {info['cpu']}, {info['usable_cpus']} usable CPUs ({info['logical_cpus']} logical), "
           f"{info['ram_gb']} GB RAM, Linux {info['kernel']}, Python {info['python']}. "
           f"Ours: {_versions(info['ours_env'])}. TRL side: {_versions(info['trl_env'])}.",
-          f"fp32 matmul peak ({s.threads} thread(s)): {fmt(peak / 1e9 if peak else None)} GFLOP/s.",
+          f"{peak_what}: {fmt(peak / 1e9 if peak else None)} GFLOP/s.",
           f"1-min load average before / highest after a child / after: {load_before[0]:.2f} / "
           f"{max(loads, default=0):.2f} / {load_after[0]:.2f}"
           + (" — **other work was running: these numbers are contended**" if contended else "") + ".",
           "",
-          f"Same model ({s.model}, fp32), data (embedded sft_train / pref_train), LoRA r={s.lora_r} "
+          f"Same model ({model_label(s)}, {s.dtype}), data (embedded sft_train / pref_train), LoRA r={s.lora_r} "
           f"alpha={s.lora_alpha} dropout={s.lora_dropout} on {s.target_modules}, batch {s.batch_size} "
           f"(rows / pairs / prompts), max length {s.max_length}, {s.steps} steps per process "
           f"(PPO {s.ppo_steps}; the first step of each is warm-up, not timed), {s.threads} thread(s); "
@@ -342,9 +430,11 @@ def main() -> int:
           f"temperature {s.temperature}, beta {s.grpo_beta}, checker reward, DAPO token loss, dropout off, "
           f"activation checkpointing {'on' if s.grpo_gradient_checkpointing else 'off'} on both sides; samples = "
           f"responses. Fresh process per run, sides alternating, median of {runs} run(s) each. "
-          f"Peak RSS = the whole process's resident high-water mark. FLOP/s share: model FLOPs per real token "
+          f"Peak RSS = the whole process's resident high-water mark"
+          + (" (peak GPU mem = torch.cuda.max_memory_allocated)" if s.device == "cuda" else "")
+          + ". FLOP/s share: model FLOPs per real token "
           f"(frozen-base LoRA: forward 2N + activation backward 2N, attention included; see bench/common.py) "
-          f"over the measured matmul peak.",
+          f"over the measured matmul peak" + (" (on cuda: the MFU)" if s.device == "cuda" else "") + ".",
           "",
           tbl,
           "",
@@ -360,6 +450,8 @@ def main() -> int:
     (out / f"{stamp}.md").write_text(text)
     (out / f"{stamp}.json").write_text(json.dumps({
         "started": started.isoformat(), "finished": finished.isoformat(), "quick": args.quick, "runs": runs,
+        "device": s.device, "model": s.model_name or s.model, "model_path": s.model, "model_params": s.model_params,
+        "dtype": s.dtype, "trl_not_run": trl_skip,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                  text=True).stdout.strip(),
         "machine": info, "load_before": load_before, "load_after": load_after, "load_after_each_child": loads, "contended": contended,
@@ -368,6 +460,14 @@ def main() -> int:
     print("\n" + text)
     print(f"[bench] written {out / (stamp + '.md')} and .json")
     return 0
+
+
+def model_label(s: Settings) -> str:
+    """``random:0.5b (528M parameters, random init)`` or the checkpoint path."""
+    name = s.model_name or s.model
+    if name.startswith(RANDOM_PREFIX):
+        return f"{name} ({s.model_params / 1e6:,.1f}M parameters, random init, seed {s.seed}, SmolLM2 tokenizer)"
+    return name
 
 
 def _versions(v) -> str:

@@ -9,7 +9,8 @@ What is matched to our side (``bench/common.py`` Settings): the checkpoint (fp32
 targets (``all-linear``), rows or pairs per optimizer step, max sequence length, optimizer steps, learning rate,
 AdamW (``adamw_torch``), grad-norm clipping 1.0, CPU threads. TRL defaults that differ from ours and would change
 the work done are turned back: ``gradient_checkpointing=False`` (TRL's SFT/DPO/Reward configs default to True),
-``bf16=False`` (TRL defaults to True), no packing, no padding-free. Dropout: TRL's reward and DPO trainers
+``bf16=False`` on cpu (TRL defaults to True; on ``--device cuda`` runs the base is loaded in bf16 and
+``bf16=True``, as ours runs a bf16 base there), no packing, no padding-free. Dropout: TRL's reward and DPO trainers
 switch it off by default (``disable_dropout=True``), as ours do (``rm/dpo.disable_dropout``); SFT keeps it on both
 sides. SFT data are our ``messages`` rows as conversational prompt/completion, so TRL trains on the
 completion only, as ours does. The DPO reference is the base with the adapter disabled (peft model, no
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (ROOT, Settings, StepTimer, emit, model_dims, pref_rows_for_trl, seq_flops,  # noqa: E402
-                    set_threads, sft_rows_for_trl)
+                    set_threads, sft_rows_for_trl, torch_dtype)
 
 
 def tokenizer(s: Settings, padding_side: str = "right"):
@@ -62,7 +63,7 @@ def common_args(s: Settings, out: str) -> dict:
     return dict(output_dir=out, max_steps=s.steps, per_device_train_batch_size=s.batch_size,
                 gradient_accumulation_steps=1, learning_rate=s.lr, lr_scheduler_type="cosine", warmup_steps=0.05,
                 optim="adamw_torch", max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=False,
-                bf16=False, fp16=False, use_cpu=True, logging_steps=1000, save_strategy="no", eval_strategy="no",
+                bf16=s.dtype == "bfloat16", fp16=False, use_cpu=s.device == "cpu", logging_steps=1000, save_strategy="no", eval_strategy="no",
                 report_to="none", seed=s.seed, dataloader_num_workers=0, disable_tqdm=False)
 
 
@@ -95,17 +96,15 @@ def counting(trainer_cls, timer: StepTimer, dims: dict, kind: str):
 
 
 def load_lm(s: Settings):
-    import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(ROOT / s.model, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(ROOT / s.model, dtype=torch_dtype(s.dtype))
 
 
 def load_seq_cls(s: Settings, tok):
-    import torch
     from transformers import AutoModelForSequenceClassification
 
-    m = AutoModelForSequenceClassification.from_pretrained(ROOT / s.model, num_labels=1, dtype=torch.float32)
+    m = AutoModelForSequenceClassification.from_pretrained(ROOT / s.model, num_labels=1, dtype=torch_dtype(s.dtype))
     m.config.pad_token_id = tok.pad_token_id
     return m
 

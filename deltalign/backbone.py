@@ -301,6 +301,22 @@ class Backbone(nn.Module):
         """LM-head logits in float32 for the hidden states given (select positions first: the head is the cost)."""
         return self.causal_lm.get_output_embeddings()(hidden).float()
 
+    def lm_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    entropy: bool = False):
+        """Log-probs of ``targets`` (and the entropy, if asked) under the LM head at ``temperature``, chunked
+        (:func:`deltalign.losses.head_logprobs`: no full-vocabulary logits of the whole batch) when the head is a
+        plain frozen linear layer held whole; otherwise (a ZeRO-3-partitioned or trained head) through the full
+        logits."""
+        from deltalign.losses import entropy_from_logits, head_logprobs, token_logprobs
+
+        head = self.causal_lm.get_output_embeddings()
+        plain = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+        if plain and not hasattr(head.weight, "ds_id") and not head._forward_hooks and not head._forward_pre_hooks:
+            return head_logprobs(hidden, head.weight, targets, temperature, entropy=entropy)
+        logits = self.lm_logits(hidden) / temperature
+        lp = token_logprobs(logits, targets)
+        return (lp, entropy_from_logits(logits)) if entropy else lp
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -343,10 +359,10 @@ def eval_mode(module: nn.Module):
             m.training = training
 
 
-def labelled_logits(backbone, model, batch: dict):
-    """LM logits only at positions that predict a label: ``(logits [N, V], targets [N], rows [N])``.
+def labelled_hidden(model, batch: dict):
+    """Hidden states only at positions that predict a label: ``(hidden [N, H], targets [N], rows [N])``.
 
-    ``model`` is the (possibly accelerate-prepared) callable wrapping ``backbone``. ``batch['labels']`` is aligned
+    ``model`` is the (possibly accelerate-prepared) callable wrapping the backbone. ``batch['labels']`` is aligned
     with ``input_ids`` (-100 on prompt and pad); position t predicts label t+1. Skipping the LM head on prompt
     and pad positions saves most of its cost (vocab x hidden per token).
     """
@@ -354,14 +370,19 @@ def labelled_logits(backbone, model, batch: dict):
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
-    return backbone.lm_logits(hidden[:, :-1][mask]), labels[mask], rows
+    return hidden[:, :-1][mask], labels[mask], rows
+
+
+def labelled_logits(backbone, model, batch: dict):
+    """LM logits only at positions that predict a label: ``(logits [N, V], targets [N], rows [N])``."""
+    hidden, targets, rows = labelled_hidden(model, batch)
+    return backbone.lm_logits(hidden), targets, rows
 
 
 def response_logprobs(backbone, model, batch: dict) -> torch.Tensor:
-    """Sum of log p(label) over each row's labelled (response) tokens: shape [B]."""
-    from deltalign.losses import token_logprobs
-
-    logits, targets, rows = labelled_logits(backbone, model, batch)
-    token_lp = token_logprobs(logits, targets)
+    """Sum of log p(label) over each row's labelled (response) tokens: shape [B] (the LM head in chunks of
+    tokens: :meth:`Backbone.lm_logprobs`)."""
+    hidden, targets, rows = labelled_hidden(model, batch)
+    token_lp = backbone.lm_logprobs(hidden, targets)
     n_rows = batch["labels"].shape[0]
     return torch.zeros(n_rows, dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)

@@ -15,7 +15,6 @@ from typing import Literal
 
 import torch
 
-from deltalign.losses import entropy_from_logits, token_logprobs
 from deltalign.pipeline.config import setting
 
 
@@ -80,11 +79,11 @@ def policy_logprobs(backbone, model, batch: dict, temperature: float, entropy: b
     also the per-token entropy [B, R] of that distribution (``"grad"``: differentiable, for an entropy bonus;
     otherwise detached, a metric that costs no backward pass over the vocabulary)."""
     hidden = at_positions(model(batch["input_ids"], batch["attention_mask"]), batch["positions"])
-    logits = backbone.lm_logits(hidden) / temperature
-    lp = token_logprobs(logits, batch["response_ids"])
+    out = backbone.lm_logprobs(hidden, batch["response_ids"], temperature, entropy=bool(entropy))
     if not entropy:
-        return lp
-    return lp, entropy_from_logits(logits if torch.is_grad_enabled() and entropy == "grad" else logits.detach())
+        return out
+    lp, ent = out
+    return lp, (ent if entropy == "grad" else ent.detach())
 
 
 def rollout_seed(seed: int, step: int, prompt: int) -> int:

@@ -142,6 +142,12 @@ def test_first_update_has_ratio_one_with_adapter_dropout_configured(upstream, tm
             assert row["approx_kl"] == 0 and row["clipfrac"] == 0, row
         else:
             assert row["approx_kl"] != 0, row
+    # two minibatches at a learning rate too small to move a weight: the second minibatch's old log-probs come
+    # from the separate no-grad forward (the first's from the update's own forward); the ratio is still 1
+    out = tmp_path / "ppo-two-minibatches"
+    ppo.run(ppo.Config(**(one_update | dict(mini_batch_size=2, lr=1e-30))), TINY, out, dict(upstream))
+    row = next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train")
+    assert row["approx_kl"] == 0 and row["clipfrac"] == 0, row
 
 
 def test_killed_ppo_resumes_with_adapters_and_kl_controller(tmp_path):

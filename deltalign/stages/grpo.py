@@ -62,7 +62,7 @@ ADVANTAGES = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rl
 
 
 def _rollout_default() -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=48, temperature=1.0, top_p=1.0, batch_size=16)
+    return GenerationConfig(max_new_tokens=48, temperature=1.0, top_p=1.0, batch_size=64)
 
 
 @dataclass

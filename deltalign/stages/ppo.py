@@ -10,7 +10,10 @@ Each step (one rollout batch of prompts), as in "The N Implementation Details of
  1. rollout: generate with the policy (KV cache, sampling); responses end at the first stop token;
  2. score: reward model + rules (:class:`deltalign.rewards.composite.CompositeReward`), minus a penalty for
     responses that never end;
- 3. old log-probs (policy), reference log-probs (sft) and old values (critic), without gradients;
+ 3. reference log-probs (sft) and old values (critic), without gradients; old log-probs (policy) without
+    gradients for every row except the first minibatch's, whose come from the first update's own forward
+    (nothing has been updated yet, dropout is off: the same function, so the ratio is exactly 1 there; with
+    ``disable_dropout: false`` every row's old log-probs come from a separate forward);
  4. per-token rewards: -kl_coef * (logp - ref_logp) on every response token, the score added on the last one;
     GAE advantages and returns; advantages whitened;
  5. ``ppo_epochs`` passes over shuffled minibatches: clipped policy loss, clipped value loss, entropy bonus;
@@ -136,6 +139,11 @@ def critic_values(model, batch: dict) -> torch.Tensor:
     return at_positions(model(batch["input_ids"], batch["attention_mask"], head=CRITIC), batch["positions"])
 
 
+def _rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The rollout batch restricted to ``rows`` (indices or a boolean mask)."""
+    return {k: v[rows] for k, v in batch.items()}
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """1 - Var(returns - values) / Var(returns) over the masked tokens (1: perfect, 0: no better than a mean)."""
     var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
@@ -211,55 +219,65 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         ended = torch.tensor([float(bool(r) and r[-1] in stops) for r in responses])
         score = score - cfg.missing_eos_penalty * (1 - ended)
 
-        # 3.3 old log-probs, reference log-probs and old values (no gradients)
+        # 3.3 reference log-probs and old values (no gradients); old log-probs of every row but the first
+        # minibatch's: those come from the first update's own forward (no update yet: the same function, ratio 1)
         batch = engine.to_device(rollout_batch([prompt_ids[i] for i in idx], responses, tok.pad_token_id))
         mask = batch["response_mask"]
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        minibatches = [mb for _ in range(cfg.ppo_epochs)
+                       for mb in torch.randperm(len(idx), generator=gen).split(cfg.mini_batch_size)]
+        first = minibatches[0] if cfg.disable_dropout else minibatches[0][:0]  # with dropout: all separately
+        rest = torch.ones(len(idx), dtype=torch.bool)
+        rest[first] = False
         with torch.no_grad():
-            with backbone.using(NAME):
-                old_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature)
             with backbone.using(REFERENCE):
                 ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature)
             with backbone.using(CRITIC):
                 old_v = critic_values(model, batch)
+            old_lp = torch.zeros_like(ref_lp)
+            if rest.any():
+                with backbone.using(NAME):
+                    old_lp[rest] = policy_logprobs(backbone, model, _rows(batch, rest), cfg.rollout.temperature)
+        release_free_memory()  # what generation and scoring freed, before the updates allocate theirs
+        first_out = None
+        if len(first):
+            with backbone.using(NAME):
+                first_out = policy_logprobs(backbone, model, _rows(batch, first), cfg.rollout.temperature,
+                                            entropy="grad" if cfg.ent_coef else True)
+            old_lp[first] = first_out[0].detach()
 
         # 3.4 per-token rewards with the KL penalty, GAE, whitened advantages
         rewards, kl = kl_penalty_rewards(score.to(old_lp), old_lp, ref_lp, mask, kl_ctl.value)
         adv, returns = gae_advantages(rewards, old_v, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:  # over the global batch (every process's rollouts)
             adv = masked_whiten(adv, mask, all_sum=engine.all_sum)
-        release_free_memory()  # what generation and scoring freed, before the updates allocate theirs
         t_score = time.time() - t0 - t_gen
 
         # 3.5 PPO epochs over shuffled minibatches, one update each
         stats: dict[str, float] = {}
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        n_updates = 0
-        for _ in range(cfg.ppo_epochs):
-            for mb in torch.randperm(len(idx), generator=gen).split(cfg.mini_batch_size):
-                sub = {k: v[mb] for k, v in batch.items()}
-                m = mask[mb]
-                # token means over the global minibatch: each process weighs its mean by its share of the tokens
-                n_tokens = float(m.sum())
-                total = engine.global_sum(n_tokens)
-                # two backward passes, each under its own adapter: checkpointing recomputes with the active one
-                with backbone.using(NAME):
-                    lp, ent = policy_logprobs(backbone, model, sub, cfg.rollout.temperature,
-                                              entropy="grad" if cfg.ent_coef else True)
-                    pg_loss, pg = ppo_policy_loss(lp, old_lp[mb], adv[mb], m, cfg.clip)
-                    entropy = masked_mean(ent, m)
-                    engine.backward((pg_loss - cfg.ent_coef * entropy) * n_tokens, total)
-                with backbone.using(CRITIC):
-                    vf_loss, vf = ppo_value_loss(critic_values(model, sub), old_v[mb], returns[mb], m,
-                                                 cfg.value_clip)
-                    engine.backward(cfg.vf_coef * vf_loss * n_tokens, total)
-                upd = engine.update()
-                n_updates += 1
-                share = n_tokens * engine.world / max(total, 1.0)  # mean over processes == global token mean
-                for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy,
-                             "clipfrac": pg["clipfrac"], "approx_kl": pg["approx_kl"],
-                             "value_clipfrac": vf["clipfrac"]}.items():
-                    stats[k] = stats.get(k, 0.0) + v.item() * share
-                stats["grad_norm"] = stats.get("grad_norm", 0.0) + upd.get("grad_norm", 0.0)
+        for n_updates, mb in enumerate(minibatches, start=1):
+            sub, m = _rows(batch, mb), mask[mb]
+            # token means over the global minibatch: each process weighs its mean by its share of the tokens
+            n_tokens = float(m.sum())
+            total = engine.global_sum(n_tokens)
+            # two backward passes, each under its own adapter: checkpointing recomputes with the active one
+            with backbone.using(NAME):
+                lp, ent = first_out if first_out is not None else policy_logprobs(
+                    backbone, model, sub, cfg.rollout.temperature, entropy="grad" if cfg.ent_coef else True)
+                pg_loss, pg = ppo_policy_loss(lp, old_lp[mb], adv[mb], m, cfg.clip)
+                entropy = masked_mean(ent, m)
+                engine.backward((pg_loss - cfg.ent_coef * entropy) * n_tokens, total)
+            first_out = None
+            with backbone.using(CRITIC):
+                vf_loss, vf = ppo_value_loss(critic_values(model, sub), old_v[mb], returns[mb], m, cfg.value_clip)
+                engine.backward(cfg.vf_coef * vf_loss * n_tokens, total)
+            upd = engine.update()
+            share = n_tokens * engine.world / max(total, 1.0)  # mean over processes == global token mean
+            for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy,
+                         "clipfrac": pg["clipfrac"], "approx_kl": pg["approx_kl"],
+                         "value_clipfrac": vf["clipfrac"]}.items():
+                stats[k] = stats.get(k, 0.0) + v.item() * share
+            stats["grad_norm"] = stats.get("grad_norm", 0.0) + upd.get("grad_norm", 0.0)
 
         release_free_memory()  # and what the updates freed, before the next rollout
 
