@@ -246,6 +246,14 @@ def goals(agg: dict) -> list[str]:
 def work_notes(raw: dict, s: Settings) -> list[str]:
     """Where the sides do different work for the same samples (the issue's rule: say so in the table's notes)."""
     out = []
+    if "ppo" in raw:
+        n_mini = -(-s.batch_size // s.ppo_mini_batch_size)
+        out.append("PPO: ours takes the old log-probs of the first minibatch's rows from that update's own "
+                   "training forward (nothing updated yet, dropout off: the same function, ratio 1) and runs the "
+                   f"separate no-grad forward only for the other rows (here {n_mini} minibatch(es) per rollout: "
+                   f"{'no separate forward' if n_mini == 1 else f'{n_mini - 1} of {n_mini}'}); TRL and the naive "
+                   "PPO run it for every row; every side is charged the same model FLOPs (bench/common.py), so "
+                   "our FLOP/s share counts one forward we did not run.")
     if "grpo" in raw:
         def ran(side: str, key: str):
             vals = {bool(r.get(key)) for r in raw["grpo"].get(side, []) if "error" not in r and key in r}
