@@ -15,6 +15,7 @@ and NAME is one of :data:`GENERATORS`, each reading one kind of result file:
 * ``bench``: the newest full (not QUICK) ``bench/results/*.json`` of ``make bench``: the table vs TRL;
 * ``bench-steps``: the same file's seconds per optimizer step of our SFT and DPO;
 * ``zero-memory``: the predicted memory per GPU under each ZeRO stage, computed from parameter counts;
+* ``ppo-profile``: the newest ``bench/profile_ppo.py`` table (PPO time, FLOP/s share and peak memory by phase);
 * ``methods`` / ``methods-capabilities``: the newest full ``make methods`` table and the capability table of the
   delta methods (``bench/methods.py``).
 
@@ -171,6 +172,18 @@ def scale() -> str:
             f"commit {d['commit']} (`bench/results/{f.name}`).{label} {d.get('note', '')}".rstrip() + "\n")
 
 
+def ppo_profile() -> str:
+    """The newest PPO phase profile (bench/results/ppo-profile-*.md, written by bench/profile_ppo.py)."""
+    found = sorted((ROOT / "bench" / "results").glob("ppo-profile-*.md"))
+    if not found:
+        return "_No `python bench/profile_ppo.py` result yet._\n"
+    text = found[-1].read_text()
+    table = text[text.index("| variant |"):].split("\n\n", 1)[0].rstrip("\n")
+    d = json.loads(found[-1].with_suffix(".json").read_text())
+    return (f"{table}\n\nfp32 matmul peak {d['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; {d.get('machine', '')} "
+            f"commit {d['commit']} (`bench/results/{found[-1].name}`).\n").replace("  ", " ")
+
+
 def _bench_methods():
     """bench/methods.py, imported by path (registered in sys.modules: its dataclasses need it)."""
     spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "bench" / "methods.py")
@@ -180,7 +193,8 @@ def _bench_methods():
 
 
 GENERATORS = {"demo": demo, "rl": lambda: demo("rl"), "bench": bench, "bench-steps": bench_steps,
-              "zero-memory": zero_memory, "scale": scale, "compose": compose, "methods": lambda: _bench_methods().results_block(),
+              "zero-memory": zero_memory, "scale": scale, "compose": compose, "ppo-profile": ppo_profile,
+              "methods": lambda: _bench_methods().results_block(),
               "methods-capabilities": lambda: _bench_methods().capability_table()}
 
 

@@ -196,6 +196,28 @@ def test_other_estimators_and_aggregations_train(upstream, tmp_path, user_reward
     assert any(not torch.equal(policy[k], sft[k]) for k in sft)
 
 
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
+def test_length_sorted_forwards_give_the_update_of_one_forward(upstream, tmp_path, user_rewards, aggregation):
+    """A minibatch of 8 responses in forwards of 3 (sorted by length, each cut to its own longest row) gives the
+    loss, statistics and trained adapter of one padded forward of all 8, over two passes (the first filling the
+    old log-probs) and with a KL term (reference log-probs cut the same way)."""
+    cfg = dict(FAST, max_steps=1, grpo_epochs=2, beta=0.1, loss_aggregation=aggregation,
+               rules={"grpo_rewards:vary": 1.0})
+    outs = {}
+    for fbs in (0, 3):
+        outs[fbs] = tmp_path / f"fbs{fbs}"
+        grpo.run(grpo.Config(**cfg, forward_batch_size=fbs), TINY, outs[fbs], dict(upstream))
+    (one,), (split,) = _train_rows(outs[0]), _train_rows(outs[3])
+    for k in ("policy_loss", "grad_norm", "clipfrac", "entropy", "kl"):
+        if k in one:
+            assert split[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
+    a, b = (load_file(o / "adapter_model.safetensors") for o in outs.values())
+    sft = load_file(upstream["sft"] / "adapter_model.safetensors")
+    for k in a:  # Adam divides by sqrt(v): an element with a ~0 gradient moves by a noisy share of lr (1e-2)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)
+    assert any(not torch.equal(a[k], sft[k]) for k in sft)
+
+
 KILL_SCRIPT = """
 import sys, torch
 from pathlib import Path

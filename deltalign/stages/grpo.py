@@ -52,7 +52,8 @@ from deltalign.losses import (clipped_policy_loss, constant_loss_sum, dr_grpo_ad
 from deltalign.pipeline.config import setting
 from deltalign.rewards.composite import CompositeReward
 from deltalign.rewards.model import RewardModel
-from deltalign.rollout import PromptData, load_prompts, policy_logprobs, rollout_batch, rollout_seed
+from deltalign.rollout import (PromptData, length_chunks, load_prompts, policy_logprobs, rollout_batch,
+                               rollout_seed)
 
 NAME = "grpo"
 READS = {"data": "prompt", "eval_data": "prompt"}  # setting -> row shape (checked before the run)
@@ -114,6 +115,10 @@ class Config(PromptData, TrainConfig):
     mini_batch_size: int = setting(0, ge=0)
     """Responses per optimizer update within a rollout batch per process (0: all batch_size x num_generations,
     one update per pass)."""
+    forward_batch_size: int = setting(16, ge=0)
+    """Responses per training forward within a minibatch: the minibatch is sorted by length and each forward
+    pads only to its own longest row; their gradients add up to the one update (the same update, less padding).
+    0: the whole minibatch in one forward."""
     resample_rounds: int = setting(0, ge=0)
     """DAPO dynamic sampling: replace each group whose rewards are all equal by a fresh prompt's group, up to this
     many rounds per step (0: off; the share of such groups is logged as ``zero_std`` either way). Groups still
@@ -273,34 +278,44 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             if cfg.beta > 0:
                 with eval_mode(backbone), backbone.using(REFERENCE):
                     ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature)
+        if old_lp is None:  # one minibatch: the first pass's forwards (before any update) fill it
+            old_lp = torch.zeros_like(mask)
         release_free_memory()  # what generation and scoring freed, before the updates allocate theirs
 
-        # 3.4 passes over shuffled minibatches, one update each; normalisers over the global minibatch
+        # 3.4 passes over shuffled minibatches, one update each; normalisers over the global minibatch; each
+        # minibatch runs as length-sorted forwards (forward_batch_size) whose gradients add up to its update
         stats: dict[str, float] = {}
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         n_updates = 0
-        for _ in range(cfg.grpo_epochs):
+        for epoch in range(cfg.grpo_epochs):
             order = torch.randperm(n_rows, generator=gen) if n_mini > 1 else torch.arange(n_rows)
             for rows in order.split(mb_size):
-                sub = {k: v[rows] for k, v in batch.items()}
                 m = mask[rows]
-                with backbone.using(NAME):
-                    lp, ent = policy_logprobs(backbone, model, sub, cfg.rollout.temperature, entropy=True)
-                    if old_lp is None:  # one minibatch, first pass: rows are in order, no update yet
-                        old_lp = lp.detach()
-                    old = old_lp[rows]
-                    per_token, pg = clipped_policy_loss(lp, old, adv[rows], m, cfg.clip_low, cfg.clip_high,
-                                                        None if ref_lp is None else ref_lp[rows], cfg.beta)
-                    loss_sum, count = aggregate(per_token, m)
-                    counts = torch.tensor([float(count), float(m.sum())], dtype=torch.float64, device=engine.device)
-                    total, tokens = engine.all_sum(counts).tolist()
-                    engine.backward(loss_sum, total)
+                count = aggregate(torch.zeros_like(m), m)[1]
+                counts = torch.tensor([float(count), float(m.sum())], dtype=torch.float64, device=engine.device)
+                total, tokens = engine.all_sum(counts).tolist()
+                loss_total, pg_stats = 0.0, {}
+                for part, sub in length_chunks(batch, rows, cfg.forward_batch_size):
+                    mc = sub["response_mask"]
+                    R = mc.shape[1]
+                    with backbone.using(NAME):
+                        lp, ent = policy_logprobs(backbone, model, sub, cfg.rollout.temperature, entropy=True)
+                        if epoch == 0 and not fresh_old:  # one minibatch, first pass: no update yet
+                            old_lp[part, :R] = lp.detach()
+                        per_token, pg = clipped_policy_loss(lp, old_lp[part, :R], adv[part], mc, cfg.clip_low,
+                                                            cfg.clip_high,
+                                                            None if ref_lp is None else ref_lp[part, :R], cfg.beta)
+                        loss_sum, _ = aggregate(per_token, mc)
+                        engine.backward(loss_sum, total)
+                    loss_total += loss_sum.item()
+                    share = float(mc.sum()) * engine.world / max(tokens, 1.0)  # over processes: the global mean
+                    for k, v in {**pg, "entropy": masked_mean(ent, mc)}.items():
+                        pg_stats[k] = pg_stats.get(k, 0.0) + v.item() * share
                 upd = engine.update()
                 n_updates += 1
-                share = float(m.sum()) * engine.world / max(tokens, 1.0)  # mean over processes == global token mean
-                stats["policy_loss"] = stats.get("policy_loss", 0.0) + loss_sum.item() * engine.world / total
-                for k, v in {**pg, "entropy": masked_mean(ent, m)}.items():
-                    stats[k] = stats.get(k, 0.0) + v.item() * share
+                stats["policy_loss"] = stats.get("policy_loss", 0.0) + loss_total * engine.world / total
+                for k, v in pg_stats.items():
+                    stats[k] = stats.get(k, 0.0) + v
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + upd.get("grad_norm", 0.0)
         release_free_memory()  # and what the updates freed, before the next rollout
 

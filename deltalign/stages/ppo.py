@@ -10,10 +10,10 @@ Each step (one rollout batch of prompts), as in "The N Implementation Details of
  1. rollout: generate with the policy (KV cache, sampling); responses end at the first stop token;
  2. score: reward model + rules (:class:`deltalign.rewards.composite.CompositeReward`), minus a penalty for
     responses that never end;
- 3. reference log-probs (sft) and old values (critic), without gradients; old log-probs (policy) without
-    gradients for every row except the first minibatch's, whose come from the first update's own forward
-    (nothing has been updated yet, dropout is off: the same function, so the ratio is exactly 1 there; with
-    ``disable_dropout: false`` every row's old log-probs come from a separate forward);
+ 3. reference log-probs (sft) without gradients; old log-probs (policy) and old values (critic) without
+    gradients for every row except the first minibatch's, whose come from the first update's own forwards,
+    run before the advantages are computed (nothing has been updated yet, dropout is off: the same functions,
+    so the ratio is exactly 1 there; with ``disable_dropout: false`` every row gets separate forwards);
  4. per-token rewards: -kl_coef * (logp - ref_logp) on every response token, the score added on the last one;
     GAE advantages and returns; advantages whitened;
  5. ``ppo_epochs`` passes over shuffled minibatches: clipped policy loss, clipped value loss, entropy bonus;
@@ -219,8 +219,9 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         ended = torch.tensor([float(bool(r) and r[-1] in stops) for r in responses])
         score = score - cfg.missing_eos_penalty * (1 - ended)
 
-        # 3.3 reference log-probs and old values (no gradients); old log-probs of every row but the first
-        # minibatch's: those come from the first update's own forward (no update yet: the same function, ratio 1)
+        # 3.3 reference log-probs (no gradients); old log-probs and old values of every row but the first
+        # minibatch's without gradients; the first minibatch's come from the first update's own policy and critic
+        # forwards, run now (no update yet, dropout off: the same functions; ratio 1, values unclipped there)
         batch = engine.to_device(rollout_batch([prompt_ids[i] for i in idx], responses, tok.pad_token_id))
         mask = batch["response_mask"]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -232,19 +233,21 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         with torch.no_grad():
             with backbone.using(REFERENCE):
                 ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature)
-            with backbone.using(CRITIC):
-                old_v = critic_values(model, batch)
-            old_lp = torch.zeros_like(ref_lp)
+            old_lp, old_v = torch.zeros_like(ref_lp), torch.zeros_like(ref_lp)
             if rest.any():
                 with backbone.using(NAME):
                     old_lp[rest] = policy_logprobs(backbone, model, _rows(batch, rest), cfg.rollout.temperature)
+                with backbone.using(CRITIC):
+                    old_v[rest] = critic_values(model, _rows(batch, rest)).to(old_v)
         release_free_memory()  # what generation and scoring freed, before the updates allocate theirs
-        first_out = None
-        if len(first):
+        first_out = first_v = None
+        if len(first):  # both graphs are kept; each backward runs under its own adapter (checkpointing recomputes)
             with backbone.using(NAME):
                 first_out = policy_logprobs(backbone, model, _rows(batch, first), cfg.rollout.temperature,
                                             entropy="grad" if cfg.ent_coef else True)
-            old_lp[first] = first_out[0].detach()
+            with backbone.using(CRITIC):
+                first_v = critic_values(model, _rows(batch, first))
+            old_lp[first], old_v[first] = first_out[0].detach(), first_v.detach().to(old_v)
 
         # 3.4 per-token rewards with the KL penalty, GAE, whitened advantages
         rewards, kl = kl_penalty_rewards(score.to(old_lp), old_lp, ref_lp, mask, kl_ctl.value)
@@ -267,10 +270,11 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                 pg_loss, pg = ppo_policy_loss(lp, old_lp[mb], adv[mb], m, cfg.clip)
                 entropy = masked_mean(ent, m)
                 engine.backward((pg_loss - cfg.ent_coef * entropy) * n_tokens, total)
-            first_out = None
             with backbone.using(CRITIC):
-                vf_loss, vf = ppo_value_loss(critic_values(model, sub), old_v[mb], returns[mb], m, cfg.value_clip)
+                v = first_v if first_v is not None else critic_values(model, sub)
+                vf_loss, vf = ppo_value_loss(v, old_v[mb], returns[mb], m, cfg.value_clip)
                 engine.backward(cfg.vf_coef * vf_loss * n_tokens, total)
+            first_out = first_v = None
             upd = engine.update()
             share = n_tokens * engine.world / max(total, 1.0)  # mean over processes == global token mean
             for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy,
