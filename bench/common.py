@@ -352,13 +352,39 @@ def random_shape(size: str) -> dict:
     return best
 
 
+def write_random_llama(shape: dict, out: Path, seed: int = 0, meta: dict | None = None) -> int:
+    """A Llama of ``shape`` with SmolLM2's vocabulary (tied embeddings), weights from ``torch.manual_seed(seed)``,
+    written to ``out`` (float32 safetensors, SmolLM2's tokenizer files, ``random.json`` with ``meta`` if given)
+    through a temporary folder renamed at the end. Returns its parameter count."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**shape, vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=True,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
+    src = ROOT / TOKENIZER_FROM
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, tmp / name)
+    if meta is not None:
+        (tmp / "random.json").write_text(json.dumps({**meta, "n_params": n_params}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return n_params
+
+
 def build_random(size: str, seed: int = 0, cache: Path | None = None) -> tuple[Path, int]:
     """``random:SIZE`` as a checkpoint directory (written once, reused): the shape of :func:`random_shape`,
     weights from ``torch.manual_seed(seed)`` (float32, safetensors), SmolLM2's tokenizer files. Returns the
     directory and its parameter count. Only torch and transformers are needed, and the tokenizer files of
     ``models/SmolLM2-135M-Instruct`` (not its weights)."""
-    import shutil
-
     shape = random_shape(size)
     out = (cache or ROOT / "bench" / ".cache") / f"random-{size}"
     marker = out / "random.json"
@@ -372,24 +398,7 @@ def build_random(size: str, seed: int = 0, cache: Path | None = None) -> tuple[P
         raise FileNotFoundError(
             f"{src}/tokenizer.json not found: random:{size} uses SmolLM2's tokenizer. Copy these files of "
             f"{TOKENIZER_FROM} along (3.5 MB; models/ is git-ignored): " + ", ".join(TOKENIZER_FILES[:4]))
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(**shape, vocab_size=VOCAB, max_position_embeddings=2048, tie_word_embeddings=True,
-                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy(src / name, tmp / name)
-    (tmp / "random.json").write_text(json.dumps({**want, "n_params": n_params}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out, n_params
+    return out, write_random_llama(shape, out, seed, meta=want)
 
 
 if __name__ == "__main__":  # python bench/common.py --build-random SIZE [--seed S]: run.py's model-building child

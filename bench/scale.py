@@ -41,12 +41,15 @@ import datetime as dt
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_random_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -56,7 +59,6 @@ SHAPES = {
     "quick": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
                   num_key_value_heads=4),
 }
-TOKENIZER_FROM = ROOT / "models" / "SmolLM2-135M-Instruct"
 # ZeRO-3 keeps at most this many parameters gathered (below one decoder layer of the 1B shape, 44M: a layer's
 # weights are released as soon as its forward or backward has used them), prefetches nothing ahead and keeps
 # nothing for reuse. (5e7 live with a 2e7 prefetch peaked ~7% higher per rank at the same s/step.)
@@ -80,20 +82,7 @@ def build_model(shape: str) -> Path:
     out = ROOT / "models" / ".cache" / f"random-llama-{shape}"
     if (out / "model.safetensors").is_file():
         return out
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[shape], vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
-                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
-    for f in TOKENIZER_FROM.iterdir():  # the tokenizer with its chat template: every file but weights and config
-        if f.is_file() and f.name not in ("config.json", "model.safetensors") and not (tmp / f.name).exists():
-            shutil.copy(f, tmp / f.name)
-    tmp.rename(out)
+    write_random_llama(SHAPES[shape], out, seed=0)
     return out
 
 

@@ -4,6 +4,7 @@ log-prob of every response token under whichever adapter is active.
 
 * :func:`rollout_seed`: the sampling seed of one prompt at one step, independent of batch and process;
 * :func:`rollout_batch`: right-padded ``prompt + response`` rows and the position that predicts each response token;
+* :func:`rows_of`: such a batch restricted to some rows;
 * :func:`length_chunks`: rows of such a batch as length-sorted forwards, each padded only to its own longest row;
 * :func:`policy_logprobs`: log-probs (and entropy) of the response tokens at the sampling temperature;
 * :func:`load_prompts`: a stage's training and held-out prompts, tokenised, long prompts dropped and counted.
@@ -69,6 +70,11 @@ def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: 
             "response_mask": rmask}
 
 
+def rows_of(batch: dict, rows: torch.Tensor) -> dict:
+    """A rollout batch restricted to ``rows`` (indices or a boolean mask)."""
+    return {k: v[rows] for k, v in batch.items()}
+
+
 def length_chunks(batch: dict, rows: torch.Tensor, size: int) -> list[tuple[torch.Tensor, dict]]:
     """``rows`` of a :func:`rollout_batch` as forwards of at most ``size`` rows (0: one forward), the rows sorted by
     length so that each forward pads only to its own longest row: ``(rows, sub-batch)`` pairs, each sub-batch cut
@@ -77,7 +83,7 @@ def length_chunks(batch: dict, rows: torch.Tensor, size: int) -> list[tuple[torc
     ordered = rows[torch.argsort(lengths, descending=True, stable=True).to(rows.device)]
     out = []
     for part in ordered.split(size or len(ordered)):
-        sub = {k: v[part] for k, v in batch.items()}
+        sub = rows_of(batch, part)
         T, R = int(sub["attention_mask"].sum(1).max()), max(int(sub["response_mask"].sum(1).max()), 1)
         sub["input_ids"], sub["attention_mask"] = sub["input_ids"][:, :T], sub["attention_mask"][:, :T]
         sub["response_ids"], sub["response_mask"] = sub["response_ids"][:, :R], sub["response_mask"][:, :R]

@@ -55,10 +55,11 @@ class _HeadLogprobs(torch.autograd.Function):
         for s in range(0, hidden.shape[0], ctx.chunk):
             z = _logits(hidden[s:s + ctx.chunk], weight, ctx.inv_t)
             p = torch.softmax(z, -1)
-            dz = torch.zeros_like(z)
-            if g_lp is not None:
+            if g_lp is not None:  # onehot(y) * g - p * g
                 g = g_lp[s:s + ctx.chunk, None].to(z.dtype)
-                dz.sub_(p * g).scatter_add_(-1, targets[s:s + ctx.chunk, None], g)
+                dz = (p * -g).scatter_add_(-1, targets[s:s + ctx.chunk, None], g)
+            else:
+                dz = torch.zeros_like(z)
             if g_ent is not None:
                 zf = z.nan_to_num(neginf=0.0)
                 mean_z = (p * zf).sum(-1, keepdim=True)

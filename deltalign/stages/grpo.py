@@ -294,7 +294,6 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                 count = aggregate(torch.zeros_like(m), m)[1]
                 counts = torch.tensor([float(count), float(m.sum())], dtype=torch.float64, device=engine.device)
                 total, tokens = engine.all_sum(counts).tolist()
-                loss_total, pg_stats = 0.0, {}
                 for part, sub in length_chunks(batch, rows, cfg.forward_batch_size):
                     mc = sub["response_mask"]
                     R = mc.shape[1]
@@ -307,15 +306,12 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                                                             None if ref_lp is None else ref_lp[part, :R], cfg.beta)
                         loss_sum, _ = aggregate(per_token, mc)
                         engine.backward(loss_sum, total)
-                    loss_total += loss_sum.item()
                     share = float(mc.sum()) * engine.world / max(tokens, 1.0)  # over processes: the global mean
                     for k, v in {**pg, "entropy": masked_mean(ent, mc)}.items():
-                        pg_stats[k] = pg_stats.get(k, 0.0) + v.item() * share
+                        stats[k] = stats.get(k, 0.0) + v.item() * share
+                    stats["policy_loss"] = stats.get("policy_loss", 0.0) + loss_sum.item() * engine.world / total
                 upd = engine.update()
                 n_updates += 1
-                stats["policy_loss"] = stats.get("policy_loss", 0.0) + loss_total * engine.world / total
-                for k, v in pg_stats.items():
-                    stats[k] = stats.get(k, 0.0) + v
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + upd.get("grad_norm", 0.0)
         release_free_memory()  # and what the updates freed, before the next rollout
 

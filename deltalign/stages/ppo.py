@@ -47,7 +47,8 @@ from deltalign.losses import (AdaptiveKLController, FixedKLController, gae_advan
 from deltalign.pipeline.config import setting
 from deltalign.rewards.composite import CompositeReward
 from deltalign.rewards.model import HEAD_FILE, RewardModel
-from deltalign.rollout import PromptData, at_positions, load_prompts, policy_logprobs, rollout_batch, rollout_seed
+from deltalign.rollout import (PromptData, at_positions, load_prompts, policy_logprobs, rollout_batch, rollout_seed,
+                               rows_of)
 
 NAME = "ppo"
 READS = {"data": "prompt", "eval_data": "prompt"}  # setting -> row shape (checked before the run)
@@ -137,11 +138,6 @@ class Config(PromptData, TrainConfig):
 def critic_values(model, batch: dict) -> torch.Tensor:
     """Critic values [B, R] at the positions that predict each response token."""
     return at_positions(model(batch["input_ids"], batch["attention_mask"], head=CRITIC), batch["positions"])
-
-
-def _rows(batch: dict, rows: torch.Tensor) -> dict:
-    """The rollout batch restricted to ``rows`` (indices or a boolean mask)."""
-    return {k: v[rows] for k, v in batch.items()}
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -236,17 +232,17 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             old_lp, old_v = torch.zeros_like(ref_lp), torch.zeros_like(ref_lp)
             if rest.any():
                 with backbone.using(NAME):
-                    old_lp[rest] = policy_logprobs(backbone, model, _rows(batch, rest), cfg.rollout.temperature)
+                    old_lp[rest] = policy_logprobs(backbone, model, rows_of(batch, rest), cfg.rollout.temperature)
                 with backbone.using(CRITIC):
-                    old_v[rest] = critic_values(model, _rows(batch, rest)).to(old_v)
+                    old_v[rest] = critic_values(model, rows_of(batch, rest)).to(old_v)
         release_free_memory()  # what generation and scoring freed, before the updates allocate theirs
         first_out = first_v = None
         if len(first):  # both graphs are kept; each backward runs under its own adapter (checkpointing recomputes)
             with backbone.using(NAME):
-                first_out = policy_logprobs(backbone, model, _rows(batch, first), cfg.rollout.temperature,
+                first_out = policy_logprobs(backbone, model, rows_of(batch, first), cfg.rollout.temperature,
                                             entropy="grad" if cfg.ent_coef else True)
             with backbone.using(CRITIC):
-                first_v = critic_values(model, _rows(batch, first))
+                first_v = critic_values(model, rows_of(batch, first))
             old_lp[first], old_v[first] = first_out[0].detach(), first_v.detach().to(old_v)
 
         # 3.4 per-token rewards with the KL penalty, GAE, whitened advantages
@@ -259,7 +255,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         # 3.5 PPO epochs over shuffled minibatches, one update each
         stats: dict[str, float] = {}
         for n_updates, mb in enumerate(minibatches, start=1):
-            sub, m = _rows(batch, mb), mask[mb]
+            sub, m = rows_of(batch, mb), mask[mb]
             # token means over the global minibatch: each process weighs its mean by its share of the tokens
             n_tokens = float(m.sum())
             total = engine.global_sum(n_tokens)
