@@ -205,6 +205,16 @@ def seq_flops(dims: dict, lengths: list[int], kind: str) -> float:
     return total
 
 
+def tree_flops(dims: dict, depths: list[int], kind: str) -> float:
+    """Model FLOPs for the tokens of packed rows with shared prefixes (:mod:`deltalign.data.sharing`): each token
+    computed once, its attention charged as :func:`seq_flops` charges a sequence position (a token at depth t
+    attends to t + 1 others; over a plain sequence this sums to what seq_flops gives, plus 4 L d T)."""
+    body_only = kind.endswith("_body")
+    n = dims["n_body"] + (0 if body_only else dims["n_head"])
+    f = sum(2 * n + 8 * dims["n_layer"] * dims["d_model"] * (t + 1) for t in depths)
+    return 2 * f if kind.startswith("train") else f
+
+
 class StepTimer:
     """Times optimizer steps and counts work per step; the window starts after WARMUP_STEPS steps."""
 

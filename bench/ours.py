@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Settings, StepTimer, emit, model_dims, seq_flops, set_threads  # noqa: E402
+from common import ROOT, Settings, StepTimer, emit, model_dims, seq_flops, set_threads, tree_flops  # noqa: E402
 
 
 def overrides(stage: str, s: Settings) -> list[str]:
@@ -130,6 +130,16 @@ def install_hooks(stage: str, timer: StepTimer, dims: dict, s: Settings, cfg=Non
     def lengths_of(batch) -> list[int]:
         return [int(x) for x in batch["attention_mask"].sum(1).tolist()]
 
+    def flops_of(batch, kind: str) -> float:
+        """The batch's model FLOPs as run: packed with shared prefixes (each shared token once) or padded."""
+        if "shared" in batch:
+            sh = batch["shared"]
+            return tree_flops(dims, sh["position_ids"][sh["real"]].tolist(), kind)
+        return seq_flops(dims, lengths_of(batch), kind)
+
+    def computed(batch) -> int:
+        return batch["shared"]["n_tokens"] if "shared" in batch else sum(lengths_of(batch))
+
     if stage == "sft":
         import deltalign.stages.sft as mod
         orig = mod.labelled_logits
@@ -137,7 +147,7 @@ def install_hooks(stage: str, timer: StepTimer, dims: dict, s: Settings, cfg=Non
         def labelled_logits(backbone, model, batch):
             if torch.is_grad_enabled():
                 L = lengths_of(batch)
-                timer.add(rows=len(L), tokens=sum(L), flops=seq_flops(dims, L, "train"))
+                timer.add(rows=len(L), tokens=sum(L), computed_tokens=computed(batch), flops=flops_of(batch, "train"))
             return orig(backbone, model, batch)
 
         mod.labelled_logits = labelled_logits
@@ -148,7 +158,8 @@ def install_hooks(stage: str, timer: StepTimer, dims: dict, s: Settings, cfg=Non
         def pair_scores(model, batch):
             if torch.is_grad_enabled():
                 L = lengths_of(batch)
-                timer.add(pairs=len(L) // 2, tokens=sum(L), flops=seq_flops(dims, L, "train_body"))
+                timer.add(pairs=len(L) // 2, tokens=sum(L), computed_tokens=computed(batch),
+                          flops=flops_of(batch, "train_body"))
             return orig(model, batch)
 
         mod.pair_scores = pair_scores
@@ -159,8 +170,8 @@ def install_hooks(stage: str, timer: StepTimer, dims: dict, s: Settings, cfg=Non
         def response_logprobs(backbone, model, batch):
             if torch.is_grad_enabled():  # the policy's training forward (the reference runs under no_grad)
                 L = lengths_of(batch)
-                timer.add(pairs=len(L) // 2, tokens=sum(L),
-                          flops=seq_flops(dims, L, "train") + seq_flops(dims, L, "fwd"))
+                timer.add(pairs=len(L) // 2, tokens=sum(L), computed_tokens=computed(batch),
+                          flops=flops_of(batch, "train") + flops_of(batch, "fwd"))
             return orig(backbone, model, batch)
 
         mod.response_logprobs = response_logprobs

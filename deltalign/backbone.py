@@ -28,7 +28,7 @@ from torch import nn
 
 from deltalign import deltas, zero
 from deltalign.deltas import AdapterConfig, lora, peft_config  # noqa: F401  (AdapterConfig: stages import it here)
-from deltalign.deltas.sequence import Past, run
+from deltalign.deltas.sequence import Past, run, run_shared
 from deltalign.pipeline.config import setting
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -285,11 +285,24 @@ class Backbone(nn.Module):
         """The underlying transformers model (peft adapters are injected into its layers in place, ours hook it)."""
         return self.model.get_base_model() if self._peft else self.model
 
-    def forward(self, input_ids, attention_mask, head: str | None = None):
+    def forward(self, input_ids, attention_mask, head: str | None = None, shared: dict | None = None):
         """Last hidden states [B, T, H] of the active delta, aligned with ``input_ids`` whatever the method; with
-        ``head``, that head's value per token [B, T]."""
-        hidden, _ = self.encode(input_ids, attention_mask)
+        ``head``, that head's value per token [B, T]. ``shared``: the same batch packed by
+        :func:`deltalign.data.sharing.share_prefixes` -- the forward runs on that, and the result is gathered back
+        to the batch's shape."""
+        if shared is None:
+            hidden, _ = self.encode(input_ids, attention_mask)
+        else:
+            delta = self.deltas[self._active] if self._active in self.deltas else None
+            hidden = run_shared(self.causal_lm, delta, shared)[shared["rows"], shared["cols"]]
         return self.heads[head](hidden) if head is not None else hidden
+
+    def can_share_prefixes(self) -> bool:
+        """Whether batches can run packed with shared prefixes: no attached delta adds virtual tokens, and the
+        attention takes a custom mask (sdpa or eager)."""
+        if any(deltas.METHODS[d.method].prompt_learning for d in self.deltas.values() if d.method in deltas.METHODS):
+            return False
+        return self.causal_lm.config._attn_implementation in ("sdpa", "eager")
 
     def encode(self, input_ids, attention_mask, past: Past | None = None, cache: bool = False):
         """``(hidden [B, T, H], past)`` under the active delta: the forward, and with ``cache`` the KV-cache state
@@ -359,6 +372,11 @@ def eval_mode(module: nn.Module):
             m.training = training
 
 
+def shared_of(batch: dict) -> dict:
+    """The keyword that makes a forward run the batch packed, when the batch carries its packed form."""
+    return {"shared": batch["shared"]} if "shared" in batch else {}
+
+
 def labelled_hidden(model, batch: dict):
     """Hidden states only at positions that predict a label: ``(hidden [N, H], targets [N], rows [N])``.
 
@@ -366,7 +384,7 @@ def labelled_hidden(model, batch: dict):
     with ``input_ids`` (-100 on prompt and pad); position t predicts label t+1. Skipping the LM head on prompt
     and pad positions saves most of its cost (vocab x hidden per token).
     """
-    hidden = model(batch["input_ids"], batch["attention_mask"])
+    hidden = model(batch["input_ids"], batch["attention_mask"], **shared_of(batch))
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]

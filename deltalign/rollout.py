@@ -17,11 +17,12 @@ from typing import Literal
 
 import torch
 
+from deltalign.data.sharing import PrefixSharing, share_prefixes
 from deltalign.pipeline.config import setting
 
 
 @dataclass
-class PromptData:
+class PromptData(PrefixSharing):
     """Where an online RL stage's prompts come from (its Config inherits these settings)."""
 
     data: str = "embedded:pref_train"
@@ -75,12 +76,17 @@ def rows_of(batch: dict, rows: torch.Tensor) -> dict:
     return {k: v[rows] for k, v in batch.items()}
 
 
-def length_chunks(batch: dict, rows: torch.Tensor, size: int) -> list[tuple[torch.Tensor, dict]]:
+def length_chunks(batch: dict, rows: torch.Tensor, size: int, share: bool = False) -> list[tuple[torch.Tensor, dict]]:
     """``rows`` of a :func:`rollout_batch` as forwards of at most ``size`` rows (0: one forward), the rows sorted by
-    length so that each forward pads only to its own longest row: ``(rows, sub-batch)`` pairs, each sub-batch cut
-    to its longest sequence and longest response (``positions`` clamped to the shorter rows)."""
-    lengths = batch["attention_mask"][rows].sum(1)
-    ordered = rows[torch.argsort(lengths, descending=True, stable=True).to(rows.device)]
+    length so that each forward pads only to its own longest row (``share``: sorted by their tokens instead, so
+    that rows sharing a prompt run together): ``(rows, sub-batch)`` pairs, each sub-batch cut to its longest
+    sequence and longest response (``positions`` clamped to the shorter rows)."""
+    if share:
+        seqs = [r[:n] for r, n in zip(batch["input_ids"][rows].tolist(), batch["attention_mask"][rows].sum(1).tolist())]
+        ordered = rows[torch.tensor(sorted(range(len(seqs)), key=lambda i: seqs[i]), dtype=torch.long).to(rows.device)]
+    else:
+        lengths = batch["attention_mask"][rows].sum(1)
+        ordered = rows[torch.argsort(lengths, descending=True, stable=True).to(rows.device)]
     out = []
     for part in ordered.split(size or len(ordered)):
         sub = rows_of(batch, part)
@@ -98,11 +104,20 @@ def at_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx)
 
 
-def policy_logprobs(backbone, model, batch: dict, temperature: float, entropy: bool | str = False):
+def forward(model, batch: dict, share: bool = False, **kw) -> torch.Tensor:
+    """The forward of a :func:`rollout_batch` (``share``: packed with shared prefixes, e.g. a group's prompt)."""
+    if share:
+        kw["shared"] = share_prefixes(batch["input_ids"], batch["attention_mask"])
+    return model(batch["input_ids"], batch["attention_mask"], **kw)
+
+
+def policy_logprobs(backbone, model, batch: dict, temperature: float, entropy: bool | str = False,
+                    share: bool = False):
     """Log-probs [B, R] of the response tokens under the active adapter at ``temperature``; with ``entropy``
     also the per-token entropy [B, R] of that distribution (``"grad"``: differentiable, for an entropy bonus;
-    otherwise detached, a metric that costs no backward pass over the vocabulary)."""
-    hidden = at_positions(model(batch["input_ids"], batch["attention_mask"]), batch["positions"])
+    otherwise detached, a metric that costs no backward pass over the vocabulary). ``share``: see
+    :func:`forward`."""
+    hidden = at_positions(forward(model, batch, share), batch["positions"])
     out = backbone.lm_logprobs(hidden, batch["response_ids"], temperature, entropy=bool(entropy))
     if not entropy:
         return out

@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
+from deltalign import rollout
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.data.sharing import share_prefixes
 from deltalign.generation import GenerationConfig
 from deltalign.stages import grpo
 
@@ -197,25 +199,34 @@ def test_other_estimators_and_aggregations_train(upstream, tmp_path, user_reward
 
 
 @pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
-def test_length_sorted_forwards_give_the_update_of_one_forward(upstream, tmp_path, user_rewards, aggregation):
+def test_length_sorted_forwards_give_the_update_of_one_forward(upstream, tmp_path, user_rewards, aggregation,
+                                                               monkeypatch):
     """A minibatch of 8 responses in forwards of 3 (sorted by length, each cut to its own longest row) gives the
     loss, statistics and trained adapter of one padded forward of all 8, over two passes (the first filling the
-    old log-probs) and with a KL term (reference log-probs cut the same way)."""
+    old log-probs) and with a KL term (reference log-probs cut the same way); so do forwards of 3 packed with
+    shared prefixes (share_prefixes: rows sorted by their tokens, each group's prompt computed once)."""
     cfg = dict(FAST, max_steps=1, grpo_epochs=2, beta=0.1, loss_aggregation=aggregation,
                rules={"grpo_rewards:vary": 1.0})
     outs = {}
-    for fbs in (0, 3):
-        outs[fbs] = tmp_path / f"fbs{fbs}"
-        grpo.run(grpo.Config(**cfg, forward_batch_size=fbs), TINY, outs[fbs], dict(upstream))
-    (one,), (split,) = _train_rows(outs[0]), _train_rows(outs[3])
-    for k in ("policy_loss", "grad_norm", "clipfrac", "entropy", "kl"):
-        if k in one:
-            assert split[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
-    a, b = (load_file(o / "adapter_model.safetensors") for o in outs.values())
+    packs = []
+    monkeypatch.setattr(rollout, "share_prefixes", lambda *a, **k: packs.append(1) or share_prefixes(*a, **k))
+    for fbs, share in ((0, False), (3, False), (3, True)):  # share: each forward packed with the group's prompt once
+        outs[fbs, share] = tmp_path / f"fbs{fbs}-{share}"
+        grpo.run(grpo.Config(**cfg, forward_batch_size=fbs, share_prefixes=share), TINY, outs[fbs, share],
+                 dict(upstream))
+        assert bool(packs) == share
+    (one,) = _train_rows(outs[0, False])
     sft = load_file(upstream["sft"] / "adapter_model.safetensors")
-    for k in a:  # Adam divides by sqrt(v): an element with a ~0 gradient moves by a noisy share of lr (1e-2)
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)
+    a = load_file(outs[0, False] / "adapter_model.safetensors")
     assert any(not torch.equal(a[k], sft[k]) for k in sft)
+    for variant in ((3, False), (3, True)):
+        (split,) = _train_rows(outs[variant])
+        for k in ("policy_loss", "grad_norm", "clipfrac", "entropy", "kl"):
+            if k in one:
+                assert split[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), (variant, k)
+        b = load_file(outs[variant] / "adapter_model.safetensors")
+        for k in a:  # Adam divides by sqrt(v): an element with a ~0 gradient moves by a noisy share of lr (1e-2)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)
 
 
 KILL_SCRIPT = """

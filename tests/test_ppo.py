@@ -128,6 +128,29 @@ def test_training_changes_only_policy_and_critic(upstream, tmp_path, monkeypatch
     assert set(report) == {"reference", "ppo", "data"} and "rm_score" in report["ppo"]
 
 
+def test_shared_prefixes_train_like_padded_batches(upstream, tmp_path, monkeypatch):
+    """share_prefixes packs every PPO forward (reference, old log-probs and values, the updates' policy and critic
+    forwards, reward-model scores); the run trains as the padded one does."""
+    from deltalign import rollout
+    from deltalign.data.sharing import share_prefixes
+
+    packs = []
+    monkeypatch.setattr(rollout, "share_prefixes", lambda *a, **k: packs.append(1) or share_prefixes(*a, **k))
+    cfg = dict(FAST, max_steps=1, eval_limit=0, eval_checker=False)
+    outs = {share: tmp_path / f"ppo-{share}" for share in (False, True)}
+    for share, out in outs.items():
+        ppo.run(ppo.Config(**cfg, share_prefixes=share), TINY, out, dict(upstream))
+        assert bool(packs) == share
+    rows = [next(r for r in map(json.loads, (o / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train")
+            for o in outs.values()]
+    for k in ("score", "kl", "policy_loss", "value_loss", "entropy", "explained_variance"):
+        assert rows[1][k] == pytest.approx(rows[0][k], rel=1e-4, abs=1e-6), k
+    for f in ("adapter_model.safetensors", "critic/adapter_model.safetensors", "critic/head.safetensors"):
+        a, b = (load_file(o / f) for o in outs.values())
+        for k in a:  # Adam: an element with a ~0 gradient moves by a noisy share of lr (1e-2)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)
+
+
 def test_first_update_has_ratio_one_with_adapter_dropout_configured(upstream, tmp_path):
     """The SFT adapter carries dropout 0.05. With disable_dropout (default) the old log-probs (taken after the
     reward model scored, which switches modes) and the first update's log-probs are one function: approx_kl and

@@ -82,8 +82,9 @@ def pad_batch(seqs: list[list[int]], pad_id: int, labels: list[list[int]] | None
 
 
 def to_device(batch: dict, device) -> dict:
-    """The batch with every tensor moved to ``device`` (other values as they are)."""
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """The batch with every tensor moved to ``device``, nested dicts too (other values as they are)."""
+    return {k: (v.to(device) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict) else v)
+            for k, v in batch.items()}
 
 
 def pair_batch(items: list[dict], pad_id: int) -> dict:

@@ -18,6 +18,7 @@ from typing import Literal
 
 from deltalign.data.formats import load_rows, preference_examples, prompt_examples, sft_examples
 from deltalign.data.rows import Log
+from deltalign.data.sharing import PrefixSharing
 from deltalign.data.tokenize import tokenize_all, tokenize_pair, tokenize_sft
 from deltalign.pipeline.config import setting
 
@@ -26,7 +27,7 @@ BUILDERS = {"sft": (sft_examples, tokenize_sft), "pref": (preference_examples, t
 
 
 @dataclass
-class RowRules:
+class RowRules(PrefixSharing):
     """How a stage reads its rows, training and held-out alike (a stage's Config inherits these settings)."""
 
     max_length: int = setting(256, ge=2)
@@ -39,7 +40,6 @@ class RowRules:
     """A row with a problem of its own (missing or empty field, HH dialogues that differ before the last
     assistant turn, a prompt that cannot fit): ``error`` stops the stage naming file/row/field; ``skip`` leaves it
     out with one log line naming it, and counts it in the metrics (``data.*.skipped``)."""
-
     def read(self, source: str, split: str, kind: str, tokenizer) -> "Split":
         """:func:`load_split` under these rules."""
         return load_split(source, split, kind, tokenizer, self.max_length, self.truncation, self.bad_rows)

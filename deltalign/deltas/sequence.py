@@ -88,3 +88,19 @@ def run(lm, delta, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: 
                 position_ids=pos, past_key_values=store, use_cache=cache)
     hidden = out.last_hidden_state[:, n_front:] if n_front else out.last_hidden_state
     return hidden, (Past(out.past_key_values, mask, pos[:, -1:] + 1) if cache else None)
+
+
+def run_shared(lm, delta, shared: dict) -> torch.Tensor:
+    """Hidden states [R, L, H] of the packed rows of :func:`deltalign.data.sharing.share_prefixes` (tree attention
+    mask, depth positions) under ``delta``, which must leave the sequence alone (no virtual tokens)."""
+    if delta is not None and (delta.front_embeds(1) is not None or delta.prefix_kv(1) is not None):
+        raise ValueError(f"share_prefixes: the {delta.method} delta adds virtual tokens; set share_prefixes: false")
+    model = inner(lm)
+    mask = shared["mask"]
+    if model.config._attn_implementation == "eager":  # eager adds the mask to the scores; sdpa takes booleans
+        dtype = lm.get_input_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    out = model(input_ids=shared["input_ids"], attention_mask=mask, position_ids=shared["position_ids"],
+                use_cache=False)
+    return out.last_hidden_state
+

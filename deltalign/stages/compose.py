@@ -253,9 +253,9 @@ def train_gates(cfg: Config, backbone, names: list[str], sources: list[fusion.So
                 "trainable_params": backbone.trainable_numel(), "steps": n_steps, "sources": len(names)},
                kind="setup")
     train_mode(model, dropout=False)
-    pads = PadCounter()
+    pads, share = PadCounter(), cfg.shares(backbone)
     for step, micro in engine.steps(batches):
-        loss = train_step(engine, backbone, model, train, micro, pads)  # SFT's step: only the gates train
+        loss = train_step(engine, backbone, model, train, micro, pads, share)  # SFT's step: only the gates train
         w = gates.gates.weights()
         engine.step({"loss": loss, "pad_share": pads.share}
                     | {f"gate_mean/{i}": float(w[:, i].mean()) for i in range(len(names))})
@@ -279,8 +279,8 @@ def evaluate(cfg: Config, backbone, policies: dict[str, str]) -> dict:
     report = {}
     for label, name in policies.items():
         with backbone.using(name):
-            row = {"heldout_loss": heldout_loss(backbone, backbone, held.items, cfg.eval_batch_size, device)
-                   if held.items else None}
+            row = {"heldout_loss": heldout_loss(backbone, backbone, held.items, cfg.eval_batch_size, device,
+                                                cfg.shares(backbone)) if held.items else None}
         if cfg.eval_checker and examples:
             res = checker_eval(backbone, examples, cfg.generation, name)
             row |= {"checker_score": res["checker_score"], "mean_response_tokens": res["mean_response_tokens"],

@@ -23,6 +23,7 @@ import torch
 from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, response_logprobs, train_mode
 from deltalign.data.batching import length_grouped_batches, pair_batch, to_device
+from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
 from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig
@@ -99,14 +100,16 @@ def reference_of(backbone) -> str | None:
 
 
 @torch.no_grad()
-def pair_logprobs(backbone, model, pairs: list[dict], batch_size: int, device, adapter: str | None) -> torch.Tensor:
-    """Summed response log-probs under ``adapter`` (None: adapters off) for every pair: [N, 2] (chosen, rejected)."""
+def pair_logprobs(backbone, model, pairs: list[dict], batch_size: int, device, adapter: str | None,
+                  share: bool = False) -> torch.Tensor:
+    """Summed response log-probs under ``adapter`` (None: adapters off) for every pair: [N, 2] (chosen, rejected);
+    ``share``: batches packed with shared prefixes."""
     out = torch.zeros(len(pairs), 2)
     with eval_mode(model), backbone.using(adapter):
         for idx in length_grouped_batches([len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs],
                                           batch_size, 0, 0, shuffle=False):
-            lp = response_logprobs(backbone, model, to_device(pair_batch([pairs[i] for i in idx],
-                                                                         backbone.tokenizer.pad_token_id), device))
+            batch = packed(pair_batch([pairs[i] for i in idx], backbone.tokenizer.pad_token_id), share)
+            lp = response_logprobs(backbone, model, to_device(batch, device))
             out[idx] = lp.view(2, -1).T.cpu()
     return out
 
@@ -153,8 +156,9 @@ class ReferenceCache:
 
 def heldout_pairs(backbone, model, pairs: list[dict], cfg: Config, device) -> dict:
     """Implicit-reward accuracy and margin of the trained policy on held-out (tokenised) preference pairs."""
-    pol = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, NAME)
-    ref = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, reference_of(backbone))
+    share = cfg.shares(backbone)
+    pol = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, NAME, share)
+    ref = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, reference_of(backbone), share)
     margin = cfg.beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
     return {"reward_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()), "n": len(pairs)}
 
@@ -173,7 +177,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         torch.manual_seed(cfg.seed)
         backbone.add_adapter(NAME, cfg.adapter, trainable=True)
     backbone.activate(NAME)
-    tok = backbone.tokenizer
+    tok, share = backbone.tokenizer, cfg.shares(backbone)
 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
     data, held = cfg.read(cfg.data, cfg.split, "pref", tok), cfg.read(cfg.eval_data, "test", "pref", tok)
@@ -196,7 +200,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         if cfg.loss == "simpo":
             return torch.zeros(len(idx), 2)
         return cache.get(idx, lambda todo: pair_logprobs(backbone, model, [train[i] for i in todo], len(todo),
-                                                          engine.device, reference_of(backbone)))
+                                                          engine.device, reference_of(backbone), share))
 
     # 4. loop: the pair loss is a mean over the step's pairs; RPO's NLL a mean over the step's chosen tokens
     train_mode(model, dropout=not cfg.disable_dropout)
@@ -206,7 +210,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         sums = {"loss": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0, "accuracy": 0.0}
         nll_sum = 0.0
         for idx in engine.accumulate(micro):
-            mb = to_device(pair_batch([train[i] for i in idx], tok.pad_token_id), engine.device)
+            mb = to_device(packed(pair_batch([train[i] for i in idx], tok.pad_token_id), share), engine.device)
             ref = reference(idx)
             policy = response_logprobs(backbone, model, mb)
             ref = torch.cat([ref[:, 0], ref[:, 1]]).to(policy)

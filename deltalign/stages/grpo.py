@@ -116,9 +116,10 @@ class Config(PromptData, TrainConfig):
     """Responses per optimizer update within a rollout batch per process (0: all batch_size x num_generations,
     one update per pass)."""
     forward_batch_size: int = setting(16, ge=0)
-    """Responses per training forward within a minibatch: the minibatch is sorted by length and each forward
-    pads only to its own longest row; their gradients add up to the one update (the same update, less padding).
-    0: the whole minibatch in one forward."""
+    """Responses per training forward within a minibatch: the minibatch is sorted by length (with
+    ``share_prefixes``: by its tokens, so that a group's responses run together and share their prompt) and each
+    forward pads only to its own longest row; their gradients add up to the one update (the same update, less
+    padding). 0: the whole minibatch in one forward."""
     resample_rounds: int = setting(0, ge=0)
     """DAPO dynamic sampling: replace each group whose rewards are all equal by a fresh prompt's group, up to this
     many rounds per step (0: off; the share of such groups is logged as ``zero_std`` either way). Groups still
@@ -189,8 +190,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     backbone, rm = load_roles(cfg, model_cfg, upstream)
     reward = CompositeReward(rm, cfg.rm_weight, cfg.rules)
     advantages_of = ADVANTAGES[cfg.advantage]
-    tok = backbone.tokenizer
+    tok, pack = backbone.tokenizer, cfg.shares(backbone)
     stops = set(stop_token_ids(tok))
+    if rm is not None:
+        rm.share = pack
 
     # 2. data: prompts only; full batches (every process holds the same number of groups)
     data = load_prompts(cfg, tok, with_eval=cfg.report)
@@ -274,10 +277,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         with torch.no_grad():
             if fresh_old:
                 with backbone.using(NAME):
-                    old_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature)
+                    old_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature, share=pack)
             if cfg.beta > 0:
                 with eval_mode(backbone), backbone.using(REFERENCE):
-                    ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature)
+                    ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature, share=pack)
         if old_lp is None:  # one minibatch: the first pass's forwards (before any update) fill it
             old_lp = torch.zeros_like(mask)
         release_free_memory()  # what generation and scoring freed, before the updates allocate theirs
@@ -294,11 +297,12 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                 count = aggregate(torch.zeros_like(m), m)[1]
                 counts = torch.tensor([float(count), float(m.sum())], dtype=torch.float64, device=engine.device)
                 total, tokens = engine.all_sum(counts).tolist()
-                for part, sub in length_chunks(batch, rows, cfg.forward_batch_size):
+                for part, sub in length_chunks(batch, rows, cfg.forward_batch_size, pack):
                     mc = sub["response_mask"]
                     R = mc.shape[1]
                     with backbone.using(NAME):
-                        lp, ent = policy_logprobs(backbone, model, sub, cfg.rollout.temperature, entropy=True)
+                        lp, ent = policy_logprobs(backbone, model, sub, cfg.rollout.temperature, entropy=True,
+                                                  share=pack)
                         if epoch == 0 and not fresh_old:  # one minibatch, first pass: no update yet
                             old_lp[part, :R] = lp.detach()
                         per_token, pg = clipped_policy_loss(lp, old_lp[part, :R], adv[part], mc, cfg.clip_low,

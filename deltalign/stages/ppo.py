@@ -47,8 +47,8 @@ from deltalign.losses import (AdaptiveKLController, FixedKLController, gae_advan
 from deltalign.pipeline.config import setting
 from deltalign.rewards.composite import CompositeReward
 from deltalign.rewards.model import HEAD_FILE, RewardModel
-from deltalign.rollout import (PromptData, at_positions, load_prompts, policy_logprobs, rollout_batch, rollout_seed,
-                               rows_of)
+from deltalign.rollout import (PromptData, at_positions, forward, load_prompts, policy_logprobs, rollout_batch,
+                               rollout_seed, rows_of)
 
 NAME = "ppo"
 READS = {"data": "prompt", "eval_data": "prompt"}  # setting -> row shape (checked before the run)
@@ -135,9 +135,9 @@ class Config(PromptData, TrainConfig):
             raise ValueError("ppo has no reward: ppo.rm_weight is 0 and ppo.rules is empty")
 
 
-def critic_values(model, batch: dict) -> torch.Tensor:
-    """Critic values [B, R] at the positions that predict each response token."""
-    return at_positions(model(batch["input_ids"], batch["attention_mask"], head=CRITIC), batch["positions"])
+def critic_values(model, batch: dict, share: bool = False) -> torch.Tensor:
+    """Critic values [B, R] at the positions that predict each response token (``share``: rollout.forward)."""
+    return at_positions(forward(model, batch, share, head=CRITIC), batch["positions"])
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -180,8 +180,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
               else FixedKLController(cfg.kl_coef))
     engine.register_state("kl_controller", kl_ctl.state_dict, kl_ctl.load_state_dict)
-    tok = backbone.tokenizer
+    tok, pack = backbone.tokenizer, cfg.shares(backbone)
     stops = set(stop_token_ids(tok))
+    if rm is not None:
+        rm.share = pack
 
     # 2. data: prompts only
     data = load_prompts(cfg, tok)
@@ -228,21 +230,22 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         rest[first] = False
         with torch.no_grad():
             with backbone.using(REFERENCE):
-                ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature)
+                ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature, share=pack)
             old_lp, old_v = torch.zeros_like(ref_lp), torch.zeros_like(ref_lp)
             if rest.any():
                 with backbone.using(NAME):
-                    old_lp[rest] = policy_logprobs(backbone, model, rows_of(batch, rest), cfg.rollout.temperature)
+                    old_lp[rest] = policy_logprobs(backbone, model, rows_of(batch, rest), cfg.rollout.temperature,
+                                                   share=pack)
                 with backbone.using(CRITIC):
-                    old_v[rest] = critic_values(model, rows_of(batch, rest)).to(old_v)
+                    old_v[rest] = critic_values(model, rows_of(batch, rest), pack).to(old_v)
         release_free_memory()  # what generation and scoring freed, before the updates allocate theirs
         first_out = first_v = None
         if len(first):  # both graphs are kept; each backward runs under its own adapter (checkpointing recomputes)
             with backbone.using(NAME):
                 first_out = policy_logprobs(backbone, model, rows_of(batch, first), cfg.rollout.temperature,
-                                            entropy="grad" if cfg.ent_coef else True)
+                                            entropy="grad" if cfg.ent_coef else True, share=pack)
             with backbone.using(CRITIC):
-                first_v = critic_values(model, rows_of(batch, first))
+                first_v = critic_values(model, rows_of(batch, first), pack)
             old_lp[first], old_v[first] = first_out[0].detach(), first_v.detach().to(old_v)
 
         # 3.4 per-token rewards with the KL penalty, GAE, whitened advantages
@@ -262,12 +265,12 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             # two backward passes, each under its own adapter: checkpointing recomputes with the active one
             with backbone.using(NAME):
                 lp, ent = first_out if first_out is not None else policy_logprobs(
-                    backbone, model, sub, cfg.rollout.temperature, entropy="grad" if cfg.ent_coef else True)
+                    backbone, model, sub, cfg.rollout.temperature, entropy="grad" if cfg.ent_coef else True, share=pack)
                 pg_loss, pg = ppo_policy_loss(lp, old_lp[mb], adv[mb], m, cfg.clip)
                 entropy = masked_mean(ent, m)
                 engine.backward((pg_loss - cfg.ent_coef * entropy) * n_tokens, total)
             with backbone.using(CRITIC):
-                v = first_v if first_v is not None else critic_values(model, sub)
+                v = first_v if first_v is not None else critic_values(model, sub, pack)
                 vf_loss, vf = ppo_value_loss(v, old_v[mb], returns[mb], m, cfg.value_clip)
                 engine.backward(cfg.vf_coef * vf_loss * n_tokens, total)
             first_out = first_v = None

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, train_mode
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, shared_of, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pair_batch, to_device
+from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
 from deltalign.engine import Engine, TrainConfig
 from deltalign.losses import bradley_terry_loss
@@ -58,27 +59,28 @@ class Config(RowRules, TrainConfig):
     the score trained on is then the same function as the score used later."""
 
 
-def batch_of(items: list[dict], idx: list[int], pad_id: int, device) -> dict:
+def batch_of(items: list[dict], idx: list[int], pad_id: int, device, share: bool = False) -> dict:
     b = pair_batch([items[i] for i in idx], pad_id)
-    return to_device(b, device)
+    return to_device(packed(b, share), device)
 
 
 def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected scores [B] from one forward over the 2B rows (head value at the last non-pad token)."""
-    values = model(batch["input_ids"], batch["attention_mask"], head=NAME)
+    values = model(batch["input_ids"], batch["attention_mask"], head=NAME, **shared_of(batch))
     r = last_token_values(values, batch["attention_mask"])
     b = r.shape[0] // 2
     return r[:b], r[b:]
 
 
 @torch.no_grad()
-def score_all(model, items: list[dict], batch_size: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def score_all(model, items: list[dict], batch_size: int, pad_id: int, device,
+              share: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected scores of every pair (in a length-sorted order; both sides stay aligned)."""
     rc, rr = [], []
     lengths = [len(x["prompt_ids"]) + max(len(x["chosen_ids"]), len(x["rejected_ids"])) for x in items]
     with eval_mode(model):
         for idx in length_grouped_batches(lengths, batch_size, 0, 0, shuffle=False):
-            c, r = pair_scores(model, batch_of(items, idx, pad_id, device))
+            c, r = pair_scores(model, batch_of(items, idx, pad_id, device, share))
             rc.append(c.float().cpu())
             rr.append(r.float().cpu())
     return torch.cat(rc), torch.cat(rr)
@@ -91,8 +93,8 @@ def summary(rc: torch.Tensor, rr: torch.Tensor) -> dict:
             "margin": float(m["margin"]), "loss": float(loss.mean())}
 
 
-def heldout(model, items, cfg: Config, pad_id: int, device) -> dict | None:
-    return summary(*score_all(model, items, cfg.eval_batch_size, pad_id, device)) if items else None
+def heldout(model, items, cfg: Config, pad_id: int, device, share: bool = False) -> dict | None:
+    return summary(*score_all(model, items, cfg.eval_batch_size, pad_id, device, share)) if items else None
 
 
 def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, Path] | None = None) -> dict:
@@ -111,7 +113,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     else:
         backbone.add_adapter(NAME, cfg.adapter, trainable=True)
     backbone.add_head(NAME, trainable=True)
-    pad = backbone.tokenizer.pad_token_id
+    pad, share = backbone.tokenizer.pad_token_id, cfg.shares(backbone)
 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
     data = cfg.read(cfg.data, cfg.split, "pref", backbone.tokenizer)
@@ -140,7 +142,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     else:
         with engine.evaluating(bool(held)) as evaluate:  # every rank enters (ZeRO-3)
             if evaluate:
-                evals["before"] = heldout(model, held, cfg, pad, engine.device)
+                evals["before"] = heldout(model, held, cfg, pad, engine.device, share)
                 engine.log(evals["before"] or {}, kind="eval_before")
         if engine.is_main:
             atomic.write_json(before_file, evals["before"])
@@ -149,7 +151,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     train_mode(model, dropout=not cfg.disable_dropout)
     pads = PadCounter()
     for step, micro in engine.steps(batches):
-        micro = [batch_of(train, idx, pad, engine.device) for idx in micro]
+        micro = [batch_of(train, idx, pad, engine.device, share) for idx in micro]
         total = engine.global_sum(sum(mb["input_ids"].shape[0] // 2 for mb in micro))
         sums = dict.fromkeys(("loss", "accuracy", "chosen_reward", "rejected_reward", "margin"), 0.0)
         n = 0
@@ -168,9 +170,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     # 5. evaluate, measure the reward scale on the training responses, save
     with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
         if evaluate:
-            evals["after"] = heldout(model, held, cfg, pad, engine.device)
+            evals["after"] = heldout(model, held, cfg, pad, engine.device, share)
             engine.log(evals["after"] or {}, kind="eval")
-            rc, rr = score_all(model, train[: cfg.stats_pairs or None], cfg.eval_batch_size, pad, engine.device)
+            rc, rr = score_all(model, train[: cfg.stats_pairs or None], cfg.eval_batch_size, pad, engine.device,
+                               share)
             scores = torch.cat([rc, rr])
             evals["reward_stats"] = {"mean": float(scores.mean()), "std": float(scores.std(correction=0)),
                                      "n": scores.numel()}

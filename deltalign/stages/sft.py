@@ -15,6 +15,7 @@ import torch
 from deltalign import atomic
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, labelled_logits, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batch, to_device
+from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
 from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig, checker_eval
@@ -48,15 +49,17 @@ class Config(RowRules, TrainConfig):
     """Decoding for held-out generations."""
 
 
-def batch_of(items: list[dict], idx: list[int], pad_id: int, device) -> dict:
+def batch_of(items: list[dict], idx: list[int], pad_id: int, device, share: bool = False) -> dict:
     b = pad_batch([items[i]["input_ids"] for i in idx], pad_id, labels=[items[i]["labels"] for i in idx])
-    return to_device(b, device)
+    return to_device(packed(b, share), device)
 
 
-def train_step(engine, backbone, model, items: list[dict], micro: list[list[int]], pads: PadCounter) -> float:
+def train_step(engine, backbone, model, items: list[dict], micro: list[list[int]], pads: PadCounter,
+               share: bool = False) -> float:
     """One optimizer step's forward/backward passes of token cross-entropy over the completions (normalised over
-    the step's tokens on every process); returns the step's mean token loss as this process saw it."""
-    batches = [batch_of(items, idx, backbone.tokenizer.pad_token_id, engine.device) for idx in micro]
+    the step's tokens on every process); returns the step's mean token loss as this process saw it. ``share``:
+    batches run packed with shared prefixes (:mod:`deltalign.data.sharing`)."""
+    batches = [batch_of(items, idx, backbone.tokenizer.pad_token_id, engine.device, share) for idx in micro]
     total = engine.global_sum(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in batches))
     loss_total = 0.0
     for mb in engine.accumulate(batches):
@@ -69,13 +72,13 @@ def train_step(engine, backbone, model, items: list[dict], micro: list[list[int]
 
 
 @torch.no_grad()
-def heldout_loss(backbone, model, items: list[dict], batch_size: int, device) -> float:
+def heldout_loss(backbone, model, items: list[dict], batch_size: int, device, share: bool = False) -> float:
     """Mean token cross-entropy on held-out completions."""
     total, count = 0.0, 0
     pad = backbone.tokenizer.pad_token_id
     with eval_mode(model):
         for idx in length_grouped_batches([len(x["input_ids"]) for x in items], batch_size, 0, 0, shuffle=False):
-            logits, targets, _ = labelled_logits(backbone, model, batch_of(items, idx, pad, device))
+            logits, targets, _ = labelled_logits(backbone, model, batch_of(items, idx, pad, device, share))
             loss_sum, n = sft_loss_sum(logits, targets)
             total, count = total + float(loss_sum), count + int(n)
     return total / max(count, 1)
@@ -90,6 +93,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     torch.manual_seed(cfg.seed)
     backbone.add_adapter(NAME, cfg.adapter, trainable=True)
     tok = backbone.tokenizer
+    share = cfg.shares(backbone)
 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
     data, held = cfg.read(cfg.data, cfg.split, "sft", tok), cfg.read(cfg.eval_data, "test", "sft", tok)
@@ -117,7 +121,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             if evaluate:  # every rank entered (ZeRO-3)
                 with backbone.using(None):
                     evals["base"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size,
-                                                                  engine.device) if heldout else None}
+                                                                  engine.device, share) if heldout else None}
                     if cfg.eval_checker and gen_examples:
                         evals["base"] |= _checker(backbone, gen_examples, cfg, None)
                 engine.log(evals["base"], kind="eval_base")
@@ -128,13 +132,13 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     train_mode(model, dropout=not cfg.disable_dropout)
     pads = PadCounter()
     for step, micro in engine.steps(batches):
-        engine.step({"loss": train_step(engine, backbone, model, train, micro, pads), "pad_share": pads.share})
+        engine.step({"loss": train_step(engine, backbone, model, train, micro, pads, share), "pad_share": pads.share})
 
     # 5. evaluate and save
     with engine.evaluating(bool(heldout) or (cfg.eval_checker and bool(gen_examples))) as evaluate:
         if evaluate:  # every rank entered (ZeRO-3)
-            evals["sft"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size, engine.device)
-                            if heldout else None, "pad_share": pads.share}
+            evals["sft"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size, engine.device,
+                                                          share) if heldout else None, "pad_share": pads.share}
             if cfg.eval_checker and gen_examples:
                 evals["sft"] |= _checker(backbone, gen_examples, cfg, NAME)
             engine.log(evals["sft"], kind="eval")

@@ -1,0 +1,135 @@
+"""Shared-prefix packing: every token prefix that several rows of a batch share is computed once.
+
+A preference pair's chosen and rejected rows repeat the prompt; rows of any batch may repeat a system prompt. In a
+causal model a token's hidden state depends only on the tokens before it, so a shared prefix gives the same
+values in every row that holds it. :func:`share_prefixes` stores a right-padded batch as one trie of tokens per
+packed row (depth-first order): each node is one token, attends to its ancestors and itself only (a tree attention
+mask), and has its depth as position id. The forward then runs on the packed rows, and ``rows``/``cols`` map every
+position of the original batch back to its node (:meth:`deltalign.backbone.Backbone.forward` gathers the hidden
+states back: callers see the batch they built, and the gradient of a shared node is the sum over the rows that
+use it -- the same as in the padded batch).
+
+The mask is dense ([R, 1, L, L]), so packed rows are cut at ``budget`` nodes: attention over a packed row costs
+L^2 per layer where the padded batch's costs the sum of its rows' T^2. Only methods that leave the sequence alone
+can run this way (no prompt or prefix tuning: :meth:`~deltalign.backbone.Backbone.can_share_prefixes`). LoRA
+dropout draws one mask per shared node instead of one per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BUDGET = 1024  # nodes per packed row (a longer single row gets a packed row of its own)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _pack(seqs: list[list[int]]) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+    """One trie of ``seqs`` (already sorted): tokens, parent index (-1: a root), depth, and each row's node indices."""
+    tokens: list[int] = []
+    parent: list[int] = []
+    depth: list[int] = []
+    nodes: list[list[int]] = []
+    prev: list[int] = []
+    path: list[int] = []
+    for seq in seqs:
+        k = _common(seq, prev)  # in sorted order the previous row holds the longest prefix shared with any earlier
+        own = path[:k]
+        for t in range(k, len(seq)):
+            tokens.append(seq[t])
+            parent.append(own[-1] if own else -1)
+            depth.append(t)
+            own.append(len(tokens) - 1)
+        nodes.append(own)
+        prev, path = seq, own
+    return tokens, parent, depth, nodes
+
+
+def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, budget: int = BUDGET) -> dict:
+    """The right-padded batch ``input_ids``/``attention_mask`` [B, T] as packed rows with shared prefixes stored once.
+
+    Returns ``input_ids``, ``position_ids`` and ``real`` (False on the packed rows' padding) [R, L], the tree
+    attention ``mask`` [R, 1, L, L] (bool, True = attend; padding attends to itself), ``rows``/``cols`` [B, T]
+    (the node of each original position; a pad position maps to its row's last node) and ``n_tokens`` (nodes,
+    the tokens actually computed).
+    """
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    if (mask != (torch.arange(mask.shape[1]) < lengths.unsqueeze(1))).any():
+        raise ValueError("share_prefixes needs a right-padded batch (a row's tokens first, then its padding)")
+    if (lengths == 0).any():
+        raise ValueError("share_prefixes got an empty row")
+    ids = input_ids.tolist()
+    seqs = [row[:n] for row, n in zip(ids, lengths.tolist())]
+    order = sorted(range(len(seqs)), key=lambda i: seqs[i])
+
+    groups: list[list[int]] = [[]]
+    size, prev = 0, []
+    for i in order:  # cut into packed rows of at most `budget` nodes
+        new = len(seqs[i]) - _common(seqs[i], prev)
+        if groups[-1] and size + new > budget:
+            groups.append([])
+            size, new = 0, len(seqs[i])
+        groups[-1].append(i)
+        size, prev = size + new, seqs[i]
+
+    packs = [_pack([seqs[i] for i in g]) for g in groups]
+    width = max(len(p[0]) for p in packs)
+    n_rows, T = len(packs), input_ids.shape[1]
+    out_ids = np.zeros((n_rows, width), dtype=np.int64)
+    pos = np.zeros((n_rows, width), dtype=np.int64)
+    real = np.zeros((n_rows, width), dtype=bool)
+    tree = np.zeros((n_rows, width, width), dtype=bool)
+    rows = np.zeros((len(seqs), T), dtype=np.int64)
+    cols = np.zeros((len(seqs), T), dtype=np.int64)
+    for r, (g, (tokens, parent, depth, nodes)) in enumerate(zip(groups, packs)):
+        n = len(tokens)
+        out_ids[r, :n], pos[r, :n], real[r, :n] = tokens, depth, True
+        anc = tree[r]
+        for j, p in enumerate(parent):  # ancestors come first in depth-first order
+            if p >= 0:
+                anc[j, :p + 1] = anc[p, :p + 1]
+            anc[j, j] = True
+        anc[np.arange(n, width), np.arange(n, width)] = True
+        for i, own in zip(g, nodes):
+            rows[i] = r
+            cols[i, :len(own)] = own
+            cols[i, len(own):] = own[-1]
+    dev = input_ids.device
+    return {"input_ids": torch.from_numpy(out_ids).to(dev), "position_ids": torch.from_numpy(pos).to(dev),
+            "real": torch.from_numpy(real).to(dev), "mask": torch.from_numpy(tree).unsqueeze(1).to(dev),
+            "rows": torch.from_numpy(rows).to(dev), "cols": torch.from_numpy(cols).to(dev),
+            "n_tokens": int(real.sum())}
+
+
+@dataclass
+class PrefixSharing:
+    """The setting every stage that runs batches has (its Config inherits it through RowRules or PromptData)."""
+
+    share_prefixes: bool = True
+    """Compute the token prefixes that rows of a batch share (a pair's prompt, a group's prompt, a common system
+    prompt) once: each batch runs as packed rows with a tree attention mask (:mod:`deltalign.data.sharing`), the
+    same values up to float rounding from fewer tokens. Not with prompt or prefix tuning, or an attention
+    implementation that takes no custom mask: there the batch runs padded, as with ``false``."""
+
+    def shares(self, backbone) -> bool:
+        """Whether this stage's batches run packed (``share_prefixes``, where the backbone allows it)."""
+        return self.share_prefixes and backbone.can_share_prefixes()
+
+
+def packed(batch: dict, on: bool) -> dict:
+    """``batch`` with its packed form under ``shared`` when ``on`` (what :func:`deltalign.backbone.shared_of` and
+    the forward read); the batch itself unchanged otherwise."""
+    if on:
+        batch["shared"] = share_prefixes(batch["input_ids"], batch["attention_mask"])
+    return batch
+

@@ -1,0 +1,109 @@
+"""Shared-prefix packing: each token prefix that several rows share is computed once (a trie per packed row,
+tree attention mask, depth-based positions), and callers see the same hidden states as the plain padded batch."""
+
+import pytest
+import torch
+
+from deltalign.backbone import AdapterConfig, labelled_hidden, response_logprobs
+from deltalign.data.batching import pad_batch, pair_batch, to_device
+from deltalign.data.sharing import share_prefixes
+
+
+def test_trie_layout_by_hand():
+    b = pad_batch([[1, 2, 5], [1, 2, 3, 4], [7]], pad_id=0)
+    s = share_prefixes(b["input_ids"], b["attention_mask"])
+    # sorted: [1,2,3,4] < [1,2,5] < [7]; tokens 1,2 stored once
+    assert s["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7]]
+    assert s["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0]]
+    m = s["mask"][0, 0].int().tolist()
+    assert m[4] == [1, 1, 0, 0, 1, 0]  # token 5 sees 1, 2 and itself, not 3, 4
+    assert m[3] == [1, 1, 1, 1, 0, 0]
+    assert m[5] == [0, 0, 0, 0, 0, 1]
+    assert s["cols"][0, :3].tolist() == [0, 1, 4] and s["cols"][1].tolist() == [0, 1, 2, 3]
+    assert s["cols"][2, 0].item() == 5 and s["rows"].unique().tolist() == [0]
+    assert s["n_tokens"] == 6
+
+
+def test_budget_splits_into_rows_padded_with_self_attending_pads():
+    seqs = [[i, i + 1, i + 2, i + 3] for i in range(10, 60, 10)]  # 5 rows, nothing shared
+    b = pad_batch(seqs, pad_id=0)
+    s = share_prefixes(b["input_ids"], b["attention_mask"], budget=9)
+    assert s["input_ids"].shape == (3, 8)
+    assert s["real"].sum().item() == 20
+    for r in range(3):  # every position attends at least to itself: no all-masked row in the attention
+        assert s["mask"][r, 0].diagonal().all()
+    got = s["input_ids"][s["rows"], s["cols"]]
+    assert torch.equal(got, b["input_ids"])
+
+
+def test_left_padding_is_refused():
+    b = pad_batch([[1, 2, 3], [4]], pad_id=0, pad_side="left")
+    with pytest.raises(ValueError, match="right-padded"):
+        share_prefixes(b["input_ids"], b["attention_mask"])
+
+
+def _pairs(n=3):
+    g = torch.Generator().manual_seed(5)
+    sys_prompt = [5, 6, 7, 8]
+    out = []
+    for i in range(n):
+        p = sys_prompt + torch.randint(10, 250, (3 + i,), generator=g).tolist()
+        out.append({"prompt_ids": p, "chosen_ids": torch.randint(10, 250, (4,), generator=g).tolist(),
+                    "rejected_ids": torch.randint(10, 250, (2 + i,), generator=g).tolist()})
+    return out
+
+
+def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone):
+    bb = tiny_backbone
+    bb.add_adapter("policy", AdapterConfig(r=4, dropout=0.0))
+    with torch.no_grad():
+        for p in bb.adapter_parameters("policy").values():
+            p.add_(torch.randn_like(p) * 0.1)
+    bb.activate("policy")
+    plain = pair_batch(_pairs(), pad_id=0)
+    shared = dict(plain, shared=share_prefixes(plain["input_ids"], plain["attention_mask"]))
+    assert shared["shared"]["n_tokens"] < plain["n_tokens"]
+
+    grads = []
+    outs = []
+    for batch in (plain, shared):
+        bb.zero_grad()
+        lp = response_logprobs(bb, bb, batch)
+        lp.sum().backward()
+        outs.append(lp.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in bb.adapter_parameters("policy").values()]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+    assert grads[0].abs().sum() > 0
+
+    h_plain, t_plain, _ = labelled_hidden(bb, plain)
+    h_shared, t_shared, _ = labelled_hidden(bb, to_device(shared, "cpu"))
+    assert torch.equal(t_plain, t_shared)
+    torch.testing.assert_close(h_shared, h_plain, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_head_reads_the_same_last_token(tiny_backbone):
+    from deltalign.rewards.model import last_token_values
+
+    bb = tiny_backbone
+    bb.add_adapter("rm", AdapterConfig(r=4, dropout=0.0))
+    bb.add_head("rm")
+    bb.activate("rm")
+    plain = pair_batch(_pairs(4), pad_id=0)
+    s = share_prefixes(plain["input_ids"], plain["attention_mask"])
+    a = last_token_values(bb(plain["input_ids"], plain["attention_mask"], head="rm"), plain["attention_mask"])
+    b = last_token_values(bb(plain["input_ids"], plain["attention_mask"], head="rm", shared=s),
+                          plain["attention_mask"])
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_learning_deltas_cannot_share(tiny_backbone):
+    bb = tiny_backbone
+    assert bb.can_share_prefixes()
+    bb.add_adapter("p", AdapterConfig(method="prompt", prompt_length=2))
+    assert not bb.can_share_prefixes()
+    bb.activate("p")
+    plain = pad_batch([[1, 2, 3], [1, 2]], pad_id=0)
+    s = share_prefixes(plain["input_ids"], plain["attention_mask"])
+    with pytest.raises(ValueError, match="share_prefixes"):
+        bb(plain["input_ids"], plain["attention_mask"], shared=s)
