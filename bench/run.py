@@ -257,6 +257,20 @@ def ppo_upstream(s: Settings) -> str:
 def work_notes(raw: dict, s: Settings) -> list[str]:
     """Where the sides do different work for the same samples (the issue's rule: say so in the table's notes)."""
     out = []
+    shares = []
+    for stage in ("sft", "rm", "dpo"):
+        runs = [r for r in raw.get(stage, {}).get("ours", []) if r.get("computed_tokens") and r.get("tokens")]
+        if runs:
+            shares.append(f"{stage.upper()} {statistics.median(r['computed_tokens'] / r['tokens'] for r in runs):.0%}")
+    if shares:
+        out.append("SFT, RM, DPO: ours computes every token prefix that rows of a batch share once (share_prefixes, "
+                   "on by default: a pair's prompt, the common system prompt; packed rows with a tree attention "
+                   "mask, the same values); it ran this share of the tokens TRL ran: " + ", ".join(shares) + "; "
+                   "our FLOP/s share counts only the tokens it ran (bench/common.py tree_flops).")
+    if "ppo" in raw or "grpo" in raw:
+        out.append("PPO, GRPO: ours packs its training and scoring forwards the same way (a GRPO group's prompt, "
+                   "the system prompt, once; generation is not packed); their FLOP/s shares charge every token of "
+                   "every row on every side, so ours counts shared tokens it did not recompute.")
     if "ppo" in raw:
         n_mini = -(-s.batch_size // s.ppo_mini_batch_size)
         out.append("PPO: ours takes the old log-probs and old values of the first minibatch's rows from that "
