@@ -142,15 +142,15 @@ def install_hooks(stage: str, timer: StepTimer, dims: dict, s: Settings, cfg=Non
 
     if stage == "sft":
         import deltalign.stages.sft as mod
-        orig = mod.labelled_logits
+        orig = mod.token_loss
 
-        def labelled_logits(backbone, model, batch):
+        def token_loss(backbone, model, batch):
             if torch.is_grad_enabled():
                 L = lengths_of(batch)
                 timer.add(rows=len(L), tokens=sum(L), computed_tokens=computed(batch), flops=flops_of(batch, "train"))
             return orig(backbone, model, batch)
 
-        mod.labelled_logits = labelled_logits
+        mod.token_loss = token_loss
     elif stage == "rm":
         import deltalign.stages.rm as mod
         orig = mod.pair_scores

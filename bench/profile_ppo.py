@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Settings, emit, model_dims, parse_result, seq_flops, set_threads  # noqa: E402
+from common import ROOT, Settings, emit, model_dims, parse_result, seq_flops, set_threads, tree_flops  # noqa: E402
 
 PHASES = ("generate", "score", "optimise")
 VARIANTS = {"default": {}, "return-freed": {"MALLOC_MMAP_THRESHOLD_": "262144"}}
@@ -64,6 +64,7 @@ def child(s: Settings, steps: int) -> dict:
     import deltalign.engine as engine_mod
     import deltalign.rewards.composite as composite
     import deltalign.stages.ppo as ppo
+    from deltalign.data.sharing import share_prefixes
     from ours import build_configs, prepare_ppo
 
     up = Path(s.extra["ppo_upstream"])
@@ -104,15 +105,20 @@ def child(s: Settings, steps: int) -> dict:
         return out
 
     def rollout_batch(prompts, responses, pad_id):  # the work of this step, by the FLOP convention
+        batch = original_batch(prompts, responses, pad_id)
         if step_no[0] >= 1:
             T = [len(p) + len(r) for p, r in zip(prompts, responses)]
             n_mini = -(-len(T) // cfg.mini_batch_size)
             separate = (n_mini - 1) / n_mini if cfg.disable_dropout else 1.0  # rows outside the first minibatch
+            # the scoring and training forwards as run: with share_prefixes, each shared token once (the rollout's
+            # packing; with one minibatch per rollout, as here, every forward packs these same rows)
+            sh = share_prefixes(batch["input_ids"], batch["attention_mask"]) if cfg.share_prefixes else None
+            run = ((lambda kind: tree_flops(dims, sh["position_ids"][sh["real"]].tolist(), kind)) if sh
+                   else (lambda kind: seq_flops(dims, T, kind)))
             acc["generate"]["flops"] += seq_flops(dims, T, "fwd")
-            acc["score"]["flops"] += ((1 + separate) * seq_flops(dims, T, "fwd")
-                                      + (1 + separate) * seq_flops(dims, T, "fwd_body"))
-            acc["optimise"]["flops"] += cfg.ppo_epochs * (seq_flops(dims, T, "train") + seq_flops(dims, T, "train_body"))
-        return original_batch(prompts, responses, pad_id)
+            acc["score"]["flops"] += (1 + separate) * run("fwd") + (1 + separate) * run("fwd_body")
+            acc["optimise"]["flops"] += cfg.ppo_epochs * (run("train") + run("train_body"))
+        return batch
 
     engine_mod.Engine.step, ppo.rollout_batch = step, rollout_batch
     t0 = time.perf_counter()

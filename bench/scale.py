@@ -111,6 +111,31 @@ def status() -> dict[str, int]:
     return out
 
 
+def malloc_stats():
+    """glibc's heap figures (mallinfo2, bytes): ``in_use`` (allocated from the heap), ``free`` (freed but kept by
+    the allocator: fragmentation the RSS still counts), ``mmapped`` (large blocks, returned when freed); None
+    where there is no glibc."""
+    import ctypes
+
+    names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+             "keepcost")
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in names]
+
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = Info
+
+    def read() -> dict[str, int]:
+        i = fn()
+        return {"in_use": i.uordblks, "free": i.fordblks, "mmapped": i.hblkhd}
+
+    return read
+
+
 def child(out_file: Path, argv: list[str]) -> int:
     """Run ``python -m deltalign <argv>`` in this process, recording its memory (see the module docstring)."""
     sys.path.insert(0, str(ROOT))
@@ -118,9 +143,13 @@ def child(out_file: Path, argv: list[str]) -> int:
     peak = {"RssAnon": 0, "RssFile": 0}
     stop = threading.Event()
 
+    heap = malloc_stats()
+
     def sample():
         while not stop.is_set():
             s = status()
+            if s["RssAnon"] > peak["RssAnon"] and heap is not None:  # where the anonymous peak sits
+                rec["heap_at_peak"] = heap() | {"RssAnon": s["RssAnon"], "t": round(time.time() - t_load, 2)}
             for k in peak:
                 peak[k] = max(peak[k], s[k])
             time.sleep(0.02)
@@ -131,11 +160,18 @@ def child(out_file: Path, argv: list[str]) -> int:
 
     real_load, real_prepare = backbone_mod.load_base, engine_mod.Engine.prepare
 
+    t_load = time.time()
+
     def load_base(cfg):
+        nonlocal t_load
+        t_load = time.time()
         rec["marks"].setdefault("before_load", status())
         peak.update(RssAnon=0, RssFile=0)  # peaks from here on
         result = real_load(cfg)
         rec["marks"].setdefault("after_load", status())
+        if "load_peak" not in rec:  # the high-water marks while loading (the base being built), then after it
+            rec["load_peak"] = dict(peak)
+            peak.update(RssAnon=0, RssFile=0)
         return result
 
     def prepare(self, *a, **k):
@@ -220,8 +256,8 @@ def predicted(n_base: int, n_trainable: int, setting: str) -> float:
 
 def table(results: dict, n_base: int) -> str:
     gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
-    lines = ["| setting | stage | rank | peak above pre-load RSS (VmHWM) | anon peak | file peak | model state "
-             "measured / predicted | s/step |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | stage | rank | peak above pre-load RSS (VmHWM) | anon peak (loading / after) | file peak | "
+             "model state measured / predicted | s/step |", "|---|---|---|---|---|---|---|---|"]
     single = {}
     for setting, stages in results.items():
         for stage, r in stages.items():
@@ -234,11 +270,15 @@ def table(results: dict, n_base: int) -> str:
                 # anonymous memory added by loading and set-up, plus the file pages the run touched (transformers
                 # leaves the weights of a one-process load memory-mapped: they are read in at the first forward)
                 state = (m["after_prepare"]["RssAnon"] - m["before_load"]["RssAnon"]
-                         + x["peak"]["RssFile"] - m["before_load"]["RssFile"])
+                         + max(x["peak"]["RssFile"], x.get("load_peak", {}).get("RssFile", 0))
+                         - m["before_load"]["RssFile"])
                 pred = predicted(n_base, x["trainable"], setting)
-                lines.append(f"| {setting} | {stage} | {x['rank']} | {gb(hwm)}{share} | "
-                             f"{gb(x['peak']['RssAnon'] - m['before_load']['RssAnon'])} | "
-                             f"{gb(x['peak']['RssFile'] - m['before_load']['RssFile'])} | "
+                anon = gb(x["peak"]["RssAnon"] - m["before_load"]["RssAnon"])
+                if "load_peak" in x:  # newer runs: the peak while the base was built, then after it
+                    anon = f"{gb(x['load_peak']['RssAnon'] - m['before_load']['RssAnon'])} / {anon}"
+                file_peak = max(x["peak"]["RssFile"], x.get("load_peak", {}).get("RssFile", 0))
+                lines.append(f"| {setting} | {stage} | {x['rank']} | {gb(hwm)}{share} | {anon} | "
+                             f"{gb(file_peak - m['before_load']['RssFile'])} | "
                              f"{gb(state)} / {gb(pred)} ({state / pred - 1:+.0%}) | {r['s_per_step']} |")
     return "\n".join(lines) + "\n"
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from deltalign import deltas, zero
+from deltalign.zero import vocab as zero_vocab
 from deltalign.deltas import AdapterConfig, lora, peft_config  # noqa: F401  (AdapterConfig: stages import it here)
 from deltalign.deltas.sequence import Past, run, run_shared
 from deltalign.pipeline.config import setting
@@ -311,21 +312,34 @@ class Backbone(nn.Module):
         return run(self.causal_lm, delta, input_ids, attention_mask, past, cache)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM-head logits in float32 for the hidden states given (select positions first: the head is the cost)."""
-        return self.causal_lm.get_output_embeddings()(hidden).float()
+        """LM-head logits in float32 for the hidden states given (select positions first: the head is the cost);
+        without a gradient under ZeRO-3, from each rank's rows of the head (:func:`deltalign.zero.vocab.logits`)."""
+        head = self.causal_lm.get_output_embeddings()
+        weight = zero_vocab.weight_of(head)
+        if type(head) is nn.Linear and head.bias is None and hasattr(weight, "ds_id"):
+            out = zero_vocab.logits(weight, hidden)
+            if out is not None:
+                return out.float()
+        return head(hidden).float()
 
     def lm_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                     entropy: bool = False):
         """Log-probs of ``targets`` (and the entropy, if asked) under the LM head at ``temperature``, chunked
         (:func:`deltalign.losses.head_logprobs`: no full-vocabulary logits of the whole batch) when the head is a
-        plain frozen linear layer held whole; otherwise (a ZeRO-3-partitioned or trained head) through the full
-        logits."""
+        plain frozen linear layer held whole; from each rank's rows when ZeRO-3 partitions it
+        (:func:`deltalign.zero.vocab.head_logprobs`: never gathered); otherwise (a trained head, hooks) through the
+        full logits."""
         from deltalign.losses import entropy_from_logits, head_logprobs, token_logprobs
 
         head = self.causal_lm.get_output_embeddings()
-        plain = type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
-        if plain and not hasattr(head.weight, "ds_id") and not head._forward_hooks and not head._forward_pre_hooks:
-            return head_logprobs(hidden, head.weight, targets, temperature, entropy=entropy)
+        weight = zero_vocab.weight_of(head)
+        plain = type(head) is nn.Linear and head.bias is None and weight is not None and not weight.requires_grad
+        if plain and hasattr(weight, "ds_id"):  # ZeRO-3: from the rows each rank holds, never gathered
+            out = zero_vocab.head_logprobs(weight, hidden, targets, temperature, entropy)
+            if out is not None:
+                return out
+        if plain and not hasattr(weight, "ds_id") and not head._forward_hooks and not head._forward_pre_hooks:
+            return head_logprobs(hidden, weight, targets, temperature, entropy=entropy)
         logits = self.lm_logits(hidden) / temperature
         lp = token_logprobs(logits, targets)
         return (lp, entropy_from_logits(logits)) if entropy else lp

@@ -23,6 +23,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# The model's vocabulary is the tokenizer's padded to a multiple of 8 (259 -> 264), as real checkpoints pad theirs
+# (ids past the tokenizer's decode to nothing); the table then splits at a row boundary across 2 ZeRO-3 ranks, so
+# the ZeRO-3 tests run the vocabulary-parallel lookup and log-probs (deltalign.zero.vocab).
+VOCAB_MULTIPLE = 8
+MARK = "tiny: vocab padded to a multiple of 8\n"  # a checkpoint built before this line changed is rebuilt
+
 MODEL_CONFIG = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-5,
@@ -69,15 +75,15 @@ def build_model(vocab_size: int, seed: int = 0):
 def ensure(out_dir: Path | str = TINY_DIR) -> Path:
     """Build the tiny checkpoint into ``out_dir`` once (atomically: temp dir, then rename). Returns the path."""
     out = Path(out_dir)
-    if (out / ".complete").exists():
+    if (out / ".complete").exists() and (out / ".complete").read_text() == MARK:
         return out
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tok = build_tokenizer()
-    model = build_model(len(tok))
+    model = build_model(-(-len(tok) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / ".complete").write_text("tiny\n")
+    (tmp / ".complete").write_text(MARK)
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from deltalign.deltas.base import inner
+from deltalign.zero.vocab import lookup, weight_of
 
 
 @dataclass
@@ -56,6 +57,16 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1 + torch.where(last >= 0, idx - last, 0)).clamp(min=0)
 
 
+def sharded_embeds(lm, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """Input embeddings from the rows of a ZeRO-3-partitioned table each rank holds, never gathering the table
+    (:func:`deltalign.zero.vocab.lookup`); None otherwise (the model embeds the ids itself)."""
+    table = lm.get_input_embeddings()
+    weight = weight_of(table)
+    if type(table) is not torch.nn.Embedding or not hasattr(weight, "ds_id"):
+        return None
+    return lookup(weight, input_ids)
+
+
 def run(lm, delta, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: Past | None = None,
         cache: bool = False) -> tuple[torch.Tensor, Past | None]:
     """Hidden states [B, T, H] of ``input_ids`` under ``delta`` (one of ours, or None: the base with whatever peft
@@ -65,22 +76,23 @@ def run(lm, delta, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: 
     if past is not None:
         mask = torch.cat([past.mask, attention_mask.to(past.mask)], dim=1)
         pos = past.next_position + positions(attention_mask)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=past.cache,
-                    use_cache=True)
+        embeds = sharded_embeds(lm, input_ids)
+        out = model(input_ids=None if embeds is not None else input_ids, inputs_embeds=embeds, attention_mask=mask,
+                    position_ids=pos, past_key_values=past.cache, use_cache=True)
         return out.last_hidden_state, Past(out.past_key_values, mask, pos[:, -1:] + 1)
 
     batch = input_ids.shape[0]
-    mask, embeds, n_front, store = attention_mask, None, 0, None
+    mask, embeds, n_front, store = attention_mask, sharded_embeds(lm, input_ids), 0, None
     front = delta.front_embeds(batch) if delta is not None else None
     if front is not None:  # prompt tuning: virtual tokens in front, counted in the positions
-        tokens = lm.get_input_embeddings()(input_ids)
+        tokens = embeds if embeds is not None else lm.get_input_embeddings()(input_ids)
         embeds = torch.cat([front.to(tokens.dtype), tokens], dim=1)
         n_front = front.shape[1]
         mask = torch.cat([mask.new_ones(batch, n_front), mask], dim=1)
     pos = positions(mask)
     kv = delta.prefix_kv(batch) if delta is not None else None
     if kv is not None:  # prefix tuning: per-layer keys/values in front, not counted in the positions
-        dtype = lm.get_input_embeddings().weight.dtype
+        dtype = weight_of(lm.get_input_embeddings()).dtype
         kv = [(k.to(dtype), v.to(dtype)) for k, v in kv]
         store = DynamicCache(ddp_cache_data=kv) if cache else Cache(layers=[ReadOnlyLayer(k, v) for k, v in kv])
         mask = torch.cat([mask.new_ones(batch, kv[0][0].shape[2]), mask], dim=1)
@@ -98,9 +110,10 @@ def run_shared(lm, delta, shared: dict) -> torch.Tensor:
     model = inner(lm)
     mask = shared["mask"]
     if model.config._attn_implementation == "eager":  # eager adds the mask to the scores; sdpa takes booleans
-        dtype = lm.get_input_embeddings().weight.dtype
+        dtype = weight_of(lm.get_input_embeddings()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    out = model(input_ids=shared["input_ids"], attention_mask=mask, position_ids=shared["position_ids"],
-                use_cache=False)
+    embeds = sharded_embeds(lm, shared["input_ids"])
+    out = model(input_ids=None if embeds is not None else shared["input_ids"], inputs_embeds=embeds,
+                attention_mask=mask, position_ids=shared["position_ids"], use_cache=False)
     return out.last_hidden_state
 

@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 
 from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, labelled_logits, train_mode
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, labelled_hidden, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batch, to_device
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
 from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig, checker_eval
-from deltalign.losses import sft_loss_sum
 from deltalign.pipeline.config import setting
 
 NAME = "sft"
@@ -54,6 +53,13 @@ def batch_of(items: list[dict], idx: list[int], pad_id: int, device, share: bool
     return to_device(packed(b, share), device)
 
 
+def token_loss(backbone, model, batch: dict) -> tuple[torch.Tensor, int]:
+    """``(loss_sum, n_tokens)``: the summed cross-entropy of the labelled tokens (``sft_loss_sum`` of their logits)
+    through :meth:`Backbone.lm_logprobs` (in chunks of tokens; under ZeRO-3 from each rank's rows of the head)."""
+    hidden, targets, _ = labelled_hidden(model, batch)
+    return -backbone.lm_logprobs(hidden, targets).sum(), targets.numel()
+
+
 def train_step(engine, backbone, model, items: list[dict], micro: list[list[int]], pads: PadCounter,
                share: bool = False) -> float:
     """One optimizer step's forward/backward passes of token cross-entropy over the completions (normalised over
@@ -64,8 +70,7 @@ def train_step(engine, backbone, model, items: list[dict], micro: list[list[int]
     loss_total = 0.0
     for mb in engine.accumulate(batches):
         pads.add(mb["n_tokens"], mb["n_pad"])
-        logits, targets, _ = labelled_logits(backbone, model, mb)
-        loss_sum, _ = sft_loss_sum(logits, targets)
+        loss_sum = token_loss(backbone, model, mb)[0]
         engine.backward(loss_sum, total)
         loss_total += loss_sum.item()
     return loss_total / max(total / engine.world, 1)
@@ -78,8 +83,7 @@ def heldout_loss(backbone, model, items: list[dict], batch_size: int, device, sh
     pad = backbone.tokenizer.pad_token_id
     with eval_mode(model):
         for idx in length_grouped_batches([len(x["input_ids"]) for x in items], batch_size, 0, 0, shuffle=False):
-            logits, targets, _ = labelled_logits(backbone, model, batch_of(items, idx, pad, device, share))
-            loss_sum, n = sft_loss_sum(logits, targets)
+            loss_sum, n = token_loss(backbone, model, batch_of(items, idx, pad, device, share))
             total, count = total + float(loss_sum), count + int(n)
     return total / max(count, 1)
 

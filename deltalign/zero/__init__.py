@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO under the engine: the few places where ZeRO needs more than accelerate does by itself.
 
-The engine (:mod:`deltalign.engine`) calls these; stages never do. What each one is for:
+The engine (:mod:`deltalign.engine`) calls these (the backbone calls :mod:`~deltalign.zero.vocab`); stages never do. What each one is for:
 
 * :func:`skip_shm_build` -- on CPU, DeepSpeed would JIT-compile a shared-memory all-reduce at start-up;
 * :func:`configure` -- the engine owns accumulation, its normalisation and the update boundary, so DeepSpeed's
@@ -15,7 +15,9 @@ The engine (:mod:`deltalign.engine`) calls these; stages never do. What each one
 * :func:`gathered_parameters`, :func:`full_tensors` / :func:`set_full_tensors` -- the full values of some (sharded)
   parameters -- a delta, what trains -- for saving and checkpoints, and setting them on resume;
 * :func:`return_gather_buffers` -- ZeRO-3's gather buffers go back to the OS when freed (no heap fragmentation);
-* :func:`load_sharded` -- the base loaded partitioned, one tensor at a time (no process holds the whole base);
+* :func:`load_sharded` -- the base loaded partitioned: each process reads only its own range of each tensor;
+* :mod:`deltalign.zero.vocab` -- the embedding lookup and the LM head's log-probs from the rows of the vocabulary
+  table each rank holds (the largest parameter of a small model, never gathered; the backbone calls these);
 * :func:`optimizer_state` / :func:`load_optimizer_state` -- the optimizer for a checkpoint, without DeepSpeed's
   own ``save_checkpoint`` / ``load_checkpoint`` (which unpickle on load): per trainable parameter its full fp32
   master value and moments (``deepspeed.utils.safe_get_full_*``), plus the per-partition step count.
@@ -286,44 +288,63 @@ def safetensors_index(path: Path) -> dict[str, tuple[Path, int, int, str, list[i
     return out
 
 
-def read_tensor(entry: tuple[Path, int, int, str, list[int]]) -> torch.Tensor:
-    """One tensor, read with plain file reads (no memory map: the process holds this tensor and nothing else of
-    the file)."""
+def read_tensor(entry: tuple[Path, int, int, str, list[int]], start: int = 0, count: int | None = None) -> torch.Tensor:
+    """One tensor, read with plain file reads (no memory map: the process holds what it read and nothing else of
+    the file); with ``start``/``count``, only that range of its flattened elements (1-D)."""
     f, offset, size, dtype, shape = entry
-    buf = bytearray(size)
+    dt = SAFETENSORS_DTYPES[dtype]
+    whole = count is None
+    if whole:
+        start, count = 0, size // max(dt.itemsize, 1)
+    buf = bytearray(count * dt.itemsize)
     with open(f, "rb", buffering=0) as fh:
-        fh.seek(offset)
+        fh.seek(offset + start * dt.itemsize)
         fh.readinto(buf)
-    if not size:
-        return torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
-    return torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[dtype]).reshape(shape)
+    if not buf:
+        return torch.empty(shape if whole else [0], dtype=dt)
+    out = torch.frombuffer(buf, dtype=dt)
+    return out.reshape(shape) if whole else out
 
 
 def load_sharded(path: Path, dtype: torch.dtype, trust_remote_code: bool):
-    """The base under ZeRO-3 without any process holding all of it: built partitioned (transformers wraps
-    ``from_config`` in ``deepspeed.zero.Init`` when ZeRO-3 is on), then filled one tensor at a time: every process
-    gathers that one parameter, rank 0 reads it from the safetensors file and copies it in, and leaving the scope
-    re-partitions it. (transformers' own ZeRO-3 loading has rank 0 map every checkpoint file at once.)"""
+    """The base under ZeRO-3 without any process holding more of it than its own partition: built partitioned
+    (transformers wraps ``from_config`` in ``deepspeed.zero.Init`` when ZeRO-3 is on), then every process reads,
+    for each parameter, only the range of its flattened values that ZeRO-3 keeps on that process (a contiguous
+    byte range of the safetensors file) straight into its partition: nothing is gathered, no process reads the
+    others' ranges. (transformers' own ZeRO-3 loading has rank 0 map every checkpoint file at once.)"""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    # no random initialisation: every value is read below, and under zero.Init transformers initialises each
+    # weight inside a gather (the vocabulary table whole on every process)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     index = safetensors_index(path)
     params = dict(model.named_parameters())  # tied weights once (lm_head = embed_tokens)
     missing = sorted(set(params) - set(index))
     if missing:
         raise ValueError(f"{path}: the checkpoint has no tensor for {missing[:3]}{' ...' if len(missing) > 3 else ''}"
                          " (its names differ from the model's; ZeRO-3 sharded loading needs them to match)")
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     with torch.no_grad():
         for name, p in params.items():
-            with gathered_parameters([p], 3, modifier_rank=0):
-                if rank0:
-                    p.copy_(read_tensor(index[name]).to(p.dtype))
+            if not hasattr(p, "ds_tensor"):  # not partitioned (ZeRO-3 off for this one): read it whole
+                p.copy_(read_tensor(index[name]).to(p.dtype))
+                continue
+            shape = index[name][4]
+            if list(shape) != list(p.ds_shape):
+                raise ValueError(f"{path}: tensor {name} has shape {shape}, the model expects {list(p.ds_shape)}")
+            part = p.ds_tensor.numel()
+            start = torch.distributed.get_rank(group=getattr(p, "ds_process_group", None)) * part
+            n = max(0, min(part, p.ds_numel - start))
+            local = p.ds_tensor.view(-1)
+            if n:
+                local[:n].copy_(read_tensor(index[name], start, n).to(local.dtype))
+            local[n:].zero_()  # the last partition's padding
         for name, b in model.named_buffers():  # buffers are not partitioned: every process reads its own
             if name in index:
                 b.copy_(read_tensor(index[name]).to(b.dtype))
     from deltalign.engine import release_free_memory
 
-    release_free_memory()  # the full-size temporaries (zero.Init's, the gathers') leave holes in the heap
+    release_free_memory()  # zero.Init's full-size temporaries leave holes in the heap
     return model
