@@ -67,6 +67,12 @@ def sharded_embeds(lm, input_ids: torch.Tensor) -> torch.Tensor | None:
     return lookup(weight, input_ids)
 
 
+def _tokens(lm, input_ids: torch.Tensor) -> dict:
+    """The model's token input: the ids, or under ZeRO-3 their embeddings from :func:`sharded_embeds`."""
+    embeds = sharded_embeds(lm, input_ids)
+    return {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
+
+
 def run(lm, delta, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: Past | None = None,
         cache: bool = False) -> tuple[torch.Tensor, Past | None]:
     """Hidden states [B, T, H] of ``input_ids`` under ``delta`` (one of ours, or None: the base with whatever peft
@@ -76,9 +82,8 @@ def run(lm, delta, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: 
     if past is not None:
         mask = torch.cat([past.mask, attention_mask.to(past.mask)], dim=1)
         pos = past.next_position + positions(attention_mask)
-        embeds = sharded_embeds(lm, input_ids)
-        out = model(input_ids=None if embeds is not None else input_ids, inputs_embeds=embeds, attention_mask=mask,
-                    position_ids=pos, past_key_values=past.cache, use_cache=True)
+        out = model(**_tokens(lm, input_ids), attention_mask=mask, position_ids=pos, past_key_values=past.cache,
+                    use_cache=True)
         return out.last_hidden_state, Past(out.past_key_values, mask, pos[:, -1:] + 1)
 
     batch = input_ids.shape[0]
@@ -112,8 +117,7 @@ def run_shared(lm, delta, shared: dict) -> torch.Tensor:
     if model.config._attn_implementation == "eager":  # eager adds the mask to the scores; sdpa takes booleans
         dtype = weight_of(lm.get_input_embeddings()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    embeds = sharded_embeds(lm, shared["input_ids"])
-    out = model(input_ids=None if embeds is not None else shared["input_ids"], inputs_embeds=embeds,
-                attention_mask=mask, position_ids=shared["position_ids"], use_cache=False)
+    out = model(**_tokens(lm, shared["input_ids"]), attention_mask=mask, position_ids=shared["position_ids"],
+                use_cache=False)
     return out.last_hidden_state
 
