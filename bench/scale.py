@@ -88,7 +88,7 @@ def build_model(shape: str) -> Path:
 
 def base_numel(path: Path) -> int:
     sys.path.insert(0, str(ROOT))
-    from deltalign.zero import safetensors_index
+    from deltalign.zero.loading import safetensors_index
 
     n = 0
     for _, _, _, _, shape in safetensors_index(path).values():

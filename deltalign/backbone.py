@@ -26,7 +26,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from deltalign import deltas, zero
+from deltalign import deltas
+from deltalign.zero import loading as zero_loading
 from deltalign.zero import vocab as zero_vocab
 from deltalign.deltas import AdapterConfig, lora, peft_config  # noqa: F401  (AdapterConfig: stages import it here)
 from deltalign.deltas.sequence import Past, run, run_shared
@@ -93,8 +94,8 @@ def load_base(cfg: ModelConfig):
         )
     elif cfg.quantization != "none":
         raise ValueError(f"model.quantization must be 'none' or 'nf4' (got {cfg.quantization!r})")
-    if cfg.quantization == "none" and zero.sharded_loading():  # under ZeRO-3: never the whole base in a process
-        model = zero.load_sharded(path, dtype, cfg.trust_remote_code)
+    if cfg.quantization == "none" and zero_loading.sharded_loading():  # under ZeRO-3: never the whole base in a process
+        model = zero_loading.load_sharded(path, dtype, cfg.trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     for m in model.modules():

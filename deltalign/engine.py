@@ -141,7 +141,7 @@ class Engine:
         self.ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         self.zero_stage = int(self.ds_plugin.zero_stage) if self.ds_plugin is not None else 0
         if self.zero_stage == 3:  # transformers' ZeRO-3 mode, whatever zero3_init_flag says: a base loaded from
-            self.ds_plugin.set_deepspeed_weakref()  # now on is built partitioned (zero.load_sharded)
+            self.ds_plugin.set_deepspeed_weakref()  # now on is built partitioned (zero.loading)
             zero.return_gather_buffers()
         self.quiet = quiet or not self.is_main
         self.step_no = 0

@@ -106,7 +106,7 @@ def _probe(probe_dir: Path, argv: list[str]) -> int:
 
     from deltalign import backbone as backbone_mod
     from deltalign import engine as engine_mod
-    from deltalign import zero as zero_mod
+    from deltalign.zero import loading as zero_mod
 
     loads, reads = [], []
     real_read, real_load_base = zero_mod.read_tensor, backbone_mod.load_base
@@ -116,13 +116,32 @@ def _probe(probe_dir: Path, argv: list[str]) -> int:
         reads.append(t.numel())
         return t
 
-    def load_base(cfg):  # what the process holds of the base right after loading it, and what it read
-        model, tok = real_load_base(cfg)
+    def load_base(cfg):  # what the process holds of the base right after loading it, what it read, and how
+        collectives = []  # many collectives (broadcasts, gathers) loading it took
+        c10d = torch.distributed.distributed_c10d  # (all_gather_into_tensor, which DeepSpeed holds, calls it)
+        real = {(mod, k): getattr(mod, k) for mod, k in ((torch.distributed, "broadcast"),
+                                                         (torch.distributed, "all_gather"),
+                                                         (c10d, "all_gather_single"))}
+
+        def counted(key):
+            def f(*a, **kw):
+                collectives.append(key[1])
+                return real[key](*a, **kw)
+            return f
+
+        for mod, k in real:
+            setattr(mod, k, counted((mod, k)))
+        try:
+            model, tok = real_load_base(cfg)
+        finally:
+            for (mod, k), f in real.items():
+                setattr(mod, k, f)
         params = list(model.parameters())
         loads.append({"partitioned": all(hasattr(p, "ds_id") for p in params),
                       "local": sum(p.numel() for p in params),
                       "full": sum(int(getattr(p, "ds_numel", p.numel())) for p in params),
-                      "reads": len(reads), "max_read": max(reads, default=0), "n_params": len(params)})
+                      "reads": len(reads), "max_read": max(reads, default=0), "n_params": len(params),
+                      "collectives": len(collectives)})
         reads.clear()
         return model, tok
 
@@ -401,7 +420,8 @@ def test_zero3_shards_the_frozen_base_and_generates_from_gathered_and_sharded_we
 def test_zero3_loads_the_base_partitioned_reading_one_tensor_at_a_time(runs):
     """Under ZeRO-3 every load of the base (each stage, each rank) leaves it partitioned from the start (not loaded
     whole, then sharded by deepspeed.initialize); each rank reads each tensor once, only its own half: no read is
-    larger than half the largest tensor. Under ZeRO-2 the base is whole, read by transformers."""
+    larger than half the largest tensor, and building it takes no collective (no random values broadcast, no
+    parameter gathered to initialise it: every value is read). Under ZeRO-2 the base is whole, read by transformers."""
     largest = max(v.numel() for v in _tiny_base().values())
     half = -(-largest // 2)
     for zero, partitioned in (("zero3", True), ("zero2", False)):
@@ -417,6 +437,7 @@ def test_zero3_loads_the_base_partitioned_reading_one_tensor_at_a_time(runs):
                     assert x["local"] == 0 and x["full"] > 0, x  # nothing of the base left in place on this rank
                     assert x["reads"] == x["n_params"], (rank, x)
                     assert 0 < x["max_read"] <= half, (rank, x, half)
+                    assert x["collectives"] == 0, x  # built partitioned, nothing broadcast or gathered
                 else:
                     assert x["reads"] == 0 and x["local"] == x["full"], x
 
