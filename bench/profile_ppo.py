@@ -43,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, Settings, emit, model_dims, parse_result, seq_flops, set_threads, tree_flops  # noqa: E402
 
 PHASES = ("generate", "score", "optimise")
-VARIANTS = {"default": {}, "return-freed": {"MALLOC_MMAP_THRESHOLD_": "262144"}}
+VARIANTS = {"default": {}, "return-freed": {"MALLOC_MMAP_THRESHOLD_": "262144"},
+            # experiments (--variants): big blocks only returned; one heap arena for every thread
+            "mmap-4m": {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}, "one-arena": {"MALLOC_ARENA_MAX": "1"}}
 
 
 def _status() -> dict:
@@ -149,6 +151,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3, help="PPO steps per process, the first untimed")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--variants", default="default,return-freed", help=f"from {', '.join(VARIANTS)}")
     args = ap.parse_args()
     if args.child:
         s = Settings.from_json(args.child)
@@ -165,7 +168,8 @@ def main() -> int:
     peak = parse_result(subprocess.run([py, str(ROOT / "bench" / "matmul_peak.py"), "--threads", str(s.threads),
                                         "--seconds", "3"], capture_output=True, text=True, cwd=ROOT).stdout)
     results = {}
-    for name, env in VARIANTS.items():
+    for name in args.variants.split(","):
+        env = VARIANTS[name]
         p = subprocess.run([py, __file__, "--child", s.to_json(), "--steps", str(args.steps)], capture_output=True,
                            text=True, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1", **env))
         res = parse_result(p.stdout)
