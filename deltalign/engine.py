@@ -110,7 +110,8 @@ def release_free_memory() -> None:
     activations in fragmented heap chunks, so a phase with another allocation pattern (PPO: generation, scoring,
     updates) adds its own on top. For a stage whose steps all look alike it does not lower the peak, and trimming
     every step costs the page faults of re-touching the memory (SFT, batch 8 x 256 tokens: 20% slower), so only
-    PPO calls it, at its phase boundaries."""
+    PPO calls it, at its phase boundaries and after each training pass of its updates (with checkpointing, each
+    forward leaves free heap behind; bench/profile_ppo.py measures the peak by phase)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

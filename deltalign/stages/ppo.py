@@ -247,6 +247,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             with backbone.using(CRITIC):
                 first_v = critic_values(model, rows_of(batch, first), pack)
             old_lp[first], old_v[first] = first_out[0].detach(), first_v.detach().to(old_v)
+            release_free_memory()  # see the updates below
 
         # 3.4 per-token rewards with the KL penalty, GAE, whitened advantages
         rewards, kl = kl_penalty_rewards(score.to(old_lp), old_lp, ref_lp, mask, kl_ctl.value)
@@ -269,10 +270,15 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                 pg_loss, pg = ppo_policy_loss(lp, old_lp[mb], adv[mb], m, cfg.clip)
                 entropy = masked_mean(ent, m)
                 engine.backward((pg_loss - cfg.ent_coef * entropy) * n_tokens, total)
+            release_free_memory()  # see below
             with backbone.using(CRITIC):
                 v = first_v if first_v is not None else critic_values(model, sub, pack)
                 vf_loss, vf = ppo_value_loss(v, old_v[mb], returns[mb], m, cfg.value_clip)
                 engine.backward(cfg.vf_coef * vf_loss * n_tokens, total)
+            # each checkpointed layer keeps its small input alive in the middle of the heap where its larger
+            # temporaries were freed, so the next layer's temporaries go further up: a forward over the rollout
+            # leaves a few hundred MB of free heap that glibc keeps resident; handed back after every pass
+            release_free_memory()
             first_out = first_v = None
             upd = engine.update()
             share = n_tokens * engine.world / max(total, 1.0)  # mean over processes == global token mean
