@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from deltalign import deltas
-from deltalign.zero import loading as zero_loading
-from deltalign.zero import vocab as zero_vocab
 from deltalign.deltas import AdapterConfig, lora, peft_config  # noqa: F401  (AdapterConfig: stages import it here)
 from deltalign.deltas.sequence import Past, run, run_shared
 from deltalign.pipeline.config import setting
+from deltalign.zero import loading as zero_loading
+from deltalign.zero import vocab as zero_vocab
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -324,11 +324,12 @@ class Backbone(nn.Module):
         return head(hidden).float()
 
     def lm_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                    entropy: bool = False):
+                    entropy: bool = False, chunked: bool = True):
         """Log-probs of ``targets`` (and the entropy, if asked) under the LM head at ``temperature``, chunked
-        (:func:`deltalign.losses.head_logprobs`: no full-vocabulary logits of the whole batch) when the head is a
-        plain frozen linear layer held whole; from each rank's rows when ZeRO-3 partitions it
-        (:func:`deltalign.zero.vocab.head_logprobs`: never gathered); otherwise (a trained head, hooks) through the
+        (:func:`deltalign.losses.head_logprobs`: no full-vocabulary logits of the whole batch, the backward
+        recomputes each chunk's logits) when the head is a plain frozen linear layer held whole and ``chunked``;
+        from each rank's rows when ZeRO-3 partitions it (:func:`deltalign.zero.vocab.head_logprobs`: never
+        gathered); otherwise (``chunked=False``: faster where the logits fit; a trained head, hooks) through the
         full logits."""
         from deltalign.losses import entropy_from_logits, head_logprobs, token_logprobs
 
@@ -339,9 +340,11 @@ class Backbone(nn.Module):
             out = zero_vocab.head_logprobs(weight, hidden, targets, temperature, entropy)
             if out is not None:
                 return out
-        if plain and not hasattr(weight, "ds_id") and not head._forward_hooks and not head._forward_pre_hooks:
+        if (chunked and plain and not hasattr(weight, "ds_id") and not head._forward_hooks
+                and not head._forward_pre_hooks):
             return head_logprobs(hidden, weight, targets, temperature, entropy=entropy)
-        logits = self.lm_logits(hidden) / temperature
+        logits = self.lm_logits(hidden)
+        logits = logits / temperature if temperature != 1.0 else logits  # no [N, V] copy at temperature 1
         lp = token_logprobs(logits, targets)
         return (lp, entropy_from_logits(logits)) if entropy else lp
 
@@ -351,71 +354,3 @@ class Backbone(nn.Module):
     def trainable_numel(self) -> int:
         """How many values train (full sizes: under ZeRO-3 a parameter's local tensor is empty)."""
         return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.trainable_parameters())
-
-    def train_without_dropout(self) -> "Backbone":
-        """Training mode with every dropout off (see :func:`train_without_dropout`)."""
-        return train_without_dropout(self)
-
-
-def train_without_dropout(module: nn.Module) -> nn.Module:
-    """Training mode (gradient checkpointing, which transformers runs only in training mode, stays on) with
-    every dropout off: LoRA dropout modules and attention dropout. A stage's ``disable_dropout`` setting calls
-    this: the trained forward is then the same function as a reference or old-policy forward in eval mode."""
-    module.train()
-    for m in module.modules():
-        if isinstance(m, nn.Dropout) or hasattr(m, "attention_dropout"):
-            m.eval()
-    return module
-
-
-def train_mode(module: nn.Module, dropout: bool = True) -> nn.Module:
-    """Training mode, with every dropout off unless ``dropout`` (a stage's ``disable_dropout`` setting)."""
-    return module.train() if dropout else train_without_dropout(module)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module):
-    """Eval mode for the block, then EACH module's own training flag back -- not one ``train(flag)`` for the
-    whole tree, which would switch every dropout back on after :func:`train_without_dropout`. Every place that
-    evaluates inside a training run uses this (scoring, reference log-probs, held-out loss, generation)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def shared_of(batch: dict) -> dict:
-    """The keyword that makes a forward run the batch packed, when the batch carries its packed form."""
-    return {"shared": batch["shared"]} if "shared" in batch else {}
-
-
-def labelled_hidden(model, batch: dict):
-    """Hidden states only at positions that predict a label: ``(hidden [N, H], targets [N], rows [N])``.
-
-    ``model`` is the (possibly accelerate-prepared) callable wrapping the backbone. ``batch['labels']`` is aligned
-    with ``input_ids`` (-100 on prompt and pad); position t predicts label t+1. Skipping the LM head on prompt
-    and pad positions saves most of its cost (vocab x hidden per token).
-    """
-    hidden = model(batch["input_ids"], batch["attention_mask"], **shared_of(batch))
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
-    return hidden[:, :-1][mask], labels[mask], rows
-
-
-def labelled_logits(backbone, model, batch: dict):
-    """LM logits only at positions that predict a label: ``(logits [N, V], targets [N], rows [N])``."""
-    hidden, targets, rows = labelled_hidden(model, batch)
-    return backbone.lm_logits(hidden), targets, rows
-
-
-def response_logprobs(backbone, model, batch: dict) -> torch.Tensor:
-    """Sum of log p(label) over each row's labelled (response) tokens: shape [B] (the LM head in chunks of
-    tokens: :meth:`Backbone.lm_logprobs`)."""
-    hidden, targets, rows = labelled_hidden(model, batch)
-    token_lp = backbone.lm_logprobs(hidden, targets)
-    n_rows = batch["labels"].shape[0]
-    return torch.zeros(n_rows, dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)

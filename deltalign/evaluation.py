@@ -15,7 +15,8 @@ from typing import Literal
 
 import torch
 
-from deltalign.backbone import eval_mode, response_logprobs
+from deltalign.labelled import response_logprobs
+from deltalign.modes import eval_mode
 from deltalign.data.batching import pad_batch
 from deltalign.data.tokenize import tokenize_prompt
 from deltalign.generation import GenerationConfig, checker_eval

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from deltalign.backbone import eval_mode
+from deltalign.modes import eval_mode
 from deltalign.pipeline.config import setting
 from deltalign.data.tokenize import tokenize_prompt
 from deltalign.rewards.checker import score_batch

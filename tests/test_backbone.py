@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, labelled_logits, response_logprobs
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.labelled import labelled_logits, response_logprobs
 from deltalign.losses import sft_loss_sum
 
 

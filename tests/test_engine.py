@@ -11,7 +11,7 @@ from conftest import run_cli
 from deltalign.backbone import AdapterConfig
 from deltalign.engine import Engine, TrainConfig, lr_lambda
 from deltalign.losses import sft_loss_sum
-from deltalign.backbone import labelled_logits
+from deltalign.labelled import labelled_logits
 
 
 def test_schedule_warms_up_then_decays_to_min():

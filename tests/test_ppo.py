@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, response_logprobs
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.labelled import response_logprobs
 from deltalign.data.batching import pad_batch
 from deltalign.data.formats import DataError, prompt_examples
 from deltalign.generation import GenerationConfig

@@ -4,7 +4,8 @@ tree attention mask, depth-based positions), and callers see the same hidden sta
 import pytest
 import torch
 
-from deltalign.backbone import AdapterConfig, labelled_hidden, response_logprobs
+from deltalign.backbone import AdapterConfig
+from deltalign.labelled import labelled_hidden, response_logprobs
 from deltalign.data.batching import pad_batch, pair_batch, to_device
 from deltalign.data.sharing import share_prefixes
 

@@ -518,7 +518,8 @@ def test_other_delta_methods_under_zero3_match_one_process(method_runs, chain):
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients(batch):
-    from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, labelled_logits
+    from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+    from deltalign.labelled import labelled_logits
     from deltalign.losses import sft_loss_sum
 
     grads = []

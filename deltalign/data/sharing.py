@@ -127,7 +127,7 @@ class PrefixSharing:
 
 
 def packed(batch: dict, on: bool) -> dict:
-    """``batch`` with its packed form under ``shared`` when ``on`` (what :func:`deltalign.backbone.shared_of` and
+    """``batch`` with its packed form under ``shared`` when ``on`` (what :func:`deltalign.labelled.shared_of` and
     the forward read); the batch itself unchanged otherwise."""
     if on:
         batch["shared"] = share_prefixes(batch["input_ids"], batch["attention_mask"])

@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Literal
 
 from deltalign import atomic
-from deltalign.backbone import Backbone, ModelConfig, train_mode
+from deltalign.backbone import Backbone, ModelConfig
+from deltalign.modes import train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches
 from deltalign.data.splits import RowRules
 from deltalign.deltas import fusion

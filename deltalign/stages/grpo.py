@@ -42,7 +42,8 @@ from typing import Literal
 import torch
 
 from deltalign import atomic
-from deltalign.backbone import Backbone, ModelConfig, eval_mode, train_mode
+from deltalign.backbone import Backbone, ModelConfig
+from deltalign.modes import eval_mode, train_mode
 from deltalign.data.batching import length_grouped_batches
 from deltalign.engine import Engine, TrainConfig, release_free_memory
 from deltalign.evaluation import policy_report, report_scalars

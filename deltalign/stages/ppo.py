@@ -37,7 +37,8 @@ from typing import Literal
 import torch
 
 from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, train_mode
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.modes import train_mode
 from deltalign.data.batching import length_grouped_batches
 from deltalign.engine import Engine, TrainConfig, release_free_memory
 from deltalign.evaluation import policy_report, report_scalars

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, shared_of, train_mode
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.labelled import shared_of
+from deltalign.modes import eval_mode, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pair_batch, to_device
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig, eval_mode, labelled_hidden, train_mode
+from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.labelled import labelled_hidden
+from deltalign.modes import eval_mode, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batch, to_device
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
@@ -55,9 +57,10 @@ def batch_of(items: list[dict], idx: list[int], pad_id: int, device, share: bool
 
 def token_loss(backbone, model, batch: dict) -> tuple[torch.Tensor, int]:
     """``(loss_sum, n_tokens)``: the summed cross-entropy of the labelled tokens (``sft_loss_sum`` of their logits)
-    through :meth:`Backbone.lm_logprobs` (in chunks of tokens; under ZeRO-3 from each rank's rows of the head)."""
+    through :meth:`Backbone.lm_logprobs`: the logits of the labelled tokens at once (a chunked head would
+    recompute them in its backward), under ZeRO-3 from each rank's rows."""
     hidden, targets, _ = labelled_hidden(model, batch)
-    return -backbone.lm_logprobs(hidden, targets).sum(), targets.numel()
+    return -backbone.lm_logprobs(hidden, targets, chunked=False).sum(), targets.numel()
 
 
 def train_step(engine, backbone, model, items: list[dict], micro: list[list[int]], pads: PadCounter,
