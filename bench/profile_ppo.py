@@ -44,8 +44,10 @@ from common import ROOT, Settings, emit, model_dims, parse_result, seq_flops, se
 
 PHASES = ("generate", "score", "optimise")
 VARIANTS = {"default": {}, "return-freed": {"MALLOC_MMAP_THRESHOLD_": "262144"},
-            # experiments (--variants): big blocks only returned; one heap arena for every thread
-            "mmap-4m": {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}, "one-arena": {"MALLOC_ARENA_MAX": "1"}}
+            # experiments (--variants): blocks above a fixed size returned when freed; one heap arena for all threads
+            **{f"mmap-{k}": {"MALLOC_MMAP_THRESHOLD_": str(v)} for k, v in
+               (("512k", 512 << 10), ("1m", 1 << 20), ("2m", 2 << 20), ("3m", 3 << 20), ("4m", 4 << 20))},
+            "one-arena": {"MALLOC_ARENA_MAX": "1"}}
 
 
 def _status() -> dict:

@@ -312,12 +312,17 @@ class Backbone(nn.Module):
         delta = self.deltas[self._active] if self._active in self.deltas else None
         return run(self.causal_lm, delta, input_ids, attention_mask, past, cache)
 
+    def _lm_head(self) -> tuple[nn.Module, nn.Parameter | None, bool]:
+        """The LM head, its weight (read without a ZeRO-3 gather) and whether it is a bias-free linear layer."""
+        head = self.causal_lm.get_output_embeddings()
+        weight = zero_vocab.weight_of(head)
+        return head, weight, type(head) is nn.Linear and head.bias is None and weight is not None
+
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits in float32 for the hidden states given (select positions first: the head is the cost);
         without a gradient under ZeRO-3, from each rank's rows of the head (:func:`deltalign.zero.vocab.logits`)."""
-        head = self.causal_lm.get_output_embeddings()
-        weight = zero_vocab.weight_of(head)
-        if type(head) is nn.Linear and head.bias is None and hasattr(weight, "ds_id"):
+        head, weight, linear = self._lm_head()
+        if linear and hasattr(weight, "ds_id"):
             out = zero_vocab.logits(weight, hidden)
             if out is not None:
                 return out.float()
@@ -333,9 +338,8 @@ class Backbone(nn.Module):
         full logits."""
         from deltalign.losses import entropy_from_logits, head_logprobs, token_logprobs
 
-        head = self.causal_lm.get_output_embeddings()
-        weight = zero_vocab.weight_of(head)
-        plain = type(head) is nn.Linear and head.bias is None and weight is not None and not weight.requires_grad
+        head, weight, linear = self._lm_head()
+        plain = linear and not weight.requires_grad
         if plain and hasattr(weight, "ds_id"):  # ZeRO-3: from the rows each rank holds, never gathered
             out = zero_vocab.head_logprobs(weight, hidden, targets, temperature, entropy)
             if out is not None:

@@ -248,7 +248,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             with backbone.using(CRITIC):
                 first_v = critic_values(model, rows_of(batch, first), pack)
             old_lp[first], old_v[first] = first_out[0].detach(), first_v.detach().to(old_v)
-            release_free_memory()  # see the updates below
+            # each checkpointed layer keeps its small input alive in the middle of the heap where its larger
+            # temporaries were freed, so the next layer's temporaries go further up: a forward over the rollout
+            # leaves a few hundred MB of free heap that glibc keeps resident; handed back after every pass
+            release_free_memory()
 
         # 3.4 per-token rewards with the KL penalty, GAE, whitened advantages
         rewards, kl = kl_penalty_rewards(score.to(old_lp), old_lp, ref_lp, mask, kl_ctl.value)
@@ -271,14 +274,11 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                 pg_loss, pg = ppo_policy_loss(lp, old_lp[mb], adv[mb], m, cfg.clip)
                 entropy = masked_mean(ent, m)
                 engine.backward((pg_loss - cfg.ent_coef * entropy) * n_tokens, total)
-            release_free_memory()  # see below
+            release_free_memory()  # after every training pass (see 3.3)
             with backbone.using(CRITIC):
                 v = first_v if first_v is not None else critic_values(model, sub, pack)
                 vf_loss, vf = ppo_value_loss(v, old_v[mb], returns[mb], m, cfg.value_clip)
                 engine.backward(cfg.vf_coef * vf_loss * n_tokens, total)
-            # each checkpointed layer keeps its small input alive in the middle of the heap where its larger
-            # temporaries were freed, so the next layer's temporaries go further up: a forward over the rollout
-            # leaves a few hundred MB of free heap that glibc keeps resident; handed back after every pass
             release_free_memory()
             first_out = first_v = None
             upd = engine.update()

@@ -65,6 +65,12 @@ def _every_rank(x: Tensor) -> tuple[Tensor, int, int]:
     return torch.cat(parts), m, x.shape[0]
 
 
+def _own(x: Tensor, m: int, n: int) -> Tensor:
+    """This rank's ``n`` rows of an :func:`_every_rank` result padded to ``m`` rows per rank."""
+    rank = dist.get_rank()
+    return x[rank * m: rank * m + n]
+
+
 def lookup(weight, ids: Tensor) -> Tensor | None:
     """The embeddings of ``ids`` [...] -> [..., H] from the rows each rank holds (None: use the module)."""
     shard = shard_rows(weight)
@@ -77,8 +83,7 @@ def lookup(weight, ids: Tensor) -> Tensor | None:
     out = rows.new_zeros((all_ids.shape[0], rows.shape[1]))
     out[hit] = rows[local[hit]]
     dist.all_reduce(out)  # each id's row comes from exactly one rank
-    rank = dist.get_rank()
-    return out[rank * m: rank * m + n].view(*ids.shape, rows.shape[1])
+    return _own(out, m, n).view(*ids.shape, rows.shape[1])
 
 
 def logits(weight, hidden: Tensor) -> Tensor | None:
@@ -97,8 +102,7 @@ def logits(weight, hidden: Tensor) -> Tensor | None:
     local = torch.cat([local, local.new_full((local.shape[0], full - rows.shape[0]), float("-inf"))], dim=1)
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, local)
-    rank = dist.get_rank()
-    out = torch.cat(parts, dim=1)[rank * m: rank * m + n, : weight.ds_shape[0]]
+    out = _own(torch.cat(parts, dim=1), m, n)[:, : weight.ds_shape[0]]
     return out.view(*hidden.shape[:-1], out.shape[-1])
 
 
@@ -133,9 +137,7 @@ class _ShardedHead(torch.autograd.Function):
         lp = lp - lse
         ctx.save_for_backward(h, t, lse, mean_z)
         ctx.rows, ctx.first, ctx.inv_t, ctx.m, ctx.n, ctx.hidden_dtype = rows, first, inv_t, m, n, hidden.dtype
-        rank = dist.get_rank()
-        own = slice(rank * m, rank * m + n)
-        return (lp[own], (lse - mean_z)[own]) if want_entropy else lp[own]
+        return (_own(lp, m, n), _own(lse - mean_z, m, n)) if want_entropy else _own(lp, m, n)
 
     @staticmethod
     def backward(ctx, g_lp, g_ent=None):
@@ -156,8 +158,7 @@ class _ShardedHead(torch.autograd.Function):
             dz[hit, y[hit]] += G_lp[c][hit]
             grad[c] = (dz * inv_t).to(rows.dtype) @ rows
         dist.all_reduce(grad)
-        rank = dist.get_rank()
-        return grad[rank * ctx.m: rank * ctx.m + ctx.n].to(ctx.hidden_dtype), None, None, None, None, None
+        return _own(grad, ctx.m, ctx.n).to(ctx.hidden_dtype), None, None, None, None, None
 
 
 def head_logprobs(weight, hidden: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False):
