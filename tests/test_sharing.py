@@ -54,7 +54,25 @@ def _pairs(n=3):
     return out
 
 
-def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone):
+def test_attention_runs_over_the_rows_where_that_is_cheaper():
+    branches = pad_batch([[1, 2, 3] + [10 + i] * 6 for i in range(8)], pad_id=0)  # 8 rows of 9, 51 nodes
+    s = share_prefixes(branches["input_ids"], branches["attention_mask"])
+    assert "owner" in s  # 8 * 81 / 2 scores per layer over the rows, 51^2 over the packed row
+    own = s["owner"][0]
+    assert torch.equal(s["input_ids"][0], branches["input_ids"].flatten()[own])
+    trunk = pad_batch([list(range(1, 40)) + [50 + i] for i in range(4)], pad_id=0)  # 4 rows of 40, 43 nodes
+    assert "owner" not in share_prefixes(trunk["input_ids"], trunk["attention_mask"])
+    assert "owner" not in share_prefixes(branches["input_ids"], branches["attention_mask"], attend="tree")
+    assert "owner" in share_prefixes(trunk["input_ids"], trunk["attention_mask"], attend="rows")
+
+
+@pytest.mark.parametrize("attend", ["rows", "tree"])
+def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone, attend, monkeypatch):
+    from deltalign import row_attention
+
+    calls = []
+    real = row_attention.attend_rows
+    monkeypatch.setattr(row_attention, "attend_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     bb = tiny_backbone
     bb.add_adapter("policy", AdapterConfig(r=4, dropout=0.0))
     with torch.no_grad():
@@ -62,7 +80,7 @@ def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone):
             p.add_(torch.randn_like(p) * 0.1)
     bb.activate("policy")
     plain = pair_batch(_pairs(), pad_id=0)
-    shared = dict(plain, shared=share_prefixes(plain["input_ids"], plain["attention_mask"]))
+    shared = dict(plain, shared=share_prefixes(plain["input_ids"], plain["attention_mask"], attend=attend))
     assert shared["shared"]["n_tokens"] < plain["n_tokens"]
 
     grads = []
@@ -81,6 +99,7 @@ def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone):
     h_shared, t_shared, _ = labelled_hidden(bb, to_device(shared, "cpu"))
     assert torch.equal(t_plain, t_shared)
     torch.testing.assert_close(h_shared, h_plain, atol=1e-5, rtol=1e-5)
+    assert bool(calls) == (attend == "rows")  # the tiny model attends with sdpa: the row path is taken
 
 
 def test_reward_head_reads_the_same_last_token(tiny_backbone):

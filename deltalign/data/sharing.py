@@ -10,7 +10,9 @@ states back: callers see the batch they built, and the gradient of a shared node
 use it -- the same as in the padded batch).
 
 The mask is dense ([R, 1, L, L]), so packed rows are cut at ``budget`` nodes: attention over a packed row costs
-L^2 per layer where the padded batch's costs the sum of its rows' T^2. Only methods that leave the sequence alone
+L^2 per layer where the padded batch's costs B T^2 / 2 (causal). When that is less, the packed rows also carry an
+``owner`` per node and attention runs over the batch's own rows (:mod:`deltalign.row_attention`): the linear layers
+still see each distinct token once. Only methods that leave the sequence alone
 can run this way (no prompt or prefix tuning: :meth:`~deltalign.backbone.Backbone.can_share_prefixes`). LoRA
 dropout draws one mask per shared node instead of one per row.
 """
@@ -54,13 +56,16 @@ def _pack(seqs: list[list[int]]) -> tuple[list[int], list[int], list[int], list[
     return tokens, parent, depth, nodes
 
 
-def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, budget: int = BUDGET) -> dict:
+def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, budget: int = BUDGET,
+                   attend: str = "auto") -> dict:
     """The right-padded batch ``input_ids``/``attention_mask`` [B, T] as packed rows with shared prefixes stored once.
 
     Returns ``input_ids``, ``position_ids`` and ``real`` (False on the packed rows' padding) [R, L], the tree
     attention ``mask`` [R, 1, L, L] (bool, True = attend; padding attends to itself), ``rows``/``cols`` [B, T]
-    (the node of each original position; a pad position maps to its row's last node) and ``n_tokens`` (nodes,
-    the tokens actually computed).
+    (the node of each original position; a pad position maps to its row's last node), ``n_tokens`` (nodes,
+    the tokens actually computed) and, when attention over the original rows costs less than over the packed
+    rows (B T^2 / 2 against R L^2 scores), ``owner`` [R, L]: for each node one position ``b * T + t`` that holds it
+    (``attend``: ``auto`` decides so; ``rows`` or ``tree`` forces one way).
     """
     mask = attention_mask.bool()
     lengths = mask.sum(1)
@@ -104,8 +109,15 @@ def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, budget
             rows[i] = r
             cols[i, :len(own)] = own
             cols[i, len(own):] = own[-1]
+    out = {}
+    if attend == "rows" or (attend == "auto" and len(seqs) * T * T / 2 < n_rows * width * width):
+        owner = np.zeros((n_rows, width), dtype=np.int64)
+        for i in reversed(range(len(seqs))):
+            n = len(seqs[i])
+            owner[rows[i, :n], cols[i, :n]] = i * T + np.arange(n)
+        out["owner"] = owner
     dev = input_ids.device
-    return {"input_ids": torch.from_numpy(out_ids).to(dev), "position_ids": torch.from_numpy(pos).to(dev),
+    return {k: torch.from_numpy(v).to(dev) for k, v in out.items()} | {"input_ids": torch.from_numpy(out_ids).to(dev), "position_ids": torch.from_numpy(pos).to(dev),
             "real": torch.from_numpy(real).to(dev), "mask": torch.from_numpy(tree).unsqueeze(1).to(dev),
             "rows": torch.from_numpy(rows).to(dev), "cols": torch.from_numpy(cols).to(dev),
             "n_tokens": int(real.sum())}

@@ -23,6 +23,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from deltalign.deltas.base import inner
+from deltalign.row_attention import row_view
 from deltalign.zero.vocab import lookup, weight_of
 
 
@@ -109,7 +110,8 @@ def run(lm, delta, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: 
 
 def run_shared(lm, delta, shared: dict) -> torch.Tensor:
     """Hidden states [R, L, H] of the packed rows of :func:`deltalign.data.sharing.share_prefixes` (tree attention
-    mask, depth positions) under ``delta``, which must leave the sequence alone (no virtual tokens)."""
+    mask or, where it chose so, attention over the batch's rows; depth positions) under ``delta``, which must leave
+    the sequence alone (no virtual tokens)."""
     if delta is not None and (delta.front_embeds(1) is not None or delta.prefix_kv(1) is not None):
         raise ValueError(f"share_prefixes: the {delta.method} delta adds virtual tokens; set share_prefixes: false")
     model = inner(lm)
@@ -118,6 +120,6 @@ def run_shared(lm, delta, shared: dict) -> torch.Tensor:
         dtype = weight_of(lm.get_input_embeddings()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     out = model(**_tokens(lm, shared["input_ids"]), attention_mask=mask, position_ids=shared["position_ids"],
-                use_cache=False)
+                use_cache=False, **row_view(shared, model.config._attn_implementation))
     return out.last_hidden_state
 
