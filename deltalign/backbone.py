@@ -296,7 +296,8 @@ class Backbone(nn.Module):
             hidden, _ = self.encode(input_ids, attention_mask)
         else:
             delta = self.deltas[self._active] if self._active in self.deltas else None
-            hidden = run_shared(self.causal_lm, delta, shared)[shared["rows"], shared["cols"]]
+            packed = run_shared(self.causal_lm, delta, shared).flatten(0, 1)  # index_select: a cheap backward
+            hidden = packed.index_select(0, shared["flat"].reshape(-1)).view(*shared["flat"].shape, -1)
         return self.heads[head](hidden) if head is not None else hidden
 
     def can_share_prefixes(self) -> bool:

@@ -46,8 +46,10 @@ def test_gradient_of_log_probs_alone_and_gradcheck():
     w = torch.randn(9, 5, dtype=torch.float64)
     t = torch.randint(0, 9, (6,))
     h = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: head_logprobs(x, w, t, 1.3, chunk_tokens=4), (h,))
-    assert torch.autograd.gradcheck(lambda x: head_logprobs(x, w, t, 1.3, entropy=True, chunk_tokens=4)[1], (h,))
+    for temp in (1.0, 1.3):  # at 1.0 the backward skips its scaling
+        assert torch.autograd.gradcheck(lambda x: head_logprobs(x, w, t, temp, chunk_tokens=4), (h,))
+        assert torch.autograd.gradcheck(lambda x: head_logprobs(x, w, t, temp, entropy=True, chunk_tokens=4)[1],
+                                        (h,))
     # entropy returned but only log-probs used: the entropy's backward is skipped, the gradient unchanged
     lp, ent = head_logprobs(h, w, t, 1.3, entropy=True, chunk_tokens=4)
     (g1,) = torch.autograd.grad(lp.sum(), h)

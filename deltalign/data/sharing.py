@@ -62,7 +62,8 @@ def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, budget
 
     Returns ``input_ids``, ``position_ids`` and ``real`` (False on the packed rows' padding) [R, L], the tree
     attention ``mask`` [R, 1, L, L] (bool, True = attend; padding attends to itself), ``rows``/``cols`` [B, T]
-    (the node of each original position; a pad position maps to its row's last node), ``n_tokens`` (nodes,
+    (the node of each original position; a pad position maps to its row's last node), ``flat`` [B, T] (the same
+    as ``rows * L + cols``, an index into the packed rows flattened), ``n_tokens`` (nodes,
     the tokens actually computed) and, when attention over the original rows costs less than over the packed
     rows (B T^2 / 2 against R L^2 scores), ``owner`` [R, L]: for each node one position ``b * T + t`` that holds it
     (``attend``: ``auto`` decides so; ``rows`` or ``tree`` forces one way).
@@ -120,6 +121,7 @@ def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, budget
     return {k: torch.from_numpy(v).to(dev) for k, v in out.items()} | {"input_ids": torch.from_numpy(out_ids).to(dev), "position_ids": torch.from_numpy(pos).to(dev),
             "real": torch.from_numpy(real).to(dev), "mask": torch.from_numpy(tree).unsqueeze(1).to(dev),
             "rows": torch.from_numpy(rows).to(dev), "cols": torch.from_numpy(cols).to(dev),
+            "flat": torch.from_numpy(rows * width + cols).to(dev),
             "n_tokens": int(real.sum())}
 
 

@@ -22,9 +22,14 @@ CHUNK_TOKENS = 256
 three such buffers); the matmul [256, hidden] x [hidden, vocab] is still large enough to run at full speed."""
 
 
-def _logits(h: Tensor, weight: Tensor, inv_t: float) -> Tensor:
-    z = (h @ weight.T).to(torch.promote_types(h.dtype, torch.float32))
-    return z * inv_t if inv_t != 1.0 else z
+def _logits_into(out: Tensor, h: Tensor, weight: Tensor, inv_t: float) -> Tensor:
+    """``h @ weight.T * inv_t`` written into ``out`` (float32 or wider): one buffer reused by every chunk, instead of a
+    fresh allocation per chunk and per elementwise step (at 50 MB each glibc maps them anew, page by page)."""
+    if h.dtype == out.dtype == weight.dtype:
+        torch.mm(h, weight.T, out=out)
+    else:
+        out.copy_(h @ weight.T)
+    return out.mul_(inv_t) if inv_t != 1.0 else out
 
 
 class _HeadLogprobs(torch.autograd.Function):
@@ -33,38 +38,51 @@ class _HeadLogprobs(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         N = hidden.shape[0]
         dtype = torch.promote_types(hidden.dtype, torch.float32)
-        lp = torch.empty(N, dtype=dtype, device=hidden.device)
-        ent = torch.empty(N, dtype=dtype, device=hidden.device) if want_entropy else None
+        lp, lse = (torch.empty(N, dtype=dtype, device=hidden.device) for _ in range(2))
+        ent = torch.empty(N if want_entropy else 0, dtype=dtype, device=hidden.device)
+        z_buf, e_buf = (torch.empty(min(chunk, N), weight.shape[0], dtype=dtype, device=hidden.device)
+                        for _ in range(2))
         for s in range(0, N, chunk):
-            z = _logits(hidden[s:s + chunk], weight, inv_t)
-            lse = z.logsumexp(-1)
-            lp[s:s + chunk] = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse
-            if want_entropy:
-                p = (z - lse[:, None]).exp_()
-                ent[s:s + chunk] = lse - (p * z.nan_to_num(neginf=0.0)).sum(-1)
-        ctx.save_for_backward(hidden, weight, targets)
+            n = min(chunk, N - s)
+            z = _logits_into(z_buf[:n], hidden[s:s + n], weight, inv_t)
+            top = z.amax(-1, keepdim=True)
+            z.sub_(top)  # z - max: exp never overflows
+            e = torch.exp(z, out=e_buf[:n])
+            total = e.sum(-1)
+            rel = total.log()  # log-sum-exp of z - max
+            lp[s:s + n] = z.gather(-1, targets[s:s + n, None]).squeeze(-1) - rel
+            lse[s:s + n] = top.squeeze(-1) + rel
+            if want_entropy:  # H = lse - sum(p z) = rel - sum(e (z - max)) / total
+                ent[s:s + n] = rel - torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(n) / total
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.inv_t, ctx.chunk = inv_t, chunk
         return (lp, ent) if want_entropy else lp
 
     @staticmethod
     def backward(ctx, g_lp, g_ent=None):
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (g_lp is None and g_ent is None):
             return None, None, None, None, None, None
         grad = torch.empty_like(hidden)
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            z = _logits(hidden[s:s + ctx.chunk], weight, ctx.inv_t)
-            p = torch.softmax(z, -1)
-            if g_lp is not None:  # onehot(y) * g - p * g
-                g = g_lp[s:s + ctx.chunk, None].to(z.dtype)
-                dz = (p * -g).scatter_add_(-1, targets[s:s + ctx.chunk, None], g)
-            else:
-                dz = torch.zeros_like(z)
-            if g_ent is not None:
-                zf = z.nan_to_num(neginf=0.0)
-                mean_z = (p * zf).sum(-1, keepdim=True)
-                dz.sub_(p * (zf - mean_z) * g_ent[s:s + ctx.chunk, None].to(z.dtype))
-            grad[s:s + ctx.chunk] = ((dz * ctx.inv_t).to(weight.dtype) @ weight).to(hidden.dtype)
+        N, chunk = hidden.shape[0], ctx.chunk
+        z_buf = torch.empty(min(chunk, N), weight.shape[0], dtype=lse.dtype, device=hidden.device)
+        p_buf = torch.empty_like(z_buf) if g_ent is not None else None
+        for s in range(0, N, chunk):
+            n = min(chunk, N - s)
+            z = _logits_into(z_buf[:n], hidden[s:s + n], weight, ctx.inv_t)
+            y = targets[s:s + n, None]
+            g = g_lp[s:s + n, None].to(z.dtype) if g_lp is not None else None
+            if g_ent is None:  # onehot(y) g - p g, built in the logits' buffer
+                dz = z.sub_(lse[s:s + n, None]).exp_().mul_(-g).scatter_add_(-1, y, g)
+            else:  # - g_ent p (z - sum(p z)) [+ onehot(y) g - p g], with sum(p z) = lse - H
+                p = torch.sub(z, lse[s:s + n, None], out=p_buf[:n]).exp_()
+                mean_z = (lse[s:s + n] - ent[s:s + n])[:, None]
+                dz = z.sub_(mean_z).mul_(p).mul_(-g_ent[s:s + n, None].to(z.dtype))
+                if g is not None:
+                    dz.sub_(p.mul_(g)).scatter_add_(-1, y, g)
+            if ctx.inv_t != 1.0:
+                dz.mul_(ctx.inv_t)
+            grad[s:s + n] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
         return grad, None, None, None, None, None
 
 
