@@ -2,8 +2,8 @@
 
 :func:`deltalign.data.sharing.share_prefixes` stores a batch as packed rows of distinct tokens; every linear layer
 then runs once per distinct token. Attention over a packed row with the dense tree mask costs L^2 per layer for L
-nodes, almost all of it masked out when the row holds many branches (8 PPO rollouts of 95 tokens sharing a
-30-token system prompt: 700 nodes, 490k scores, of which ~40k are attended). :func:`attend_rows` instead gathers
+nodes, almost all of it masked out when the row holds many branches (the bench's 8 PPO rollouts of ~100 tokens
+share little more than a system prompt: ~500 nodes, 250k scores per head and layer, of which ~40k are attended). :func:`attend_rows` instead gathers
 each original row's queries, keys and values from the nodes (row b, position t -> its node), runs the ordinary
 causal attention of the padded batch (B T^2 / 2 scores, the causal kernel skips the upper half) and takes each
 node's output from one row that holds it. A node's output depends only on its own query and its ancestors' keys and

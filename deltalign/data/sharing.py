@@ -110,19 +110,15 @@ def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, budget
             rows[i] = r
             cols[i, :len(own)] = own
             cols[i, len(own):] = own[-1]
-    out = {}
+    out = {"input_ids": out_ids, "position_ids": pos, "real": real, "mask": tree[:, None], "rows": rows, "cols": cols,
+           "flat": rows * width + cols}
     if attend == "rows" or (attend == "auto" and len(seqs) * T * T / 2 < n_rows * width * width):
         owner = np.zeros((n_rows, width), dtype=np.int64)
         for i in reversed(range(len(seqs))):
             n = len(seqs[i])
             owner[rows[i, :n], cols[i, :n]] = i * T + np.arange(n)
         out["owner"] = owner
-    dev = input_ids.device
-    return {k: torch.from_numpy(v).to(dev) for k, v in out.items()} | {"input_ids": torch.from_numpy(out_ids).to(dev), "position_ids": torch.from_numpy(pos).to(dev),
-            "real": torch.from_numpy(real).to(dev), "mask": torch.from_numpy(tree).unsqueeze(1).to(dev),
-            "rows": torch.from_numpy(rows).to(dev), "cols": torch.from_numpy(cols).to(dev),
-            "flat": torch.from_numpy(rows * width + cols).to(dev),
-            "n_tokens": int(real.sum())}
+    return {k: torch.from_numpy(v).to(input_ids.device) for k, v in out.items()} | {"n_tokens": int(real.sum())}
 
 
 @dataclass
