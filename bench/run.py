@@ -265,7 +265,8 @@ def work_notes(raw: dict, s: Settings) -> list[str]:
     if shares:
         out.append("SFT, RM, DPO: ours computes every token prefix that rows of a batch share once (share_prefixes, "
                    "on by default: a pair's prompt, the common system prompt; packed rows with a tree attention "
-                   "mask, or attention over the batch's own rows where that is cheaper, the same values); it ran this share of the tokens TRL ran: " + ", ".join(shares) + "; "
+                   "mask, or attention over the batch's own rows where that is cheaper, the same values); it ran "
+                   "this share of the tokens TRL ran: " + ", ".join(shares) + "; "
                    "our FLOP/s share counts only the tokens it ran (bench/common.py tree_flops).")
     if "ppo" in raw or "grpo" in raw:
         out.append("PPO, GRPO: ours packs its training and scoring forwards the same way (a GRPO group's prompt, "

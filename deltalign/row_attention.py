@@ -3,9 +3,9 @@
 :func:`deltalign.data.sharing.share_prefixes` stores a batch as packed rows of distinct tokens; every linear layer
 then runs once per distinct token. Attention over a packed row with the dense tree mask costs L^2 per layer for L
 nodes, almost all of it masked out when the row holds many branches (the bench's 8 PPO rollouts of ~100 tokens
-share little more than a system prompt: ~500 nodes, 250k scores per head and layer, of which ~40k are attended). :func:`attend_rows` instead gathers
-each original row's queries, keys and values from the nodes (row b, position t -> its node), runs the ordinary
-causal attention of the padded batch (B T^2 / 2 scores, the causal kernel skips the upper half) and takes each
+share little more than a system prompt: ~500 nodes, 250k scores per head and layer, of which ~40k are attended).
+:func:`attend_rows` instead gathers each original row's queries, keys and values from the nodes (row b, position
+t -> its node), runs the ordinary causal attention of the padded batch (B T^2 / 2 scores, the causal kernel skips the upper half) and takes each
 node's output from one row that holds it. A node's output depends only on its own query and its ancestors' keys and
 values, which are the same in every row that holds it, so the result and its gradient equal the tree mask's (the
 gradient of a node's key or value is the sum over the rows that read it, through the gather).
@@ -24,7 +24,6 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 KEYWORD = "row_view"
-_ORIGINAL: dict = {}
 
 
 def attend_rows(original, module, query, key, value, view: dict, **kwargs):
@@ -44,9 +43,7 @@ def attend_rows(original, module, query, key, value, view: dict, **kwargs):
     return out.reshape(B * T, -1).index_select(0, view["owner"].reshape(-1)).view(R, L, *out.shape[2:]), None
 
 
-def _dispatch(name: str):
-    original = _ORIGINAL[name]
-
+def _dispatch(original):
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         view = kwargs.pop(KEYWORD, None)
         if view is None or args:  # (transformers passes everything after the mask by keyword)
@@ -60,9 +57,9 @@ def _dispatch(name: str):
 def install() -> None:
     """Route ``sdpa`` attention through :func:`attend_rows` when a forward carries ``row_view`` (idempotent;
     without the keyword every call goes to transformers' own function)."""
-    if not getattr(ALL_ATTENTION_FUNCTIONS["sdpa"], "row_view", False):
-        _ORIGINAL["sdpa"] = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        ALL_ATTENTION_FUNCTIONS.register("sdpa", _dispatch("sdpa"))
+    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if not getattr(current, "row_view", False):
+        ALL_ATTENTION_FUNCTIONS.register("sdpa", _dispatch(current))
 
 
 def row_view(shared: dict, attn_implementation: str) -> dict:
