@@ -3,13 +3,15 @@
     python bench/profile_ppo.py [--steps 3] [--out bench/results]
 
 Our ``ppo`` stage runs at the benchmark's PPO settings (``bench/common.py``; the same config and untrained
-``sft`` + ``rm`` folders as ``bench/ours.py``), in two fresh processes:
+``sft`` + ``rm`` folders as ``bench/ours.py``), one fresh process per variant:
 
 * ``default``: as ``make bench`` runs it;
 * ``return-freed``: with glibc's mmap threshold fixed at 256 KiB (``MALLOC_MMAP_THRESHOLD_=262144``), so every
   buffer above that size is its own mapping, returned to the system when freed: the peak then follows the live
   tensors. Set next to ``default`` it shows how much of the peak is heap fragmentation (freed memory glibc keeps),
-  and what returning memory at once costs in time (every new buffer page-faults).
+  and what returning memory at once costs in time (every new buffer page-faults);
+* ``no-checkpointing``: the training forwards keep their activations (``model.gradient_checkpointing=false``):
+  what recomputing them costs the optimise phase in time, and what keeping them costs in memory.
 
 Light wrappers time every call of one phase and record the process's resident high-water mark within it (reset
 before each call through ``/proc/self/clear_refs``):
@@ -43,11 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, Settings, emit, model_dims, parse_result, seq_flops, set_threads, tree_flops  # noqa: E402
 
 PHASES = ("generate", "score", "optimise")
-VARIANTS = {"default": {}, "return-freed": {"MALLOC_MMAP_THRESHOLD_": "262144"},
+# name: (environment, bench settings changed)
+VARIANTS = {"default": ({}, {}), "return-freed": ({"MALLOC_MMAP_THRESHOLD_": "262144"}, {}),
+            "no-checkpointing": ({}, {"ppo_gradient_checkpointing": False}),
             # experiments (--variants): blocks above a fixed size returned when freed; one heap arena for all threads
-            **{f"mmap-{k}": {"MALLOC_MMAP_THRESHOLD_": str(v)} for k, v in
+            **{f"mmap-{k}": ({"MALLOC_MMAP_THRESHOLD_": str(v)}, {}) for k, v in
                (("512k", 512 << 10), ("1m", 1 << 20), ("2m", 2 << 20), ("3m", 3 << 20), ("4m", 4 << 20))},
-            "one-arena": {"MALLOC_ARENA_MAX": "1"}}
+            "one-arena": ({"MALLOC_ARENA_MAX": "1"}, {})}
 
 
 def _status() -> dict:
@@ -153,7 +157,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3, help="PPO steps per process, the first untimed")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--variants", default="default,return-freed", help=f"from {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="default,return-freed,no-checkpointing",
+                    help=f"from {', '.join(VARIANTS)}")
     args = ap.parse_args()
     if args.child:
         s = Settings.from_json(args.child)
@@ -171,8 +176,10 @@ def main() -> int:
                                         "--seconds", "3"], capture_output=True, text=True, cwd=ROOT).stdout)
     results = {}
     for name in args.variants.split(","):
-        env = VARIANTS[name]
-        p = subprocess.run([py, __file__, "--child", s.to_json(), "--steps", str(args.steps)], capture_output=True,
+        env, changed = VARIANTS[name]
+        run_s = Settings.from_json(s.to_json())
+        vars(run_s).update(changed)
+        p = subprocess.run([py, __file__, "--child", run_s.to_json(), "--steps", str(args.steps)], capture_output=True,
                            text=True, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1", **env))
         res = parse_result(p.stdout)
         if res is None:
@@ -186,10 +193,12 @@ def main() -> int:
     md = "\n".join([
         f"# PPO profile — {stamp:%Y-%m-%d %H:%M} UTC, commit {commit}", "",
         f"Our ppo stage at the bench's PPO settings (batch {s.batch_size} prompts, minibatch {s.ppo_mini_batch_size}, "
-        f"{s.ppo_epochs} epochs, {s.max_new_tokens} new tokens, checkpointing on, {s.threads} threads), "
+        f"{s.ppo_epochs} epochs, {s.max_new_tokens} new tokens, checkpointing on except in `no-checkpointing`, "
+        f"{s.threads} threads), "
         f"{args.steps} steps per process, the first untimed; fp32 matmul peak {peak['peak_flops'] / 1e9:.0f} GFLOP/s. "
         "Peak RSS in phase = the process's resident high-water mark within that phase's calls. "
-        "`return-freed`: MALLOC_MMAP_THRESHOLD_=262144 (bench/profile_ppo.py).", "",
+        "`return-freed`: MALLOC_MMAP_THRESHOLD_=262144; `no-checkpointing`: the training forwards keep their "
+        "activations instead of recomputing them (bench/profile_ppo.py).", "",
         table(results, peak["peak_flops"]), ""])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
