@@ -26,12 +26,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from deltalign import deltas
+from deltalign import deltas, heads
 from deltalign.deltas import AdapterConfig, lora, peft_config  # noqa: F401  (AdapterConfig: stages import it here)
 from deltalign.deltas.sequence import Past, run, run_shared
+from deltalign.heads import ScalarHead
 from deltalign.pipeline.config import setting
 from deltalign.zero import loading as zero_loading
-from deltalign.zero import vocab as zero_vocab
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -110,19 +110,6 @@ def load_base(cfg: ModelConfig):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model, load_tokenizer(path, cfg.trust_remote_code)
-
-
-class ScalarHead(nn.Module):
-    """A linear map from the last hidden state to one number: reward-model score or critic value."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.proj = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.proj.weight, std=1.0 / (hidden_size + 1) ** 0.5)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden.float()).squeeze(-1)
 
 
 class Backbone(nn.Module):
@@ -313,45 +300,15 @@ class Backbone(nn.Module):
         delta = self.deltas[self._active] if self._active in self.deltas else None
         return run(self.causal_lm, delta, input_ids, attention_mask, past, cache)
 
-    def _lm_head(self) -> tuple[nn.Module, nn.Parameter | None, bool]:
-        """The LM head, its weight (read without a ZeRO-3 gather) and whether it is a bias-free linear layer."""
-        head = self.causal_lm.get_output_embeddings()
-        weight = zero_vocab.weight_of(head)
-        return head, weight, type(head) is nn.Linear and head.bias is None and weight is not None
-
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM-head logits in float32 for the hidden states given (select positions first: the head is the cost);
-        without a gradient under ZeRO-3, from each rank's rows of the head (:func:`deltalign.zero.vocab.logits`)."""
-        head, weight, linear = self._lm_head()
-        if linear and hasattr(weight, "ds_id"):
-            out = zero_vocab.logits(weight, hidden)
-            if out is not None:
-                return out.float()
-        return head(hidden).float()
+        """Float32 logits of the LM head for these hidden states (:func:`deltalign.heads.lm_logits`)."""
+        return heads.lm_logits(self.causal_lm.get_output_embeddings(), hidden)
 
     def lm_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                     entropy: bool = False, chunked: bool = True):
-        """Log-probs of ``targets`` (and the entropy, if asked) under the LM head at ``temperature``, chunked
-        (:func:`deltalign.losses.head_logprobs`: no full-vocabulary logits of the whole batch, the backward
-        recomputes each chunk's logits) when the head is a plain frozen linear layer held whole and ``chunked``;
-        from each rank's rows when ZeRO-3 partitions it (:func:`deltalign.zero.vocab.head_logprobs`: never
-        gathered); otherwise (``chunked=False``: faster where the logits fit; a trained head, hooks) through the
-        full logits."""
-        from deltalign.losses import entropy_from_logits, head_logprobs, token_logprobs
-
-        head, weight, linear = self._lm_head()
-        plain = linear and not weight.requires_grad
-        if plain and hasattr(weight, "ds_id"):  # ZeRO-3: from the rows each rank holds, never gathered
-            out = zero_vocab.head_logprobs(weight, hidden, targets, temperature, entropy)
-            if out is not None:
-                return out
-        if (chunked and plain and not hasattr(weight, "ds_id") and not head._forward_hooks
-                and not head._forward_pre_hooks):
-            return head_logprobs(hidden, weight, targets, temperature, entropy=entropy)
-        logits = self.lm_logits(hidden)
-        logits = logits / temperature if temperature != 1.0 else logits  # no [N, V] copy at temperature 1
-        lp = token_logprobs(logits, targets)
-        return (lp, entropy_from_logits(logits)) if entropy else lp
+        """Log-probs of ``targets`` (and the entropy) under the LM head: :func:`deltalign.heads.lm_logprobs`."""
+        return heads.lm_logprobs(self.causal_lm.get_output_embeddings(), hidden, targets, temperature, entropy,
+                                 chunked)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

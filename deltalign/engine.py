@@ -20,10 +20,8 @@ Every step is a full global batch: each process always gets exactly ``grad_accum
 micro-batch count is not a multiple of ``processes x grad_accum``, its last step is filled up with the epoch's
 first micro-batches (wrap-pad; ``total_steps`` counts that step), so no process ever sits out a step.
 
-Several processes without DeepSpeed (``configs/accelerate/ddp.yaml``): the model is not wrapped in DDP; every
-process runs its backward passes locally and :meth:`Engine.update` averages the trainable gradients over the
-processes with one flattened all-reduce. So any number of backward passes per update works, each touching any
-subset of the deltas (PPO: policy, then critic), with the same result as one process over the global batch.
+Several processes without DeepSpeed (``configs/accelerate/ddp.yaml``): the model is not wrapped in DDP;
+:meth:`Engine.update` averages the trainable gradients over the processes (:mod:`deltalign.processes`).
 
 Checkpoints hold only what trains (adapter and head tensors), the optimizer and scheduler, the RNG state, the step
 and any extra state a stage registers, in safetensors and JSON only (nothing is unpickled on resume). They are
@@ -57,6 +55,7 @@ import torch
 
 from deltalign import checkpoint, generation, zero
 from deltalign.pipeline.config import setting
+from deltalign.processes import Processes, start_accelerator
 
 
 @dataclass
@@ -120,25 +119,12 @@ def release_free_memory() -> None:
 
 class Engine:
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, quiet: bool = False):
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
-
         self.cfg = cfg
         self.out = Path(out_dir)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        use_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-        on_cpu = launched and not torch.cuda.is_available()
-        # On CPU, accelerate leaves the backend unset and each launched process would think it is alone; without
-        # DeepSpeed it also needs cpu=True, or it sets up the process group but reduces nothing (distributed type NO).
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
-        if use_ds and not torch.cuda.is_available():
-            zero.skip_shm_build()
-        self.accelerator = Accelerator(kwargs_handlers=handlers, cpu=on_cpu and not use_ds)
-        if launched and self.accelerator.distributed_type.value == "NO":
-            raise RuntimeError(f"{int(os.environ['WORLD_SIZE'])} processes launched, but accelerate set up no "
-                               "distributed run: its reductions would silently be local")
+        self.accelerator = start_accelerator()
+        self.processes = Processes(self.accelerator)
         self.ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         self.zero_stage = int(self.ds_plugin.zero_stage) if self.ds_plugin is not None else 0
         if self.zero_stage == 3:  # transformers' ZeRO-3 mode, whatever zero3_init_flag says: a base loaded from
@@ -207,7 +193,7 @@ class Engine:
             # No DDP wrapper (device placement and mixed precision only): update() averages the gradients itself.
             self.model = self.accelerator.prepare_model(backbone, evaluation_mode=True)
             self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
-            self._broadcast_trainable()  # as DDP does: every process starts from rank 0's deltas
+            self.processes.broadcast(params)  # as DDP does: every process starts from rank 0's deltas
         else:
             self.model, self.optimizer = self.accelerator.prepare(backbone, self.optimizer)
         warmup = max(1, int(self.cfg.warmup_ratio * n_updates))
@@ -239,7 +225,7 @@ class Engine:
         if self.zero_stage != 3 or not hasattr(self, "model"):
             yield
         elif self.lockstep:
-            with generation.in_lockstep(self._all_true, self._max_int):
+            with generation.in_lockstep(self.processes.all_true, self.processes.max_int):
                 yield
         else:
             with zero.gathered(self.model, self.backbone):
@@ -270,13 +256,6 @@ class Engine:
                 bb.save_adapter(name, out_dir)
                 if head_file is not None:
                     bb.save_head(name, head_file)
-
-    def _all_true(self, flag: bool) -> bool:
-        return self._max_int(0 if flag else 1) == 0
-
-    def _max_int(self, n: int) -> int:
-        t = torch.tensor([float(n)], device=self.device)
-        return int(self.accelerator.reduce(t, reduction="max").item()) if self.world > 1 else n
 
     def register_state(self, name: str, get: Callable[[], dict], put: Callable[[dict], None]) -> None:
         """Include a stage's own state (e.g. a KL controller) in checkpoints; ``put`` is called on resume."""
@@ -316,9 +295,7 @@ class Engine:
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise sum of a tensor over all processes (every process must call it); no gradient."""
-        if self.world == 1:
-            return t
-        return self.accelerator.reduce(t.detach().clone(), reduction="sum")
+        return self.processes.all_sum(t)
 
     def accumulate(self, micro_batches: list) -> Iterator:
         """Iterate micro-batches. Nothing is synchronised per micro-batch: gradients are reduced across processes
@@ -348,7 +325,7 @@ class Engine:
             zero.clear_gradients(self.model, self.zero_stage)
             return out
         if self.data_parallel:
-            self._average_gradients()
+            self.processes.average_gradients(self._params)
         if self.cfg.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(self.backbone.trainable_parameters(), self.cfg.max_grad_norm)
             out["grad_norm"] = float(norm)
@@ -357,48 +334,12 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         return out
 
-    def _broadcast_trainable(self) -> None:
-        """Copy rank 0's trainable values to every process (one flattened broadcast)."""
-        import torch.distributed as dist
-
-        with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self._params])
-            dist.broadcast(flat, src=0)
-            for p, v in zip(self._params, flat.split([p.numel() for p in self._params])):
-                p.copy_(v.view_as(p))
-
-    def _average_gradients(self) -> None:
-        """Plain data parallel: average the trainable gradients over the processes, in one flattened all-reduce
-        (fp32). A parameter keeps ``grad = None`` only if it got no gradient on any process, as in one process."""
-        import torch.distributed as dist
-
-        params = self._params
-        has = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
-        flat = torch.cat([has, *[(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32)
-                                 for p in params]])
-        dist.all_reduce(flat)
-        flat[len(params):].div_(self.world)
-        grads = flat[len(params):].split([p.numel() for p in params])
-        for p, any_grad, g in zip(params, flat[:len(params)].tolist(), grads):
-            if any_grad:
-                p.grad = g.view_as(p).to(p.dtype)
-
-    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Stages report per-process values normalised by the step's global count (``total / world``): their mean
-        over processes is the value of the whole global batch, as one process would have logged it."""
-        if self.world == 1 or not metrics:
-            return metrics
-        keys = sorted(metrics)
-        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
-        t = self.accelerator.reduce(t, reduction="mean")
-        return {k: float(v) for k, v in zip(keys, t.tolist())}
-
     def step(self, metrics: dict[str, float], update: bool = True) -> None:
         """End an optimizer step: update (unless the stage already ran its own ``update`` calls), then
         accumulate metrics, log and checkpoint on schedule."""
         if update:
             metrics = {**metrics, **self.update()}
-        metrics = self._mean_over_processes(metrics)
+        metrics = self.processes.mean(metrics)
         self.step_no += 1
         for k, v in metrics.items():
             self._sums[k] = self._sums.get(k, 0.0) + float(v)

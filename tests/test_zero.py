@@ -182,7 +182,7 @@ def _probe(probe_dir: Path, argv: list[str]) -> int:
                     dump["generated"] = generate(bb, PROMPTS, GenerationConfig(max_new_tokens=6))
         if self.zero_stage == 3 and stage in ("sft", "dpo", "ppo", "grpo"):
             # the same with the weights left sharded, in lockstep; rank 1 has one prompt fewer (a dummy row)
-            with generation.in_lockstep(self._all_true, self._max_int), bb.using(stage):
+            with generation.in_lockstep(self.processes.all_true, self.processes.max_int), bb.using(stage):
                 dump["generated_lockstep"] = generate(bb, PROMPTS[:len(PROMPTS) - rank],
                                                       GenerationConfig(max_new_tokens=6, batch_size=1))
         torch.save(dump, probe_dir / f"{stage}-rank{rank}.pt")
