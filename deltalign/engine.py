@@ -34,12 +34,11 @@ unchanged: accumulation, the update boundary and clipping stay the engine's (see
 never gathers the whole base unless told to: saving gathers only the delta (:meth:`Engine.save_delta`),
 checkpoints only what trains (:mod:`deltalign.checkpoint`); generation and evaluation run inside
 ``with engine.generating():`` / ``with engine.evaluating() as evaluate:``, which every rank enters, and which
-gather the full weights or step all ranks together, as ``zero3_generation`` says.
+gather the full weights or step all ranks together, as ``zero3_generation`` says (:mod:`deltalign.zero.ranks`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import math
@@ -53,9 +52,10 @@ from typing import Callable, Iterator, Literal
 
 import torch
 
-from deltalign import checkpoint, generation, zero
+from deltalign import checkpoint, zero
 from deltalign.pipeline.config import setting
 from deltalign.processes import Processes, start_accelerator
+from deltalign.zero import ranks
 
 
 @dataclass
@@ -211,51 +211,18 @@ class Engine:
             opt = opt.optimizer
         return opt
 
-    @property
-    def lockstep(self) -> bool:
-        """ZeRO-3 with ``zero3_generation: lockstep``: generation and evaluation run on every process, sharded."""
-        return self.zero_stage == 3 and self.cfg.zero3_generation == "lockstep" and hasattr(self, "model")
-
-    @contextlib.contextmanager
+    # --- generation, evaluation and saving: every process enters; under ZeRO-3 see deltalign.zero.ranks ---
     def generating(self):
-        """Every process must enter this together; inside, each process generates (and scores) its own rows.
-        ZeRO-3 ``gather``: the full weights are gathered, ZeRO-3's hooks off; ``lockstep``: nothing is gathered
-        and :func:`deltalign.generation.generate` keeps the processes' decoding loops in step (one forward each,
-        every token, until all are done). Without ZeRO-3 it does nothing."""
-        if self.zero_stage != 3 or not hasattr(self, "model"):
-            yield
-        elif self.lockstep:
-            with generation.in_lockstep(self.processes.all_true, self.processes.max_int):
-                yield
-        else:
-            with zero.gathered(self.model, self.backbone):
-                yield
+        """Every process enters it together; inside, each generates (and scores) its own rows."""
+        return ranks.generating(self)
 
-    @contextlib.contextmanager
     def evaluating(self, forwards: bool = True):
-        """Every process must enter this together. Yields whether this process runs the evaluation code: rank 0
-        only (ZeRO-3 ``gather``: with the full weights gathered), or under ZeRO-3 ``lockstep`` every process, on
-        the same rows (the forwards are collective; the results are the same). Writing stays rank 0's.
-        ``forwards=False``: there is nothing to evaluate (the block runs no forward): rank 0 runs it, nothing is
-        gathered."""
-        if not forwards:
-            yield self.is_main
-            return
-        with self.generating():
-            yield self.is_main or self.lockstep
+        """Every process enters it together; yields whether this process runs the evaluation code."""
+        return ranks.evaluating(self, forwards)
 
     def save_delta(self, name: str, out_dir: str | Path, head_file: str | Path | None = None) -> None:
-        """Every process must call it. Write delta ``name`` (and, with ``head_file``, its scalar head) from rank
-        0; under ZeRO-3 only these parameters are gathered, never the base."""
-        bb = self.backbone
-        params = list(bb.adapter_parameters(name).values())
-        if head_file is not None:
-            params += list(bb.heads[name].parameters())
-        with zero.gathered_parameters(params, self.zero_stage):
-            if self.is_main:
-                bb.save_adapter(name, out_dir)
-                if head_file is not None:
-                    bb.save_head(name, head_file)
+        """Every process calls it: delta ``name`` (and, with ``head_file``, its scalar head) written by rank 0."""
+        ranks.save_delta(self, name, out_dir, head_file)
 
     def register_state(self, name: str, get: Callable[[], dict], put: Callable[[dict], None]) -> None:
         """Include a stage's own state (e.g. a KL controller) in checkpoints; ``put`` is called on resume."""

@@ -15,6 +15,8 @@ The engine (:mod:`deltalign.engine`) calls these (the backbone calls :mod:`~delt
 * :func:`gathered_parameters`, :func:`full_tensors` / :func:`set_full_tensors` -- the full values of some (sharded)
   parameters -- a delta, what trains -- for saving and checkpoints, and setting them on resume;
 * :func:`return_gather_buffers` -- ZeRO-3's gather buffers go back to the OS when freed (no heap fragmentation);
+* :mod:`deltalign.zero.ranks` -- which processes run generation, evaluation and saving, and what they gather
+  (the engine's ``generating``, ``evaluating``, ``save_delta``);
 * :mod:`deltalign.zero.loading` -- the base loaded partitioned: built with no values, then each process reads only
   its own range of each tensor into its partition;
 * :mod:`deltalign.zero.vocab` -- the embedding lookup and the LM head's log-probs from the rows of the vocabulary
