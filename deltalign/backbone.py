@@ -3,7 +3,8 @@
 Every stage trains only deltas on this object: a named delta of any method in :mod:`deltalign.deltas` (LoRA/DoRA
 through peft's named-adapter API; ia3, prefix, prompt, bottleneck and ln as modules of ours in ``self.deltas``)
 and, for the reward model and critic, a scalar head. The base weights are loaded once, frozen, and never written.
-This module is about loading and switching; how each method is built and acts lives in :mod:`deltalign.deltas`.
+This module is about loading and switching; how each method is built and acts lives in :mod:`deltalign.deltas`,
+what a head computes in :mod:`deltalign.heads`.
 
 One delta is active at a time (:meth:`Backbone.activate`, :meth:`Backbone.using`): while one of ours is active,
 peft's adapter layers are off, and while a peft adapter is active, ours are off. :meth:`Backbone.forward` returns

@@ -10,8 +10,8 @@ and NAME is one of :data:`GENERATORS`, each reading one kind of result file:
 
 * ``demo``: ``docs/results/demo.json``, written by ``make demo`` (``--record-demo RUN_DIR`` below): the held-out
   comparison table ``python -m deltalign eval`` printed, with stage wall times, machine and commit;
-* ``rl``: ``docs/results/rl.json``, the same after ``make ppo grpo RUN=runs/demo`` and ``make eval`` on the demo
-  run (``--record-demo runs/demo --name rl``);
+* ``rl``: ``docs/results/rl.json``, the same after ``make ppo grpo eval CONFIG=configs/demo.yaml RUN=runs/demo``
+  on the demo run (``--record-demo runs/demo --name rl``);
 * ``bench``: the newest full (not QUICK) ``bench/results/*.json`` of ``make bench``: the table vs TRL;
 * ``bench-steps``: the same file's seconds per optimizer step of our SFT and DPO;
 * ``zero-memory``: the predicted memory per GPU under each ZeRO stage, computed from parameter counts;

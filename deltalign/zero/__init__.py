@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO under the engine: the few places where ZeRO needs more than accelerate does by itself.
 
-The engine (:mod:`deltalign.engine`) calls these (the backbone calls :mod:`~deltalign.zero.vocab`); stages never do. What each one is for:
+The engine (:mod:`deltalign.engine`) calls these (:mod:`deltalign.heads` and the embedding lookup call
+:mod:`~deltalign.zero.vocab`); stages never do. What each one is for:
 
 * :func:`skip_shm_build` -- on CPU, DeepSpeed would JIT-compile a shared-memory all-reduce at start-up;
 * :func:`configure` -- the engine owns accumulation, its normalisation and the update boundary, so DeepSpeed's
@@ -20,7 +21,8 @@ The engine (:mod:`deltalign.engine`) calls these (the backbone calls :mod:`~delt
 * :mod:`deltalign.zero.loading` -- the base loaded partitioned: built with no values, then each process reads only
   its own range of each tensor into its partition;
 * :mod:`deltalign.zero.vocab` -- the embedding lookup and the LM head's log-probs from the rows of the vocabulary
-  table each rank holds (the largest parameter of a small model, never gathered; the backbone calls these);
+  table each rank holds (the largest parameter of a small model, never gathered; :mod:`deltalign.heads` and
+  :mod:`deltalign.deltas.sequence` call these);
 * :func:`optimizer_state` / :func:`load_optimizer_state` -- the optimizer for a checkpoint, without DeepSpeed's
   own ``save_checkpoint`` / ``load_checkpoint`` (which unpickle on load): per trainable parameter its full fp32
   master value and moments (``deepspeed.utils.safe_get_full_*``), plus the per-partition step count.
