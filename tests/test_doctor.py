@@ -27,3 +27,34 @@ def test_doctor_fails_on_rows_too_long_for_truncation_error(tmp_path, capsys):
 def test_doctor_names_a_missing_model_directory(capsys):
     assert main(["doctor", "sft", "--config", "configs/tiny.yaml", "--set", "model.path=/nope/model"]) == 2
     assert "FAIL  model.path '/nope/model'" in capsys.readouterr().out
+
+
+def _seconds(name: str, **changes) -> float:
+    """The doctor's s/step estimate for stage ``name`` of the default config, with ``changes`` to its section."""
+    import dataclasses
+    import re
+
+    from deltalign.backbone import ModelConfig
+    from deltalign.pipeline import config as configs
+    from deltalign.pipeline.doctor import estimate
+    from deltalign.pipeline.graph import sections
+
+    cfg = configs.load(sections(), "configs/default.yaml")[name]
+    cfg = dataclasses.replace(cfg, **changes)
+    facts = {"params": 134_515_008, "hidden": 576, "layers": 30, "vocab": 49152}  # SmolLM2-135M
+    line = estimate(name, cfg, facts, 600, 48.0, 200.0, ModelConfig(), 1)
+    return float(re.search(r"~([\d.]+) s/step", line).group(1))
+
+
+def test_doctor_time_of_an_online_rl_step_counts_every_pass():
+    from deltalign.generation import GenerationConfig
+
+    # PPO: the rollout (longer responses cost more), the scoring forwards, and each epoch's policy + critic training
+    ppo = _seconds("ppo")
+    assert _seconds("ppo", ppo_epochs=4) > 1.5 * ppo
+    assert _seconds("ppo", rollout=GenerationConfig(max_new_tokens=96, temperature=1.0)) > 1.3 * ppo
+    # a PPO step does more than an SFT step over the same number of rows and tokens (generation, scoring, 2 epochs)
+    assert ppo > 3 * _seconds("sft", batch_size=12)
+    # GRPO: each prompt has num_generations rows; passes over the rollout
+    grpo = _seconds("grpo")
+    assert _seconds("grpo", grpo_epochs=4) > 1.5 * grpo

@@ -21,7 +21,10 @@ import torch
 from deltalign.pipeline import checks
 
 SAMPLE = 2000  # rows tokenised per source for the length percentiles
-FLOP_SHARE = 0.35  # share of the measured matmul peak a training step reaches here (bench/results: 17-53%)
+# shares of the measured matmul peak reached here (make bench, bench/profile_ppo.py in bench/results): training and
+# scoring forwards ~55-65%; decoding (one token per forward, memory-bound) ~20%
+FLOP_SHARE = 0.55
+DECODE_SHARE = 0.2
 
 
 class Report:
@@ -123,10 +126,34 @@ def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, 
     return n_train, mean_len
 
 
+def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool) -> tuple[float, float]:
+    """Model FLOPs of one step: ``(compute-bound, decoding)``. A frozen base with small deltas: forward 2N per
+    token, training 4N (no weight gradients; 6N with activation checkpointing), N_body = N without the LM head for
+    the scalar-head models. PPO and GRPO: one rollout step -- generation (prompt prefill, then responses at half
+    ``max_new_tokens`` on average), the scoring forwards and every pass over the rollout."""
+    n = facts["params"]
+    body = max(n - facts["vocab"] * facts["hidden"], 0)
+    train = 6 if checkpointing else 4
+    if name not in ("ppo", "grpo"):
+        seqs = cfg.batch_size * getattr(cfg, "grad_accum", 1) * (2 if name in ("rm", "dpo") else 1)
+        return train * (body if name == "rm" else n) * seqs * length, 0.0
+    group = getattr(cfg, "num_generations", 1)
+    rows, new = cfg.batch_size * group, cfg.rollout.max_new_tokens / 2
+    # packed with shared prefixes, a GRPO group's prompt runs once
+    tokens = cfg.batch_size * (length + group * new) if getattr(cfg, "share_prefixes", False) else rows * (length + new)
+    if name == "ppo":  # reference + reward model; each epoch: policy and critic
+        score = 2 * n + (2 * body if cfg.rm_weight > 0 else 0)
+        passes = cfg.ppo_epochs * train * (n + body)
+    else:  # reference only with a KL term, reward model only when weighted
+        score = (2 * n if cfg.beta > 0 else 0) + (2 * body if cfg.rm_weight > 0 else 0)
+        passes = cfg.grpo_epochs * train * n
+    return 2 * n * rows * length + (score + passes) * tokens, 2 * n * rows * new
+
+
 def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: float, model_cfg, world: int) -> str:
     """Steps, memory and time per step, to a factor of ~2: memory at ``max_length`` (activations without
-    checkpointing, logits in float32), time at the data's mean length (``length``); PPO's generation not
-    counted."""
+    checkpointing, logits in float32), time at the data's mean length (``length``; :func:`step_flops`). Rows that
+    share a prefix (a pair's prompt, packed) cost less than counted: for RM and DPO an upper bound."""
     batch = getattr(cfg, "batch_size", 1) * getattr(cfg, "grad_accum", 1) * world
     per_epoch = math.ceil(rows / batch) if rows else 0
     steps = cfg.max_steps if getattr(cfg, "max_steps", 0) else math.ceil(per_epoch * getattr(cfg, "epochs", 1.0))
@@ -137,9 +164,8 @@ def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: floa
     tokens = rows_per_forward * getattr(cfg, "max_length", 256)
     act = tokens * facts["hidden"] * facts["layers"] * 34 * bytes_per / 4
     memory = (weights + act + 2 * tokens * facts["vocab"] * 4) / 2**30
-    # frozen base + small deltas: forward 2N and the backward through activations 2N per token, no weight gradients
-    flops = 4 * facts["params"] * rows_per_forward * length * getattr(cfg, "grad_accum", 1)
-    seconds = flops / (gflops * 1e9 * FLOP_SHARE)
+    compute, decode = step_flops(name, cfg, facts, length, model_cfg.gradient_checkpointing)
+    seconds = (compute / FLOP_SHARE + decode / DECODE_SHARE) / (gflops * 1e9)
     return (f"{name}: ~{steps} steps of {batch} rows; peak memory ~{memory:.1f} GiB (weights "
             f"{weights / 2**30:.2f}); ~{seconds:.1f} s/step at the data's mean length {length:.0f} on this machine")
 
