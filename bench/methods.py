@@ -420,9 +420,9 @@ def results_block_of(f: Path) -> str:
 
 def capability_table() -> str:
     """``<!-- generated: methods-capabilities -->``: what each method can do, from ``deltalign.deltas.METHODS`` (and
-    ``deltalign.deltas.fusion.NOT_COMPOSABLE`` for the compose stage)."""
+    ``deltalign.deltas.composable.NOT_COMPOSABLE`` for the compose stage)."""
     from deltalign.deltas import METHODS
-    from deltalign.deltas.fusion import NOT_COMPOSABLE
+    from deltalign.deltas.composable import NOT_COMPOSABLE
 
     lines = ["| method | what it trains | implementation | export merges it | under a scalar head (RM, critic) | "
              "extra positions (prompt learning) | compose (merge, gates) |", "|---|---|---|---|---|---|---|"]

@@ -462,11 +462,11 @@ def main() -> int:
           f"temperature {s.temperature}, beta {s.grpo_beta}, checker reward, DAPO token loss, dropout off, "
           f"activation checkpointing {'on' if s.grpo_gradient_checkpointing else 'off'} on both sides; samples = "
           f"responses. Fresh process per run, sides alternating, median of {runs} run(s) each. "
-          f"Peak RSS = the whole process's resident high-water mark"
+          "Peak RSS = the whole process's resident high-water mark"
           + (" (peak GPU mem = torch.cuda.max_memory_allocated)" if s.device == "cuda" else "")
           + ". FLOP/s share: model FLOPs per real token "
-          f"(frozen-base LoRA: forward 2N + activation backward 2N, attention included; see bench/common.py) "
-          f"over the measured matmul peak" + (" (on cuda: the MFU)" if s.device == "cuda" else "") + ".",
+          "(frozen-base LoRA: forward 2N + activation backward 2N, attention included; see bench/common.py) "
+          "over the measured matmul peak" + (" (on cuda: the MFU)" if s.device == "cuda" else "") + ".",
           "",
           tbl,
           "",

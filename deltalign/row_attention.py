@@ -20,7 +20,6 @@ tree mask, as does a model whose layers do not pass keywords on -- the values ar
 
 from __future__ import annotations
 
-import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 KEYWORD = "row_view"

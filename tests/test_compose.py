@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
-from deltalign.deltas import fusion
+from deltalign.deltas import composable, fusion
 from deltalign.pipeline import config as configs
 from deltalign.stages import compose
 
@@ -168,7 +168,7 @@ def gates_run(tmp_path_factory, deltas_dir):
 
 def test_gates_start_uniform_and_then_equal_the_average_merge(tmp_path, deltas_dir):
     bb = Backbone.load(TINY)
-    names = fusion.load_sources(bb, [deltas_dir / "a", deltas_dir / "b"])
+    names = composable.load_sources(bb, [deltas_dir / "a", deltas_dir / "b"])
     f = fusion.Fusion(bb, names, "softmax")
     torch.testing.assert_close(f.gates.weights(), torch.full((2, 2), 0.5))
     fusion.attach(bb, "gates", f, trainable=False)
@@ -248,7 +248,7 @@ def test_gates_refuse_to_load_over_changed_sources(gates_run, tmp_path):
 
 def test_sigmoid_gates_start_at_the_weights_given(deltas_dir):
     bb = Backbone.load(TINY)
-    names = fusion.load_sources(bb, [deltas_dir / "a", deltas_dir / "b"])
+    names = composable.load_sources(bb, [deltas_dir / "a", deltas_dir / "b"])
     f = fusion.Fusion(bb, names, "sigmoid", init=[0.8, 0.3])
     torch.testing.assert_close(f.gates.weights(), torch.tensor([[0.8, 0.3], [0.8, 0.3]]))
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from deltalign import rollout
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.backbone import Backbone, ModelConfig
 from deltalign.data.sharing import share_prefixes
 from deltalign.generation import GenerationConfig
 from deltalign.stages import grpo

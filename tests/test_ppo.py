@@ -5,14 +5,13 @@ import gc
 import hashlib
 import json
 import shutil
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.backbone import Backbone, ModelConfig
 from deltalign.labelled import response_logprobs
 from deltalign.data.batching import pad_batch
 from deltalign.data.formats import DataError, prompt_examples

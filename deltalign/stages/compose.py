@@ -31,8 +31,8 @@ Output in ``out_dir``, for every method: the composed delta as a plain peft LoRA
 and sha256); ``eval.json``; for ``gates`` also ``gates.safetensors``, ``gates.json`` and ``metrics.jsonl``.
 
 What cannot compose (refused before any work, naming ``compose.sources[i]``): any delta that is not LoRA (DoRA,
-ia3, ln, prefix, prompt, bottleneck: :data:`deltalign.deltas.fusion.NOT_COMPOSABLE` says why for each), a reward
-model (its head would need composing), deltas trained on another base model. The stage runs in one process (it
+ia3, ln, prefix, prompt, bottleneck: :data:`deltalign.deltas.composable.NOT_COMPOSABLE` says why for each), a
+reward model (its head would need composing), deltas trained on another base model. The stage runs in one process (it
 trains at most a few hundred numbers); a multi-process launch is refused.
 """
 
@@ -49,7 +49,7 @@ from deltalign.backbone import Backbone, ModelConfig
 from deltalign.modes import train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches
 from deltalign.data.splits import RowRules
-from deltalign.deltas import fusion
+from deltalign.deltas import composable, fusion
 from deltalign.engine import Engine, TrainConfig
 from deltalign.generation import GenerationConfig, checker_eval
 from deltalign.pipeline.config import setting
@@ -153,7 +153,7 @@ class Config(RowRules, TrainConfig):
         return [1.0] * n if self.method == "ties" else [1.0 / n] * n
 
 
-def resolve(cfg: Config, upstream: dict[str, Path]) -> list[fusion.Source]:
+def resolve(cfg: Config, upstream: dict[str, Path]) -> list[composable.Source]:
     """Each source as a folder, inspected (everything that cannot compose is refused here, before any work)."""
     out = []
     for i, s in enumerate(cfg.sources):
@@ -166,11 +166,11 @@ def resolve(cfg: Config, upstream: dict[str, Path]) -> list[fusion.Source]:
             key = f"compose.sources[{i}] ({s}: {path})"
         else:
             path = Path(s)
-        out.append(fusion.inspect_source(path, key))
+        out.append(composable.inspect_source(path, key))
     return out
 
 
-def check_rank(cfg: Config, backbone, names: list[str], sources: list[fusion.Source]) -> int:
+def check_rank(cfg: Config, backbone, names: list[str], sources: list[composable.Source]) -> int:
     """The rank ties/svd will produce (``rank``, or the largest source rank), refused if above the smallest
     dimension of an adapted matrix."""
     from peft.tuners.lora import LoraLayer
@@ -191,12 +191,12 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     # 1. the sources: refused before loading anything if they cannot compose
     sources = resolve(cfg, upstream)
-    fusion.check_base(sources, model_cfg.path)
+    composable.check_base(sources, model_cfg.path)
     weights = cfg.resolved_weights()
 
     # 2. one backbone, the sources frozen on it
     backbone = Backbone.load(model_cfg)
-    names = fusion.load_sources(backbone, [s.path for s in sources], [s.key for s in sources])
+    names = composable.load_sources(backbone, [s.path for s in sources], [s.key for s in sources])
     metrics: dict = {"method": cfg.method, "sources": [str(s.path) for s in sources], "weights": weights}
 
     # 3. compose into one peft adapter named NAME
@@ -229,7 +229,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     return metrics
 
 
-def train_gates(cfg: Config, backbone, names: list[str], sources: list[fusion.Source], weights: list[float],
+def train_gates(cfg: Config, backbone, names: list[str], sources: list[composable.Source], weights: list[float],
                 out_dir: Path, model_cfg: ModelConfig) -> dict:
     """Train per-layer gates over the frozen sources with the SFT loss, then bake them into adapter NAME."""
     engine = Engine(cfg, out_dir)
