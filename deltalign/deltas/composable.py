@@ -11,12 +11,12 @@ or the same files).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltalign.deltas.base import CONFIG_FILE, WEIGHTS_FILE, read_config
+from deltalign.pipeline.rundir import sha256_file
 
 HEAD_FILE = "head.safetensors"  # a reward model's scalar head (deltalign.rewards.model.HEAD_FILE)
 
@@ -35,14 +35,6 @@ NOT_COMPOSABLE = {
 }
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class Source:
     """A finished delta to compose: where it is, what it is, which base it was trained on."""
@@ -54,7 +46,7 @@ class Source:
     conf: dict = field(repr=False)
 
     def record(self) -> dict:
-        return {"path": str(self.path.resolve()), "sha256": sha256(self.path / WEIGHTS_FILE), "rank": self.rank}
+        return {"path": str(self.path.resolve()), "sha256": sha256_file(self.path / WEIGHTS_FILE), "rank": self.rank}
 
 
 def inspect_source(path: str | Path, key: str) -> Source:

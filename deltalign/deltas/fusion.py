@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from deltalign.deltas.base import CONFIG_FILE, WEIGHTS_FILE, Delta, decoder_layers
-from deltalign.deltas.composable import Source, inspect_source, sha256
+from deltalign.deltas.composable import Source, inspect_source
+from deltalign.pipeline.rundir import sha256_file
 
 GATES_FILE = "gates.safetensors"
 GATES_JSON = "gates.json"
@@ -198,7 +199,7 @@ def load_gates(backbone, path: str | Path, name: str = "gates") -> str:
         key = f"{path / GATES_JSON}: sources[{i}] ({p})"
         if not (p / WEIGHTS_FILE).is_file():
             raise ValueError(f"{key}: not found (the baked adapter in {path} still holds the composition)")
-        if sha256(p / WEIGHTS_FILE) != rec["sha256"]:
+        if sha256_file(p / WEIGHTS_FILE) != rec["sha256"]:
             raise ValueError(f"{key}: its weights changed since the gates were trained (the baked adapter in "
                              f"{path} still holds the composition as trained)")
         inspect_source(p, key)
