@@ -29,7 +29,7 @@ def test_doctor_names_a_missing_model_directory(capsys):
     assert "FAIL  model.path '/nope/model'" in capsys.readouterr().out
 
 
-def _seconds(name: str, **changes) -> float:
+def _seconds(name: str, prompt_share: float = 0.0, **changes) -> float:
     """The doctor's s/step estimate for stage ``name`` of the default config, with ``changes`` to its section."""
     import dataclasses
     import re
@@ -42,7 +42,7 @@ def _seconds(name: str, **changes) -> float:
     cfg = configs.load(sections(), "configs/default.yaml")[name]
     cfg = dataclasses.replace(cfg, **changes)
     facts = {"params": 134_515_008, "hidden": 576, "layers": 30, "vocab": 49152}  # SmolLM2-135M
-    line = estimate(name, cfg, facts, 600, 48.0, 200.0, ModelConfig(), 1)
+    line = estimate(name, cfg, facts, 600, 48.0, 200.0, ModelConfig(), 1, prompt_share=prompt_share)
     return float(re.search(r"~([\d.]+) s/step", line).group(1))
 
 
@@ -58,3 +58,24 @@ def test_doctor_time_of_an_online_rl_step_counts_every_pass():
     # GRPO: each prompt has num_generations rows; passes over the rollout
     grpo = _seconds("grpo")
     assert _seconds("grpo", grpo_epochs=4) > 1.5 * grpo
+
+
+def test_doctor_time_of_a_pair_counts_its_shared_prompt_once():
+    # packed with shared prefixes, a pair's prompt runs once: 3/4 of each sequence shared -> 1.25 sequences' work
+    for name in ("rm", "dpo"):
+        apart = _seconds(name, prompt_share=0.75, share_prefixes=False)
+        assert apart == _seconds(name, prompt_share=0.0)
+        assert abs(_seconds(name, prompt_share=0.75) / apart - 1.25 / 2) < 0.05
+
+
+def test_doctor_measures_the_prompt_share_of_preference_pairs():
+    from deltalign.backbone import load_tokenizer, resolve_path
+    from deltalign.pipeline import config as configs
+    from deltalign.pipeline.doctor import Report, check_stage_data
+    from deltalign.pipeline.graph import sections, stage_module
+
+    cfgs = configs.load(sections(), "configs/tiny.yaml")
+    tok = load_tokenizer(resolve_path(cfgs["model"].path))
+    rows, length, share = check_stage_data("dpo", cfgs["dpo"], stage_module("dpo"), tok, Report(lambda *a: None))
+    assert rows > 0 and length > 0 and 0.2 < share < 1
+    assert check_stage_data("sft", cfgs["sft"], stage_module("sft"), tok, Report(lambda *a: None))[2] == 0.0

@@ -94,13 +94,13 @@ def _pct(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, float]:
-    """Rows, skipped rows and token lengths of every source the stage reads; returns the training rows and their
-    mean length in tokens (within max_length)."""
+def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, float, float]:
+    """Rows, skipped rows and token lengths of every source the stage reads; returns the training rows, their mean
+    length in tokens (within max_length) and, for pairs, the mean share of that length that is the prompt."""
     from deltalign.data.formats import load_rows
     from deltalign.data.splits import from_rows
 
-    n_train, mean_len = 0, float(getattr(cfg, "max_length", 256))
+    n_train, mean_len, prompt_share = 0, float(getattr(cfg, "max_length", 256)), 0.0
     for field, kind in getattr(module, "READS", {}).items():
         source = getattr(cfg, field)
         if not source:
@@ -116,6 +116,9 @@ def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, 
         over = sum(n > limit for n in lengths)
         if field == "data":
             n_train, mean_len = len(rows), sum(min(n, limit) for n in lengths) / max(len(lengths), 1)
+            if kind == "pref":
+                shares = [min(len(x["prompt_ids"]), limit) / max(min(n, limit), 1) for x, n in zip(full.items, lengths)]
+                prompt_share = sum(shares) / max(len(shares), 1)
         what = "prompt tokens" if kind == "prompt" else "tokens"
         line = (f"{name}.{field}: {source} ({len(rows)} rows, {full.counts['skipped']} bad in the first "
                 f"{len(full.examples) + full.counts['skipped']}); {what} p50 {_pct(lengths, .5)}, p90 "
@@ -123,19 +126,22 @@ def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, 
         if over:
             line += f"; {over} of {len(lengths)} longer ({rule!r} applies)"
         report("FAIL" if over and rule == "error" else ("note" if over else "ok"), line)
-    return n_train, mean_len
+    return n_train, mean_len, prompt_share
 
 
-def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool) -> tuple[float, float]:
+def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool,
+               prompt_share: float = 0.0) -> tuple[float, float]:
     """Model FLOPs of one step: ``(compute-bound, decoding)``. A frozen base with small deltas: forward 2N per
     token, training 4N (no weight gradients; 6N with activation checkpointing), N_body = N without the LM head for
-    the scalar-head models. PPO and GRPO: one rollout step -- generation (prompt prefill, then responses at half
+    the scalar-head models. Pairs packed with shared prefixes run their prompt (``prompt_share`` of the length)
+    once. PPO and GRPO: one rollout step -- generation (prompt prefill, then responses at half
     ``max_new_tokens`` on average), the scoring forwards and every pass over the rollout."""
     n = facts["params"]
     body = max(n - facts["vocab"] * facts["hidden"], 0)
     train = 6 if checkpointing else 4
     if name not in ("ppo", "grpo"):
-        seqs = cfg.batch_size * getattr(cfg, "grad_accum", 1) * (2 if name in ("rm", "dpo") else 1)
+        pair = 2 - prompt_share if getattr(cfg, "share_prefixes", False) else 2  # sequences' work per pair
+        seqs = cfg.batch_size * getattr(cfg, "grad_accum", 1) * (pair if name in ("rm", "dpo") else 1)
         return train * (body if name == "rm" else n) * seqs * length, 0.0
     group = getattr(cfg, "num_generations", 1)
     rows, new = cfg.batch_size * group, cfg.rollout.max_new_tokens / 2
@@ -150,10 +156,10 @@ def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool) 
     return 2 * n * rows * length + (score + passes) * tokens, 2 * n * rows * new
 
 
-def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: float, model_cfg, world: int) -> str:
+def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: float, model_cfg, world: int,
+             prompt_share: float = 0.0) -> str:
     """Steps, memory and time per step, to a factor of ~2: memory at ``max_length`` (activations without
-    checkpointing, logits in float32), time at the data's mean length (``length``; :func:`step_flops`). Rows that
-    share a prefix (a pair's prompt, packed) cost less than counted: for RM and DPO an upper bound."""
+    checkpointing, logits in float32), time at the data's mean length (``length``; :func:`step_flops`)."""
     batch = getattr(cfg, "batch_size", 1) * getattr(cfg, "grad_accum", 1) * world
     per_epoch = math.ceil(rows / batch) if rows else 0
     steps = cfg.max_steps if getattr(cfg, "max_steps", 0) else math.ceil(per_epoch * getattr(cfg, "epochs", 1.0))
@@ -164,7 +170,7 @@ def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: floa
     tokens = rows_per_forward * getattr(cfg, "max_length", 256)
     act = tokens * facts["hidden"] * facts["layers"] * 34 * bytes_per / 4
     memory = (weights + act + 2 * tokens * facts["vocab"] * 4) / 2**30
-    compute, decode = step_flops(name, cfg, facts, length, model_cfg.gradient_checkpointing)
+    compute, decode = step_flops(name, cfg, facts, length, model_cfg.gradient_checkpointing, prompt_share)
     seconds = (compute / FLOP_SHARE + decode / DECODE_SHARE) / (gflops * 1e9)
     return (f"{name}: ~{steps} steps of {batch} rows; peak memory ~{memory:.1f} GiB (weights "
             f"{weights / 2**30:.2f}); ~{seconds:.1f} s/step at the data's mean length {length:.0f} on this machine")
@@ -204,10 +210,10 @@ def doctor(cfgs: dict, plan: list[str], run_dir: Path, out=print) -> int:
         if not hasattr(stage_module(name), "READS"):
             continue
         try:
-            rows, length = check_stage_data(name, cfgs[name], stage_module(name), tok, report)
+            rows, length, prompt_share = check_stage_data(name, cfgs[name], stage_module(name), tok, report)
         except (FileNotFoundError, ValueError) as e:
             report("FAIL", " ".join(str(e).split()))
             continue
-        report("note", estimate(name, cfgs[name], facts, rows, length, gflops, model_cfg, 1))
+        report("note", estimate(name, cfgs[name], facts, rows, length, gflops, model_cfg, 1, prompt_share))
     out("doctor: " + ("problems found (FAIL lines above)" if report.failed else "ready to run"))
     return 2 if report.failed else 0
