@@ -29,7 +29,7 @@ def test_doctor_names_a_missing_model_directory(capsys):
     assert "FAIL  model.path '/nope/model'" in capsys.readouterr().out
 
 
-def _seconds(name: str, prompt_share: float = 0.0, **changes) -> float:
+def _seconds(name: str, prompt_share: float = 0.0, common: int = 0, **changes) -> float:
     """The doctor's s/step estimate for stage ``name`` of the default config, with ``changes`` to its section."""
     import dataclasses
     import re
@@ -42,7 +42,7 @@ def _seconds(name: str, prompt_share: float = 0.0, **changes) -> float:
     cfg = configs.load(sections(), "configs/default.yaml")[name]
     cfg = dataclasses.replace(cfg, **changes)
     facts = {"params": 134_515_008, "hidden": 576, "layers": 30, "vocab": 49152}  # SmolLM2-135M
-    line = estimate(name, cfg, facts, 600, 48.0, 200.0, ModelConfig(), 1, prompt_share=prompt_share)
+    line = estimate(name, cfg, facts, 600, 48.0, 200.0, ModelConfig(), 1, prompt_share=prompt_share, common=common)
     return float(re.search(r"~([\d.]+) s/step", line).group(1))
 
 
@@ -76,6 +76,14 @@ def test_doctor_measures_the_prompt_share_of_preference_pairs():
 
     cfgs = configs.load(sections(), "configs/tiny.yaml")
     tok = load_tokenizer(resolve_path(cfgs["model"].path))
-    rows, length, share = check_stage_data("dpo", cfgs["dpo"], stage_module("dpo"), tok, Report(lambda *a: None))
+    rows, length, share, common = check_stage_data("dpo", cfgs["dpo"], stage_module("dpo"), tok, Report(print))
     assert rows > 0 and length > 0 and 0.2 < share < 1
-    assert check_stage_data("sft", cfgs["sft"], stage_module("sft"), tok, Report(lambda *a: None))[2] == 0.0
+    assert 2 <= common < length  # every prompt starts with the chat template's user turn
+    assert check_stage_data("sft", cfgs["sft"], stage_module("sft"), tok, Report(print))[2] == 0.0
+
+
+def test_doctor_time_counts_a_prefix_every_row_shares_once():
+    # packed with shared prefixes, the prefix all rows share (a system prompt) runs once per forward
+    for name in ("sft", "rm", "dpo", "ppo", "grpo"):
+        assert _seconds(name, common=24, share_prefixes=False) == _seconds(name, common=0, share_prefixes=False)
+        assert _seconds(name, common=24) < _seconds(name, common=0), name

@@ -79,14 +79,28 @@ def check_tokenizer(tok, report: Report) -> None:
         report("ok", f"pad token {tok.pad_token!r} differs from EOS {tok.eos_token!r}")
 
 
-def _lengths(split, kind: str, tok) -> list[int]:
+def _heads(split, kind: str, tok) -> list[list[int]]:
+    """Each row's ids from its start: the prompt's (prompt and preference rows) or the whole row's (SFT)."""
     from deltalign.data.tokenize import tokenize_prompt
 
     if kind == "prompt":
-        return [len(tokenize_prompt(ex.prompt, tok, ex.conversational)) for ex in split.examples]
-    if kind == "sft":
-        return [len(x["input_ids"]) for x in split.items]
-    return [len(x["prompt_ids"]) + max(len(x["chosen_ids"]), len(x["rejected_ids"])) for x in split.items]
+        return [tokenize_prompt(ex.prompt, tok, ex.conversational) for ex in split.examples]
+    return [x["input_ids" if kind == "sft" else "prompt_ids"] for x in split.items]
+
+
+def _lengths(split, kind: str, heads: list[list[int]]) -> list[int]:
+    if kind != "pref":
+        return [len(h) for h in heads]
+    return [len(h) + max(len(x["chosen_ids"]), len(x["rejected_ids"])) for h, x in zip(heads, split.items)]
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the prefix every sequence starts with (a chat template's system prompt, say)."""
+    n = min((len(q) for q in seqs), default=0)
+    for i in range(n):
+        if any(q[i] != seqs[0][i] for q in seqs):
+            return i
+    return n
 
 
 def _pct(values: list[int], q: float) -> int:
@@ -94,13 +108,14 @@ def _pct(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, float, float]:
+def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, float, float, int]:
     """Rows, skipped rows and token lengths of every source the stage reads; returns the training rows, their mean
-    length in tokens (within max_length) and, for pairs, the mean share of that length that is the prompt."""
+    length in tokens (within max_length), for pairs the mean share of that length that is the prompt, and the
+    length of the prefix every training row starts with."""
     from deltalign.data.formats import load_rows
     from deltalign.data.splits import from_rows
 
-    n_train, mean_len, prompt_share = 0, float(getattr(cfg, "max_length", 256)), 0.0
+    n_train, mean_len, prompt_share, common = 0, float(getattr(cfg, "max_length", 256)), 0.0, 0
     for field, kind in getattr(module, "READS", {}).items():
         source = getattr(cfg, field)
         if not source:
@@ -110,12 +125,14 @@ def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, 
         rows = load_rows(source, split)
         # the first SAMPLE rows tokenised in full (no max_length), bad ones left out silently
         full = from_rows(rows[:SAMPLE], source, kind, tok, 1 << 30, "completion", "skip", lambda line: None)
-        lengths = _lengths(full, kind, tok)
+        heads = _heads(full, kind, tok)
+        lengths = _lengths(full, kind, heads)
         limit_key = "max_prompt_length" if kind == "prompt" else "max_length"
         limit, rule = getattr(cfg, limit_key), getattr(cfg, "truncation", "drop")
         over = sum(n > limit for n in lengths)
         if field == "data":
             n_train, mean_len = len(rows), sum(min(n, limit) for n in lengths) / max(len(lengths), 1)
+            common = min(_common_prefix(heads), limit)
             if kind == "pref":
                 shares = [min(len(x["prompt_ids"]), limit) / max(min(n, limit), 1) for x, n in zip(full.items, lengths)]
                 prompt_share = sum(shares) / max(len(shares), 1)
@@ -126,27 +143,32 @@ def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, 
         if over:
             line += f"; {over} of {len(lengths)} longer ({rule!r} applies)"
         report("FAIL" if over and rule == "error" else ("note" if over else "ok"), line)
-    return n_train, mean_len, prompt_share
+    return n_train, mean_len, prompt_share, common
 
 
-def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool,
-               prompt_share: float = 0.0) -> tuple[float, float]:
+def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool, prompt_share: float = 0.0,
+               common: int = 0) -> tuple[float, float]:
     """Model FLOPs of one step: ``(compute-bound, decoding)``. A frozen base with small deltas: forward 2N per
     token, training 4N (no weight gradients; 6N with activation checkpointing), N_body = N without the LM head for
-    the scalar-head models. Pairs packed with shared prefixes run their prompt (``prompt_share`` of the length)
-    once. PPO and GRPO: one rollout step -- generation (prompt prefill, then responses at half
-    ``max_new_tokens`` on average), the scoring forwards and every pass over the rollout."""
+    the scalar-head models. Packed with shared prefixes, a pair runs its prompt (``prompt_share`` of the length)
+    once, and a forward the prefix all its rows start with (``common`` tokens) once. PPO and GRPO: one rollout
+    step -- generation (prompt prefill, then responses at half ``max_new_tokens`` on average), the scoring
+    forwards and every pass over the rollout."""
     n = facts["params"]
     body = max(n - facts["vocab"] * facts["hidden"], 0)
-    train = 6 if checkpointing else 4
+    train, shared = 6 if checkpointing else 4, getattr(cfg, "share_prefixes", False)
+    common = common if shared else 0
     if name not in ("ppo", "grpo"):
-        pair = 2 - prompt_share if getattr(cfg, "share_prefixes", False) else 2  # sequences' work per pair
-        seqs = cfg.batch_size * getattr(cfg, "grad_accum", 1) * (pair if name in ("rm", "dpo") else 1)
-        return train * (body if name == "rm" else n) * seqs * length, 0.0
+        pair = 2 - prompt_share if shared else 2  # sequences' work per pair
+        per_forward = cfg.batch_size * length * (pair if name in ("rm", "dpo") else 1)
+        per_forward -= (cfg.batch_size - 1) * common  # (a pair's prompt is already counted once)
+        tokens = getattr(cfg, "grad_accum", 1) * per_forward
+        return train * (body if name == "rm" else n) * tokens, 0.0
     group = getattr(cfg, "num_generations", 1)
     rows, new = cfg.batch_size * group, cfg.rollout.max_new_tokens / 2
-    # packed with shared prefixes, a GRPO group's prompt runs once
-    tokens = cfg.batch_size * (length + group * new) if getattr(cfg, "share_prefixes", False) else rows * (length + new)
+    # packed with shared prefixes, a GRPO group's prompt runs once, and the prefix all prompts share once
+    tokens = (cfg.batch_size * (length + group * new) - (cfg.batch_size - 1) * common if shared
+              else rows * (length + new))
     if name == "ppo":  # reference + reward model; each epoch: policy and critic
         score = 2 * n + (2 * body if cfg.rm_weight > 0 else 0)
         passes = cfg.ppo_epochs * train * (n + body)
@@ -157,7 +179,7 @@ def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool,
 
 
 def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: float, model_cfg, world: int,
-             prompt_share: float = 0.0) -> str:
+             prompt_share: float = 0.0, common: int = 0) -> str:
     """Steps, memory and time per step, to a factor of ~2: memory at ``max_length`` (activations without
     checkpointing, logits in float32), time at the data's mean length (``length``; :func:`step_flops`)."""
     batch = getattr(cfg, "batch_size", 1) * getattr(cfg, "grad_accum", 1) * world
@@ -170,7 +192,7 @@ def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: floa
     tokens = rows_per_forward * getattr(cfg, "max_length", 256)
     act = tokens * facts["hidden"] * facts["layers"] * 34 * bytes_per / 4
     memory = (weights + act + 2 * tokens * facts["vocab"] * 4) / 2**30
-    compute, decode = step_flops(name, cfg, facts, length, model_cfg.gradient_checkpointing, prompt_share)
+    compute, decode = step_flops(name, cfg, facts, length, model_cfg.gradient_checkpointing, prompt_share, common)
     seconds = (compute / FLOP_SHARE + decode / DECODE_SHARE) / (gflops * 1e9)
     return (f"{name}: ~{steps} steps of {batch} rows; peak memory ~{memory:.1f} GiB (weights "
             f"{weights / 2**30:.2f}); ~{seconds:.1f} s/step at the data's mean length {length:.0f} on this machine")
@@ -210,10 +232,10 @@ def doctor(cfgs: dict, plan: list[str], run_dir: Path, out=print) -> int:
         if not hasattr(stage_module(name), "READS"):
             continue
         try:
-            rows, length, prompt_share = check_stage_data(name, cfgs[name], stage_module(name), tok, report)
+            rows, length, share, common = check_stage_data(name, cfgs[name], stage_module(name), tok, report)
         except (FileNotFoundError, ValueError) as e:
             report("FAIL", " ".join(str(e).split()))
             continue
-        report("note", estimate(name, cfgs[name], facts, rows, length, gflops, model_cfg, 1, prompt_share))
+        report("note", estimate(name, cfgs[name], facts, rows, length, gflops, model_cfg, 1, share, common))
     out("doctor: " + ("problems found (FAIL lines above)" if report.failed else "ready to run"))
     return 2 if report.failed else 0
