@@ -37,6 +37,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -177,10 +178,8 @@ def main() -> int:
     results = {}
     for name in args.variants.split(","):
         env, changed = VARIANTS[name]
-        run_s = Settings.from_json(s.to_json())
-        vars(run_s).update(changed)
-        p = subprocess.run([py, __file__, "--child", run_s.to_json(), "--steps", str(args.steps)], capture_output=True,
-                           text=True, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1", **env))
+        p = subprocess.run([py, __file__, "--child", replace(s, **changed).to_json(), "--steps", str(args.steps)],
+                           capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, TQDM_DISABLE="1", **env))
         res = parse_result(p.stdout)
         if res is None:
             print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)

@@ -5,10 +5,11 @@ then runs once per distinct token. Attention over a packed row with the dense tr
 nodes, almost all of it masked out when the row holds many branches (the bench's 8 PPO rollouts of ~100 tokens
 share little more than a system prompt: ~500 nodes, 250k scores per head and layer, of which ~40k are attended).
 :func:`attend_rows` instead gathers each original row's queries, keys and values from the nodes (row b, position
-t -> its node), runs the ordinary causal attention of the padded batch (B T^2 / 2 scores, the causal kernel skips the upper half) and takes each
-node's output from one row that holds it. A node's output depends only on its own query and its ancestors' keys and
-values, which are the same in every row that holds it, so the result and its gradient equal the tree mask's (the
-gradient of a node's key or value is the sum over the rows that read it, through the gather).
+t -> its node), runs the ordinary causal attention of the padded batch (B T^2 / 2 scores, the causal kernel skips
+the upper half) and takes each node's output from one row that holds it. A node's output depends only on its own
+query and its ancestors' keys and values, which are the same in every row that holds it, so the result and its
+gradient equal the tree mask's (the gradient of a node's key or value is the sum over the rows that read it,
+through the gather).
 
 The model's attention function receives the row view as a keyword (``row_view``) that transformers passes from the
 model's forward down to each attention call. :func:`install` wraps the process's ``sdpa`` entry of transformers'
