@@ -110,11 +110,11 @@ class Settings:
     max_prompt_length: int = 192
     temperature: float = 1.0
     kl_coef: float = 0.05
-    ppo_gradient_checkpointing: bool = True
+    ppo_gradient_checkpointing: bool | str = True
     """PPO only, on every side: activation checkpointing in the training forwards (ours: the whole shared
     backbone; naive: policy and critic; TRL: its policy, as PPOTrainer applies it). At 135M parameters the
     activations, not the weight copies, dominate PPO's memory; with them checkpointed the comparison shows
-    what sharing one backbone saves."""
+    what sharing one backbone saves. ``selective``: ours only (bench/profile_ppo.py)."""
     # GRPO (max_new_tokens, max_prompt_length and temperature are shared with PPO)
     grpo_steps: int = 3
     """Rollout steps per GRPO process (each: one rollout, then ``grpo_epochs`` optimizer updates); the first

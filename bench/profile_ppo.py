@@ -11,7 +11,9 @@ Our ``ppo`` stage runs at the benchmark's PPO settings (``bench/common.py``; the
   tensors. Set next to ``default`` it shows how much of the peak is heap fragmentation (freed memory glibc keeps),
   and what returning memory at once costs in time (every new buffer page-faults);
 * ``no-checkpointing``: the training forwards keep their activations (``model.gradient_checkpointing=false``):
-  what recomputing them costs the optimise phase in time, and what keeping them costs in memory.
+  what recomputing them costs the optimise phase in time, and what keeping them costs in memory;
+* ``selective``: ``model.gradient_checkpointing=selective`` (:mod:`deltalign.recompute`): the replay takes the
+  frozen base's matmul outputs from the forward and recomputes only the rest -- the middle ground.
 
 Light wrappers time every call of one phase and record the process's resident high-water mark within it (reset
 before each call through ``/proc/self/clear_refs``):
@@ -49,6 +51,7 @@ PHASES = ("generate", "score", "optimise")
 # name: (environment, bench settings changed)
 VARIANTS = {"default": ({}, {}), "return-freed": ({"MALLOC_MMAP_THRESHOLD_": "262144"}, {}),
             "no-checkpointing": ({}, {"ppo_gradient_checkpointing": False}),
+            "selective": ({}, {"ppo_gradient_checkpointing": "selective"}),
             # experiments (--variants): blocks above a fixed size returned when freed; one heap arena for all threads
             **{f"mmap-{k}": ({"MALLOC_MMAP_THRESHOLD_": str(v)}, {}) for k, v in
                (("512k", 512 << 10), ("1m", 1 << 20), ("2m", 2 << 20), ("3m", 3 << 20), ("4m", 4 << 20))},
@@ -158,7 +161,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3, help="PPO steps per process, the first untimed")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--variants", default="default,return-freed,no-checkpointing",
+    ap.add_argument("--variants", default="default,return-freed,no-checkpointing,selective",
                     help=f"from {', '.join(VARIANTS)}")
     args = ap.parse_args()
     if args.child:
@@ -192,12 +195,14 @@ def main() -> int:
     md = "\n".join([
         f"# PPO profile — {stamp:%Y-%m-%d %H:%M} UTC, commit {commit}", "",
         f"Our ppo stage at the bench's PPO settings (batch {s.batch_size} prompts, minibatch {s.ppo_mini_batch_size}, "
-        f"{s.ppo_epochs} epochs, {s.max_new_tokens} new tokens, checkpointing on except in `no-checkpointing`, "
+        f"{s.ppo_epochs} epochs, {s.max_new_tokens} new tokens, full checkpointing except in `no-checkpointing` and "
+        "`selective`, "
         f"{s.threads} threads), "
         f"{args.steps} steps per process, the first untimed; fp32 matmul peak {peak['peak_flops'] / 1e9:.0f} GFLOP/s. "
         "Peak RSS in phase = the process's resident high-water mark within that phase's calls. "
         "`return-freed`: MALLOC_MMAP_THRESHOLD_=262144; `no-checkpointing`: the training forwards keep their "
-        "activations instead of recomputing them (bench/profile_ppo.py).", "",
+        "activations instead of recomputing them; `selective`: the replay keeps the frozen base's matmul outputs "
+        "and recomputes the rest (bench/profile_ppo.py).", "",
         table(results, peak["peak_flops"]), ""])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

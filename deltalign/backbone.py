@@ -32,6 +32,8 @@ from deltalign.deltas import AdapterConfig, lora, peft_config  # noqa: F401  (Ad
 from deltalign.deltas.sequence import Past, run, run_shared
 from deltalign.heads import ScalarHead
 from deltalign.pipeline.config import setting
+from deltalign.recompute import checkpointing_kwargs
+from deltalign.zero import check_supported
 from deltalign.zero import loading as zero_loading
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,8 +49,9 @@ class ModelConfig:
     """``none`` or ``nf4`` (4-bit NormalFloat with double quantisation through bitsandbytes: QLoRA)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory. Off unless you trust the checkpoint."""
-    gradient_checkpointing: bool = setting(False, hashed=False)
-    """Recompute activations in backward (non-reentrant) to save memory."""
+    gradient_checkpointing: bool | Literal["selective"] = setting(False, hashed=False)
+    """Recompute activations in backward (non-reentrant) to save memory; ``selective``: keep what the frozen
+    base's matmuls computed and recompute only the rest (faster, more memory; :mod:`deltalign.recompute`)."""
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -82,6 +85,8 @@ def load_base(cfg: ModelConfig):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = resolve_path(cfg.path)
+    if zero_loading.sharded_loading():  # under ZeRO-3: what it cannot run, refused before any weight loads
+        check_supported(cfg.quantization, 3, cfg.gradient_checkpointing)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)} (got {cfg.dtype!r})")
     dtype = DTYPES[cfg.dtype]
@@ -108,7 +113,8 @@ def load_base(cfg: ModelConfig):
     model.requires_grad_(False)
     model.eval()  # no dropout in the frozen base; adapters have their own dropout switched by train()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = checkpointing_kwargs(cfg.gradient_checkpointing)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.enable_input_require_grads()
     return model, load_tokenizer(path, cfg.trust_remote_code)
 

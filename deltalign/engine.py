@@ -176,7 +176,9 @@ class Engine:
         ``updates_per_step``: optimizer updates inside one step (PPO: epochs x minibatches per rollout); the
         schedule runs over ``n_steps * updates_per_step`` updates.
         """
-        zero.check_supported(getattr(getattr(backbone, "cfg", None), "quantization", "none"), self.zero_stage)
+        model_cfg = getattr(backbone, "cfg", None)
+        zero.check_supported(getattr(model_cfg, "quantization", "none"), self.zero_stage,
+                             getattr(model_cfg, "gradient_checkpointing", False))
         self.backbone = backbone
         self.n_steps = n_steps
         n_updates = n_steps * updates_per_step

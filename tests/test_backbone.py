@@ -134,3 +134,35 @@ def test_pad_token_is_not_eos(tiny_backbone):
 def test_missing_model_dir_names_the_fix():
     with pytest.raises(FileNotFoundError, match="make model"):
         Backbone.load(ModelConfig(path="models/SmolLM2-nope"))
+
+
+class FrozenMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matrix multiplies by a weight that does not train (the frozen base's)."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        weight = {aten.mm.default: 1, aten.addmm.default: 2}.get(func)
+        if weight is not None and not args[weight].requires_grad:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_checkpointing_recomputes_no_frozen_matmul(batch):
+    """``selective`` keeps what the frozen base's matmuls computed: its backward multiplies by frozen weights
+    exactly as often as a backward without checkpointing, while full checkpointing runs them again."""
+    counts = {}
+    for gc in (False, True, "selective"):
+        torch.manual_seed(0)
+        bb = Backbone.load(ModelConfig(path="tiny", gradient_checkpointing=gc))
+        bb.add_adapter("d", AdapterConfig(r=4, alpha=8, dropout=0.0))
+        bb.train()
+        with bb.using("d"):
+            loss = bb(batch["input_ids"], batch["attention_mask"]).pow(2).mean()
+        with FrozenMatmuls() as mode:
+            loss.backward()
+        counts[gc] = mode.count
+    n_layers = bb.causal_lm.config.num_hidden_layers
+    assert counts[True] >= counts[False] + 4 * n_layers  # the recompute: q, k, v, o, gate, up (down: early stop)
+    assert counts["selective"] == counts[False]

@@ -209,3 +209,15 @@ def test_real_backbone_configs(tmp_path):
     assert "  adapter.target_modules = all-linear   Modules that get the delta: all-linear (every" in text
     with pytest.raises(C.ConfigError, match="did you mean 'adapter.r'"):
         C.load(secs, overrides=["adapter.rank=4"])
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("selective", "selective")])
+def test_gradient_checkpointing_is_on_off_or_selective(value, expected):
+    secs = {"model": ModelConfig}
+    assert C.load(secs, overrides=[f"model.gradient_checkpointing={value}"])["model"].gradient_checkpointing == expected
+
+
+def test_gradient_checkpointing_rejects_other_words():
+    with pytest.raises(C.ConfigError) as e:
+        C.load({"model": ModelConfig}, overrides=["model.gradient_checkpointing=sometimes"])
+    assert "model.gradient_checkpointing: expected bool | 'selective', got 'sometimes'" in str(e.value)

@@ -29,7 +29,7 @@ def test_doctor_names_a_missing_model_directory(capsys):
     assert "FAIL  model.path '/nope/model'" in capsys.readouterr().out
 
 
-def _seconds(name: str, prompt_share: float = 0.0, common: int = 0, **changes) -> float:
+def _seconds(name: str, prompt_share: float = 0.0, common: int = 0, checkpointing=False, **changes) -> float:
     """The doctor's s/step estimate for stage ``name`` of the default config, with ``changes`` to its section."""
     import dataclasses
     import re
@@ -42,7 +42,8 @@ def _seconds(name: str, prompt_share: float = 0.0, common: int = 0, **changes) -
     cfg = configs.load(sections(), "configs/default.yaml")[name]
     cfg = dataclasses.replace(cfg, **changes)
     facts = {"params": 134_515_008, "hidden": 576, "layers": 30, "vocab": 49152}  # SmolLM2-135M
-    line = estimate(name, cfg, facts, 600, 48.0, 200.0, ModelConfig(), 1, prompt_share=prompt_share, common=common)
+    model = ModelConfig(gradient_checkpointing=checkpointing)
+    line = estimate(name, cfg, facts, 600, 48.0, 200.0, model, 1, prompt_share=prompt_share, common=common)
     return float(re.search(r"~([\d.]+) s/step", line).group(1))
 
 
@@ -87,3 +88,11 @@ def test_doctor_time_counts_a_prefix_every_row_shares_once():
     for name in ("sft", "rm", "dpo", "ppo", "grpo"):
         assert _seconds(name, common=24, share_prefixes=False) == _seconds(name, common=0, share_prefixes=False)
         assert _seconds(name, common=24) < _seconds(name, common=0), name
+
+
+def test_doctor_time_counts_the_recompute_of_full_checkpointing_only():
+    # full checkpointing runs every training forward twice; selective keeps the base's matmuls (no FLOPs again)
+    for name in ("sft", "dpo", "ppo"):
+        plain = _seconds(name)
+        assert _seconds(name, checkpointing=True) > 1.1 * plain, name
+        assert _seconds(name, checkpointing="selective") == plain, name

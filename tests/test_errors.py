@@ -100,3 +100,25 @@ def test_a_pickled_adapter_is_refused(tmp_path, tiny_backbone):
     (tmp_path / "a" / "adapter_model.safetensors").rename(tmp_path / "a" / "adapter_model.bin")
     with pytest.raises(FileNotFoundError, match="adapter_model.bin"):
         tiny_backbone.load_adapter("other", tmp_path / "a")
+
+
+@pytest.mark.parametrize("changes, names", [
+    (["model.gradient_checkpointing=selective"], "model.gradient_checkpointing=selective"),
+    (["model.quantization=nf4"], "model.quantization='nf4'"),
+])
+def test_what_zero3_cannot_run_is_refused_before_it_starts(tmp_path, capsys, monkeypatch, changes, names):
+    """Launched under ZeRO-3 (the environment ``accelerate launch --config_file configs/accelerate/zero3.yaml``
+    sets): a 4-bit base and selective checkpointing are refused at the command line, exit 2 and one line, before
+    DeepSpeed starts or any model loads."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "configs/accelerate/ds_zero3.json")
+    args = ["run", "sft", *TINY, "--run-dir", str(tmp_path / "run")]
+    rc = main([*args, *[x for c in changes for x in ("--set", c)]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and names in err and "ZeRO-3" in err, err
+    assert not (tmp_path / "run").exists()
+    from deltalign.backbone import ModelConfig
+    from deltalign.pipeline.checks import check_model
+
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "configs/accelerate/ds_zero2.json")  # ZeRO-2 runs both
+    check_model(ModelConfig(path="tiny", gradient_checkpointing="selective", quantization="nf4"))

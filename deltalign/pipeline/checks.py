@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from deltalign.data.formats import DataError, load_rows, preference_examples, prompt_examples, sft_examples
+from deltalign import zero
 from deltalign.pipeline.config import ConfigError
 
 SHAPES = {"sft": sft_examples, "pref": preference_examples, "prompt": prompt_examples}
@@ -23,7 +24,9 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
 def check_model(model_cfg) -> None:
-    """``model.path`` is ``tiny`` or a local Hugging Face checkpoint with a readable config and safetensors."""
+    """``model.path`` is ``tiny`` or a local Hugging Face checkpoint with a readable config and safetensors; what
+    the launch's ZeRO stage cannot run (:func:`deltalign.zero.check_supported`) is refused here."""
+    zero.check_supported(model_cfg.quantization, zero.launched_zero_stage(), model_cfg.gradient_checkpointing)
     if model_cfg.path == "tiny":
         return
     path = Path(model_cfg.path)

@@ -101,8 +101,17 @@ def _coerce(tp, v, key: str, where: str):
             return v if isinstance(v, tp) else tp(v)
     if origin is typing.Literal:
         raise ConfigError(f"{key}: expected one of {', '.join(map(str, args))}, got {v!r} (in {where})")
-    name = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-    raise ConfigError(f"{key}: expected {name}, got {v!r} (in {where})")
+    raise ConfigError(f"{key}: expected {_type_text(tp)}, got {v!r} (in {where})")
+
+
+def _type_text(tp) -> str:
+    """A declared type as an error names it: ``int``, ``list[str] | str``; a literal by its values
+    (``bool | 'selective'``)."""
+    if typing.get_origin(tp) is typing.Literal:
+        return " | ".join(map(repr, typing.get_args(tp)))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is NONE else _type_text(a) for a in typing.get_args(tp))
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def _check(cls, d, where: str, prefix: str) -> dict:

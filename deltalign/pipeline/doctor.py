@@ -146,17 +146,18 @@ def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, 
     return n_train, mean_len, prompt_share, common
 
 
-def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool, prompt_share: float = 0.0,
+def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool | str, prompt_share: float = 0.0,
                common: int = 0) -> tuple[float, float]:
     """Model FLOPs of one step: ``(compute-bound, decoding)``. A frozen base with small deltas: forward 2N per
-    token, training 4N (no weight gradients; 6N with activation checkpointing), N_body = N without the LM head for
-    the scalar-head models. Packed with shared prefixes, a pair runs its prompt (``prompt_share`` of the length)
-    once, and a forward the prefix all its rows start with (``common`` tokens) once. PPO and GRPO: one rollout
-    step -- generation (prompt prefill, then responses at half ``max_new_tokens`` on average), the scoring
-    forwards and every pass over the rollout."""
+    token, training 4N (no weight gradients; 6N with full activation checkpointing, whose replay runs the base's
+    matmuls again; selective checkpointing keeps them), N_body = N without the LM head for the scalar-head models.
+    Packed with shared prefixes, a pair runs its prompt (``prompt_share`` of the length) once, and a forward the
+    prefix all its rows start with (``common`` tokens) once. PPO and GRPO: one rollout step -- generation (prompt
+    prefill, then responses at half ``max_new_tokens`` on average), the scoring forwards and every pass over the
+    rollout."""
     n = facts["params"]
     body = max(n - facts["vocab"] * facts["hidden"], 0)
-    train, shared = 6 if checkpointing else 4, getattr(cfg, "share_prefixes", False)
+    train, shared = 6 if checkpointing is True else 4, getattr(cfg, "share_prefixes", False)
     common = common if shared else 0
     if name not in ("ppo", "grpo"):
         pair = 2 - prompt_share if shared else 2  # sequences' work per pair

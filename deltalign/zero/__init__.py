@@ -31,9 +31,13 @@ The engine (:mod:`deltalign.engine`) calls these (:mod:`deltalign.heads` and the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from pathlib import Path
 
 import torch
+
+from deltalign.pipeline.config import ConfigError
 
 
 def skip_shm_build() -> None:
@@ -67,12 +71,32 @@ def return_gather_buffers(threshold: int = 256 * 1024) -> None:
         pass
 
 
-def check_supported(quantization: str, zero_stage: int) -> None:
+def launched_zero_stage() -> int:
+    """The ZeRO stage this launch configured (0: no DeepSpeed), from the environment ``accelerate launch`` sets --
+    readable before DeepSpeed starts or any model loads (the command line's checks)."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return 0
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        ds = json.loads(Path(env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")).read_text())
+        return int(ds.get("zero_optimization", {}).get("stage", 0))
+    with contextlib.suppress(ValueError):
+        return int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0"))
+    return 0
+
+
+def check_supported(quantization: str, zero_stage: int, checkpointing: bool | str = False) -> None:
     """Refuse what is known not to work before DeepSpeed fails obscurely: a 4-bit base under ZeRO-3 (DeepSpeed
     would have to shard bitsandbytes' packed 4-bit tensors; that needs ``zero3_init_flag`` and
-    ``bnb_4bit_quant_storage`` and is not supported here yet)."""
+    ``bnb_4bit_quant_storage`` and is not supported here yet); selective checkpointing under ZeRO-3 (the layer's
+    weight gathers run inside the checkpointed region, and the replay does not repeat them as the forward ran
+    them: torch fails in the backward)."""
+    if zero_stage == 3 and checkpointing == "selective":
+        raise ConfigError("model.gradient_checkpointing=selective does not work under DeepSpeed ZeRO-3 (its weight "
+                         "gathers replay differently in the backward); use model.gradient_checkpointing=true, "
+                         "or ZeRO-2")
     if zero_stage == 3 and quantization != "none":
-        raise ValueError(f"model.quantization={quantization!r} (QLoRA) is not supported under DeepSpeed ZeRO-3 yet; "
+        raise ConfigError(f"model.quantization={quantization!r} (QLoRA) is not supported under DeepSpeed ZeRO-3 yet; "
                          "use configs/accelerate/zero2.yaml, or model.quantization=none with ZeRO-3 "
                          "(ZeRO-3 already shards the base across processes)")
 
