@@ -29,8 +29,10 @@ def test_doctor_names_a_missing_model_directory(capsys):
     assert "FAIL  model.path '/nope/model'" in capsys.readouterr().out
 
 
-def _seconds(name: str, prompt_share: float = 0.0, common: int = 0, checkpointing=False, **changes) -> float:
-    """The doctor's s/step estimate for stage ``name`` of the default config, with ``changes`` to its section."""
+def _seconds(name: str, prompt_share: float = 0.0, common: int = 0, checkpointing=False, what: str = "s/step",
+             longest: int | None = None, **changes) -> float:
+    """The doctor's s/step (or ``what="GiB"``: peak memory) estimate for stage ``name`` of the default config, with
+    ``changes`` to its section."""
     import dataclasses
     import re
 
@@ -43,8 +45,9 @@ def _seconds(name: str, prompt_share: float = 0.0, common: int = 0, checkpointin
     cfg = dataclasses.replace(cfg, **changes)
     facts = {"params": 134_515_008, "hidden": 576, "layers": 30, "vocab": 49152}  # SmolLM2-135M
     model = ModelConfig(gradient_checkpointing=checkpointing)
-    line = estimate(name, cfg, facts, 600, 48.0, 200.0, model, 1, prompt_share=prompt_share, common=common)
-    return float(re.search(r"~([\d.]+) s/step", line).group(1))
+    line = estimate(name, cfg, facts, 600, 48.0, 200.0, model, 1, prompt_share=prompt_share, common=common,
+                    longest=longest)
+    return float(re.search(r"~([\d.]+) " + what, line).group(1))
 
 
 def test_doctor_time_of_an_online_rl_step_counts_every_pass():
@@ -77,8 +80,10 @@ def test_doctor_measures_the_prompt_share_of_preference_pairs():
 
     cfgs = configs.load(sections(), "configs/tiny.yaml")
     tok = load_tokenizer(resolve_path(cfgs["model"].path))
-    rows, length, share, common = check_stage_data("dpo", cfgs["dpo"], stage_module("dpo"), tok, Report(print))
+    rows, length, share, common, longest = check_stage_data("dpo", cfgs["dpo"], stage_module("dpo"), tok,
+                                                            Report(print))
     assert rows > 0 and length > 0 and 0.2 < share < 1
+    assert length < longest <= cfgs["dpo"].max_length
     assert 2 <= common < length  # every prompt starts with the chat template's user turn
     assert check_stage_data("sft", cfgs["sft"], stage_module("sft"), tok, Report(print))[2] == 0.0
 
@@ -96,3 +101,19 @@ def test_doctor_time_counts_the_recompute_of_full_checkpointing_only():
         plain = _seconds(name)
         assert _seconds(name, checkpointing=True) > 1.1 * plain, name
         assert _seconds(name, checkpointing="selective") == plain, name
+
+
+def test_doctor_memory_counts_what_checkpointing_keeps():
+    # none: every layer's activations; full: each layer's input, plus one layer's activations in its replay;
+    # selective: each layer's input and its base matmuls' outputs, plus the replay's
+    for name in ("sft", "dpo"):
+        none, full = _seconds(name, what="GiB"), _seconds(name, checkpointing=True, what="GiB")
+        selective = _seconds(name, checkpointing="selective", what="GiB")
+        assert full < selective < none, (name, full, selective, none)
+
+
+def test_doctor_memory_is_at_the_longest_row_of_the_data():
+    # the peak comes with the batch of the longest rows: max_length only when the data reaches it
+    for name in ("sft", "dpo"):
+        assert _seconds(name, what="GiB", longest=64) < _seconds(name, what="GiB") == _seconds(
+            name, what="GiB", longest=10_000)

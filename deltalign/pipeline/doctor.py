@@ -57,8 +57,25 @@ def model_facts(path: Path) -> dict:
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
                 numel += math.prod(st.get_slice(k).get_shape())
-    return {"params": numel, "hidden": cfg.get("hidden_size", 0), "layers": cfg.get("num_hidden_layers", 0),
-            "vocab": cfg.get("vocab_size", 0)}
+    hidden, heads = cfg.get("hidden_size", 0), cfg.get("num_attention_heads", 1)
+    kv = cfg.get("num_key_value_heads", heads) * cfg.get("head_dim", hidden // max(heads, 1))
+    return {"params": numel, "hidden": hidden, "layers": cfg.get("num_hidden_layers", 0),
+            "vocab": cfg.get("vocab_size", 0), "intermediate": cfg.get("intermediate_size", 4 * hidden), "kv": kv}
+
+
+def activation_widths(facts: dict, checkpointing: bool | str) -> float:
+    """Values a training forward keeps per token for the backward, in units of the hidden size. Per layer without
+    checkpointing ~20 (measured: a SmolLM2 layer with LoRA on every linear layer in fp32 keeps 19-21 -- PPO's
+    graphs in bench/profile_ppo.py and a saved-tensor count); with it each layer keeps its input (1), and one
+    layer's activations exist again in its replay; selective also keeps the base's matmul outputs (q, k, v, o,
+    gate, up, down: measured 9-10 for SmolLM2)."""
+    h, layers, per_layer = facts["hidden"], facts["layers"], 20
+    if checkpointing is False:
+        return layers * per_layer
+    kept = 1.0
+    if checkpointing == "selective":
+        kept += (2 * h + 2 * facts.get("kv", h) + 3 * facts.get("intermediate", 4 * h)) / h
+    return layers * kept + per_layer
 
 
 def check_tokenizer(tok, report: Report) -> None:
@@ -108,14 +125,15 @@ def _pct(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, float, float, int]:
+def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, float, float, int, int | None]:
     """Rows, skipped rows and token lengths of every source the stage reads; returns the training rows, their mean
-    length in tokens (within max_length), for pairs the mean share of that length that is the prompt, and the
-    length of the prefix every training row starts with."""
+    length in tokens (within max_length), for pairs the mean share of that length that is the prompt, the
+    length of the prefix every training row starts with, and the longest row (within max_length; a prompt with
+    its longest response)."""
     from deltalign.data.formats import load_rows
     from deltalign.data.splits import from_rows
 
-    n_train, mean_len, prompt_share, common = 0, float(getattr(cfg, "max_length", 256)), 0.0, 0
+    n_train, mean_len, prompt_share, common, longest = 0, float(getattr(cfg, "max_length", 256)), 0.0, 0, None
     for field, kind in getattr(module, "READS", {}).items():
         source = getattr(cfg, field)
         if not source:
@@ -133,6 +151,9 @@ def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, 
         if field == "data":
             n_train, mean_len = len(rows), sum(min(n, limit) for n in lengths) / max(len(lengths), 1)
             common = min(_common_prefix(heads), limit)
+            longest = min(max(lengths), limit) if lengths else None
+            if kind == "prompt" and longest is not None:  # a rollout row: the prompt and its response
+                longest += cfg.rollout.max_new_tokens
             if kind == "pref":
                 shares = [min(len(x["prompt_ids"]), limit) / max(min(n, limit), 1) for x, n in zip(full.items, lengths)]
                 prompt_share = sum(shares) / max(len(shares), 1)
@@ -143,7 +164,7 @@ def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, 
         if over:
             line += f"; {over} of {len(lengths)} longer ({rule!r} applies)"
         report("FAIL" if over and rule == "error" else ("note" if over else "ok"), line)
-    return n_train, mean_len, prompt_share, common
+    return n_train, mean_len, prompt_share, common, longest
 
 
 def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool | str, prompt_share: float = 0.0,
@@ -180,9 +201,10 @@ def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool |
 
 
 def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: float, model_cfg, world: int,
-             prompt_share: float = 0.0, common: int = 0) -> str:
-    """Steps, memory and time per step, to a factor of ~2: memory at ``max_length`` (activations without
-    checkpointing, logits in float32), time at the data's mean length (``length``; :func:`step_flops`)."""
+             prompt_share: float = 0.0, common: int = 0, longest: int | None = None) -> str:
+    """Steps, memory and time per step, to a factor of ~2: memory at the longest row (``longest``; else
+    ``max_length``) -- activations as :func:`activation_widths` counts them, logits in float32 --, time at the
+    data's mean length (``length``; :func:`step_flops`)."""
     batch = getattr(cfg, "batch_size", 1) * getattr(cfg, "grad_accum", 1) * world
     per_epoch = math.ceil(rows / batch) if rows else 0
     steps = cfg.max_steps if getattr(cfg, "max_steps", 0) else math.ceil(per_epoch * getattr(cfg, "epochs", 1.0))
@@ -190,8 +212,8 @@ def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: floa
     weights = facts["params"] * (0.56 if model_cfg.quantization == "nf4" else bytes_per)
     # pairs are two rows; a GRPO prompt is num_generations rows
     rows_per_forward = cfg.batch_size * (2 if name in ("rm", "dpo") else getattr(cfg, "num_generations", 1))
-    tokens = rows_per_forward * getattr(cfg, "max_length", 256)
-    act = tokens * facts["hidden"] * facts["layers"] * 34 * bytes_per / 4
+    tokens = rows_per_forward * min(getattr(cfg, "max_length", 1 << 30), longest or getattr(cfg, "max_length", 256))
+    act = tokens * facts["hidden"] * activation_widths(facts, model_cfg.gradient_checkpointing) * bytes_per
     memory = (weights + act + 2 * tokens * facts["vocab"] * 4) / 2**30
     compute, decode = step_flops(name, cfg, facts, length, model_cfg.gradient_checkpointing, prompt_share, common)
     seconds = (compute / FLOP_SHARE + decode / DECODE_SHARE) / (gflops * 1e9)
@@ -233,10 +255,11 @@ def doctor(cfgs: dict, plan: list[str], run_dir: Path, out=print) -> int:
         if not hasattr(stage_module(name), "READS"):
             continue
         try:
-            rows, length, share, common = check_stage_data(name, cfgs[name], stage_module(name), tok, report)
+            rows, length, share, common, longest = check_stage_data(name, cfgs[name], stage_module(name), tok,
+                                                                    report)
         except (FileNotFoundError, ValueError) as e:
             report("FAIL", " ".join(str(e).split()))
             continue
-        report("note", estimate(name, cfgs[name], facts, rows, length, gflops, model_cfg, 1, share, common))
+        report("note", estimate(name, cfgs[name], facts, rows, length, gflops, model_cfg, 1, share, common, longest))
     out("doctor: " + ("problems found (FAIL lines above)" if report.failed else "ready to run"))
     return 2 if report.failed else 0
