@@ -77,7 +77,7 @@ def build_configs(stage: str, s: Settings) -> tuple[dict, list[str]]:
     secs = sections()
     if stage not in secs:
         raise SystemExit(f"stage {stage!r} is not in deltalign's stage graph")
-    known = {f"{name}.{k}" for name, cls in secs.items() for k in configs.field_docs(cls)}
+    known = {f"{name}.{k}" for name, cls in secs.items() for k in configs.field_names(cls)}
     wanted = overrides(stage, s)
     def exists(key: str) -> bool:  # the key, or a mapping field it indexes into (ppo.rules.checker)
         parts = key.split(".")

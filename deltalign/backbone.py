@@ -51,7 +51,7 @@ class ModelConfig:
     """Allow model code from the checkpoint directory. Off unless you trust the checkpoint."""
     gradient_checkpointing: bool | Literal["selective"] = setting(False, hashed=False)
     """Recompute activations in backward (non-reentrant) to save memory; ``selective``: keep what the frozen
-    base's matmuls computed and recompute only the rest (faster, more memory; :mod:`deltalign.recompute`)."""
+    base's matmuls computed and recompute only the rest (faster, more memory; deltalign/recompute.py)."""
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

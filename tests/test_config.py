@@ -8,6 +8,7 @@ import yaml
 
 from deltalign.backbone import AdapterConfig, ModelConfig
 from deltalign.pipeline import config as C
+from deltalign.pipeline import help as H
 
 
 @dataclass
@@ -169,12 +170,12 @@ def test_to_dict_from_dict_and_yaml_round_trip(tmp_path):
 
 
 def test_field_docs_inherited_and_nested():
-    docs = C.field_docs(Stage)
+    docs = H.field_docs(Stage)
     assert list(docs) == ["seed", "lr", "epochs", "packing", "out", "targets", "extra", "opt", "opt.name", "opt.betas"]
     assert docs["seed"] == "Random seed."
     assert docs["lr"] == "Peak learning rate,\nafter warmup."  # inherited, though Stage redeclares lr
     assert docs["opt"] == "Optimizer settings." and docs["opt.betas"] == "Adam betas."
-    text = C.help_text("sft", Stage)
+    text = H.help_text("sft", Stage)
     assert text.splitlines()[0] == "sft:"
     assert any(line.startswith("  sft.lr = 0.0002") and line.endswith("Peak learning rate, after warmup.")
                for line in text.splitlines())
@@ -182,7 +183,7 @@ def test_field_docs_inherited_and_nested():
 
 
 def test_hashed_dict_leaves_out_settings_marked_not_hashed():
-    from deltalign.engine import TrainConfig
+    from deltalign.train_config import TrainConfig
 
     a, b = TrainConfig(), TrainConfig(threads=2, log_every=1, checkpoint_every=3, keep_checkpoints=9)
     assert C.hashed_dict(a) == C.hashed_dict(b)
@@ -190,7 +191,7 @@ def test_hashed_dict_leaves_out_settings_marked_not_hashed():
     assert C.hashed_dict(TrainConfig(lr=1e-3)) != C.hashed_dict(a)
     m = C.hashed_dict(ModelConfig())
     assert "gradient_checkpointing" not in m and "path" in m
-    text = C.help_text("sft", TrainConfig)
+    text = H.help_text("sft", TrainConfig)
     assert any("sft.threads" in ln and "(not hashed" in ln for ln in text.splitlines())
     assert not any("sft.lr " in ln and "not hashed" in ln for ln in text.splitlines())
 
@@ -203,9 +204,9 @@ def test_real_backbone_configs(tmp_path):
     a = cfg["adapter"]
     assert (a.r, a.alpha, a.target_modules) == (8, 32, ["q_proj", "v_proj"])
     assert a.dropout == 0.0 and isinstance(a.dropout, float)
-    assert C.field_docs(AdapterConfig)["r"] == "LoRA rank."
-    assert "  model.trust_remote_code = false" in C.help_text("model", ModelConfig)
-    text = C.help_text("adapter", AdapterConfig)
+    assert H.field_docs(AdapterConfig)["r"] == "LoRA rank."
+    assert "  model.trust_remote_code = false" in H.help_text("model", ModelConfig)
+    text = H.help_text("adapter", AdapterConfig)
     assert "  adapter.target_modules = all-linear   Modules that get the delta: all-linear (every" in text
     with pytest.raises(C.ConfigError, match="did you mean 'adapter.r'"):
         C.load(secs, overrides=["adapter.rank=4"])

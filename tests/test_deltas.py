@@ -72,7 +72,7 @@ def test_the_table_and_the_config_agree():
         assert m.impl in ("peft", "ours") and m.summary
         assert m.mergeable == (m.name in ("lora", "dora", "ia3", "ln"))
         assert m.prompt_learning == (m.name in ("prefix", "prompt"))
-    from deltalign.pipeline.config import field_docs
+    from deltalign.pipeline.help import field_docs
 
     docs = field_docs(AdapterConfig)
     assert all(docs[f.name] for f in fields(AdapterConfig)), "every adapter setting is documented"

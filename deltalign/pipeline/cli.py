@@ -17,13 +17,14 @@ from deltalign.pipeline import config as configs
 from deltalign.evaluation import POLICY_STAGES
 from deltalign.pipeline.checks import check_model, check_source, preflight
 from deltalign.pipeline.graph import STAGES, Pipeline, sections
+from deltalign.pipeline.help import help_text
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
 
 def stage_help(names: list[str]) -> str:
     secs = sections()
-    parts = [configs.help_text(s, secs[s]) for s in ["run", "model", *names]]
+    parts = [help_text(s, secs[s]) for s in ["run", "model", *names]]
     return "settings (YAML section.key, or --set section.key=value):\n\n" + "\n\n".join(parts)
 
 

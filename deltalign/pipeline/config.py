@@ -9,14 +9,10 @@ scalars replace. :func:`dump_yaml` of the result loads back to the same configs.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import difflib
 import functools
-import inspect
-import json
-import textwrap
 import types
 import typing
 from pathlib import Path
@@ -42,6 +38,16 @@ def _fields(cls) -> dict[str, object]:
 
 def _is_dc(tp) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def field_names(cls, prefix: str = "") -> list[str]:
+    """Dotted names of ``cls``'s settings, nested sections' included (``generation.top_p``)."""
+    out = []
+    for name, tp in _fields(cls).items():
+        out.append(prefix + name)
+        if _is_dc(tp):
+            out += field_names(tp, f"{prefix}{name}.")
+    return out
 
 
 def _unknown(kind: str, key: str, valid: list[str], where: str) -> ConfigError:
@@ -122,7 +128,7 @@ def _check(cls, d, where: str, prefix: str) -> dict:
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in known:
-            raise _unknown("key", key, [f"{prefix}.{n}" if prefix else n for n in field_docs(cls)], where)
+            raise _unknown("key", key, [f"{prefix}.{n}" if prefix else n for n in field_names(cls)], where)
         if _is_dc(known[k]):
             out[k] = _check(known[k], v, where, key)
         else:
@@ -297,54 +303,3 @@ def load(sections: dict[str, type], path: str | None = None, overrides: list[str
                 merged[name] = _deep_merge(merged[name], _check(sections[name], body, where, name))
     where = " and ".join([str(p) for p in (base, path) if p] + ([SET] if overrides else [])) or "defaults"
     return {name: from_dict(cls, merged[name], where, name) for name, cls in sections.items()}
-
-
-# --- documentation -----------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def _own_docs(cls) -> dict[str, str]:
-    """Attribute docstrings written in ``cls``'s own body (empty if its source is unavailable)."""
-    try:
-        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    except (OSError, TypeError, SyntaxError, IndexError, AttributeError):
-        return {}
-    return {node.target.id: inspect.cleandoc(nxt.value.value) for node, nxt in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)}
-
-
-def field_docs(cls, prefix: str = "") -> dict[str, str]:
-    """Dotted field name -> attribute docstring ("" if none), inherited ones (across the MRO) and nested included."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        docs.update(_own_docs(klass))
-    out = {}
-    for name, tp in _fields(cls).items():
-        out[prefix + name] = docs.get(name, "")
-        if _is_dc(tp):
-            out.update(field_docs(tp, f"{prefix}{name}."))
-    return out
-
-
-def help_text(section: str, cls) -> str:
-    """Readable settings list for ``--help``: ``  sft.lr = 0.0002   Peak learning rate ...`` (defaults shown)."""
-    try:
-        inst = cls()
-    except TypeError:  # required fields: no defaults to show
-        inst = None
-    rows = []
-    for name, doc in field_docs(cls).items():
-        tp = functools.reduce(lambda c, n: _fields(c)[n], name.split("."), cls)
-        owner = functools.reduce(lambda c, n: _fields(c)[n], name.split(".")[:-1], cls)
-        leaf = name.rsplit(".", 1)[-1]
-        if bounds_text(owner, leaf):
-            doc = f"{doc} [{bounds_text(owner, leaf)}]"
-        if not is_hashed(owner, leaf):
-            doc = f"{doc} (not hashed)"
-        left = f"  {section}.{name}"
-        if inst is not None and not _is_dc(tp):
-            v = to_dict(functools.reduce(getattr, name.split("."), inst))
-            left += " = " + (v if isinstance(v, str) and v else json.dumps(v))
-        rows.append((left, " ".join(doc.replace("``", "").split())))
-    width = min(max((len(left) for left, _ in rows), default=0), 44)
-    return "\n".join([f"{section}:"] + [f"{left:<{width}}   {doc}".rstrip() for left, doc in rows])

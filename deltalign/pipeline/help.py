@@ -1,0 +1,61 @@
+"""What ``--help`` shows for each setting: the attribute docstring written under each config field, with its
+default, its bounds and whether it is hashed (:mod:`deltalign.pipeline.config` declares them)."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import json
+import textwrap
+
+from deltalign.pipeline.config import _fields, _is_dc, bounds_text, is_hashed, to_dict
+
+
+@functools.lru_cache(maxsize=None)
+def _own_docs(cls) -> dict[str, str]:
+    """Attribute docstrings written in ``cls``'s own body (empty if its source is unavailable)."""
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    except (OSError, TypeError, SyntaxError, IndexError, AttributeError):
+        return {}
+    return {node.target.id: inspect.cleandoc(nxt.value.value) for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)}
+
+
+def field_docs(cls, prefix: str = "") -> dict[str, str]:
+    """Dotted field name -> attribute docstring ("" if none), inherited ones (across the MRO) and nested included."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        docs.update(_own_docs(klass))
+    out = {}
+    for name, tp in _fields(cls).items():
+        out[prefix + name] = docs.get(name, "")
+        if _is_dc(tp):
+            out.update(field_docs(tp, f"{prefix}{name}."))
+    return out
+
+
+def help_text(section: str, cls) -> str:
+    """Readable settings list for ``--help``: ``  sft.lr = 0.0002   Peak learning rate ...`` (defaults shown)."""
+    try:
+        inst = cls()
+    except TypeError:  # required fields: no defaults to show
+        inst = None
+    rows = []
+    for name, doc in field_docs(cls).items():
+        tp = functools.reduce(lambda c, n: _fields(c)[n], name.split("."), cls)
+        owner = functools.reduce(lambda c, n: _fields(c)[n], name.split(".")[:-1], cls)
+        leaf = name.rsplit(".", 1)[-1]
+        if bounds_text(owner, leaf):
+            doc = f"{doc} [{bounds_text(owner, leaf)}]"
+        if not is_hashed(owner, leaf):
+            doc = f"{doc} (not hashed)"
+        left = f"  {section}.{name}"
+        if inst is not None and not _is_dc(tp):
+            v = to_dict(functools.reduce(getattr, name.split("."), inst))
+            left += " = " + (v if isinstance(v, str) and v else json.dumps(v))
+        rows.append((left, " ".join(doc.replace("``", "").split())))
+    width = min(max((len(left) for left, _ in rows), default=0), 44)
+    return "\n".join([f"{section}:"] + [f"{left:<{width}}   {doc}".rstrip() for left, doc in rows])
