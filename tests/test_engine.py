@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 from deltalign.backbone import AdapterConfig
-from deltalign.engine import Engine, TrainConfig, lr_lambda
+from deltalign.engine import Engine
+from deltalign.train_config import TrainConfig, lr_lambda
 from deltalign.losses import sft_loss_sum
 from deltalign.labelled import labelled_logits
 

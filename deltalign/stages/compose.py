@@ -50,7 +50,8 @@ from deltalign.modes import train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches
 from deltalign.data.splits import RowRules
 from deltalign.deltas import composable, fusion
-from deltalign.engine import Engine, TrainConfig
+from deltalign.engine import Engine
+from deltalign.train_config import TrainConfig
 from deltalign.generation import GenerationConfig, checker_eval
 from deltalign.pipeline.config import setting
 from deltalign.stages.sft import heldout_loss, train_step

@@ -27,7 +27,8 @@ from deltalign.modes import eval_mode, train_mode
 from deltalign.data.batching import length_grouped_batches, pair_batch, to_device
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
-from deltalign.engine import Engine, TrainConfig
+from deltalign.engine import Engine
+from deltalign.train_config import TrainConfig
 from deltalign.generation import GenerationConfig
 from deltalign.losses import dpo_sigmoid_loss, ipo_loss, simpo_loss
 from deltalign.evaluation import policy_report, report_scalars

@@ -24,7 +24,8 @@ from deltalign.modes import eval_mode, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pair_batch, to_device
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
-from deltalign.engine import Engine, TrainConfig
+from deltalign.engine import Engine
+from deltalign.train_config import TrainConfig
 from deltalign.losses import bradley_terry_loss
 from deltalign.pipeline.config import setting
 from deltalign.rewards.model import HEAD_FILE, STATS_FILE, last_token_values

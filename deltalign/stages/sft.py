@@ -19,7 +19,8 @@ from deltalign.modes import eval_mode, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batch, to_device
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
-from deltalign.engine import Engine, TrainConfig
+from deltalign.engine import Engine
+from deltalign.train_config import TrainConfig
 from deltalign.generation import GenerationConfig, checker_eval
 from deltalign.pipeline.config import setting
 
