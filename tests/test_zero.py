@@ -287,9 +287,9 @@ KILLS = [("sft", ["sft"]), ("dpo", ["sft", "rm", "dpo"]), ("ppo", ["sft", "rm", 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One single-process run and one 2-process run per ZeRO stage, each of sft -> rm -> dpo -> ppo -> grpo (3
-    steps each). The ZeRO-3 run also switches gradient checkpointing on (the reference does not), and is killed
-    three times before it completes: at sft's step 3 (after the step-2 checkpoint), then -- resuming sft -- at
-    dpo's step 3, then -- resuming dpo -- at ppo's step 3; the full run resumes ppo."""
+    steps each). The ZeRO-2 run checkpoints selectively, the ZeRO-3 run in full (the reference not at all); the
+    ZeRO-3 run is killed three times before it completes: at sft's step 3 (after the step-2 checkpoint), then --
+    resuming sft -- at dpo's step 3, then -- resuming dpo -- at ppo's step 3; the full run resumes ppo."""
     root = tmp_path_factory.mktemp("zero")
     out = {"killed": {}}
     for stage, stages in KILLS:
@@ -303,7 +303,8 @@ def runs(tmp_path_factory):
                                 if "trainable.safetensors" in files else {},
                                 load_file(str(ckpt / "optimizer.safetensors")) if "optimizer.safetensors" in files
                                 else {})
-    for name, config, extra in [("single", None, SINGLE), ("zero2", "configs/accelerate/zero2.yaml", MULTI),
+    z2 = ["--set", "model.gradient_checkpointing=selective", *MULTI]
+    for name, config, extra in [("single", None, SINGLE), ("zero2", "configs/accelerate/zero2.yaml", z2),
                                 ("zero3", "configs/accelerate/zero3.yaml", Z3_GATHER)]:
         p = _check(launch(config, root / f"{name}-probe", root / name, extra))
         WALL[name] = p.wall
