@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deltalign.data.formats import DataError, load_rows, preference_examples, prompt_examples, sft_examples
 from deltalign import zero
+from deltalign.data.formats import DataError, load_rows, preference_examples, prompt_examples, sft_examples
 from deltalign.pipeline.config import ConfigError
 
 SHAPES = {"sft": sft_examples, "pref": preference_examples, "prompt": prompt_examples}

@@ -30,22 +30,23 @@ class ConfigError(ValueError):
 # --- declared types ---------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _fields(cls) -> dict[str, object]:
+def setting_types(cls) -> dict[str, object]:
     """Init field name -> resolved type (``from __future__ import annotations`` leaves strings in ``Field.type``)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls) if f.init}
 
 
-def _is_dc(tp) -> bool:
+def is_section(tp) -> bool:
+    """Whether a setting's type is a nested section of settings (a dataclass)."""
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def field_names(cls, prefix: str = "") -> list[str]:
     """Dotted names of ``cls``'s settings, nested sections' included (``generation.top_p``)."""
     out = []
-    for name, tp in _fields(cls).items():
+    for name, tp in setting_types(cls).items():
         out.append(prefix + name)
-        if _is_dc(tp):
+        if is_section(tp):
             out += field_names(tp, f"{prefix}{name}.")
     return out
 
@@ -124,12 +125,12 @@ def _check(cls, d, where: str, prefix: str) -> dict:
     """Validate a partial nested mapping for ``cls`` (known keys, coerced values) and return the coerced copy."""
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix}: expected a mapping of {cls.__name__} settings, got {d!r} (in {where})")
-    known, out = _fields(cls), {}
+    known, out = setting_types(cls), {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in known:
             raise _unknown("key", key, [f"{prefix}.{n}" if prefix else n for n in field_names(cls)], where)
-        if _is_dc(known[k]):
+        if is_section(known[k]):
             out[k] = _check(known[k], v, where, key)
         else:
             out[k] = _coerce(known[k], v, key, where)
@@ -166,8 +167,8 @@ def from_dict(cls, d: dict, where: str = "<dict>", prefix: str = ""):
     d, kw = _check(cls, d, where, prefix), {}
     for f in dataclasses.fields(cls):
         if f.name in d:
-            tp, v = _fields(cls)[f.name], d[f.name]
-            if _is_dc(tp):
+            tp, v = setting_types(cls)[f.name], d[f.name]
+            if is_section(tp):
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                 base = {} if default is dataclasses.MISSING or default is None else to_dict(default)
                 v = from_dict(tp, _deep_merge(base, v), where, f"{prefix}.{f.name}" if prefix else f.name)
@@ -275,7 +276,7 @@ def _override(sections: dict[str, type], item: str) -> dict:
         raise ConfigError(f"{SET} expects section.key=value, got {item!r}")
     tp = sections.get(parts[0])
     for p in parts[1:]:
-        tp = _fields(tp).get(p) if _is_dc(tp) else None
+        tp = setting_types(tp).get(p) if is_section(tp) else None
     if (tp is str or set(typing.get_args(tp)) == {str, NONE}) and raw not in ("null", "~"):
         value = raw
     else:

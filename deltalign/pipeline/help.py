@@ -9,7 +9,7 @@ import inspect
 import json
 import textwrap
 
-from deltalign.pipeline.config import _fields, _is_dc, bounds_text, is_hashed, to_dict
+from deltalign.pipeline.config import bounds_text, is_hashed, is_section, setting_types, to_dict
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,9 +30,9 @@ def field_docs(cls, prefix: str = "") -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         docs.update(_own_docs(klass))
     out = {}
-    for name, tp in _fields(cls).items():
+    for name, tp in setting_types(cls).items():
         out[prefix + name] = docs.get(name, "")
-        if _is_dc(tp):
+        if is_section(tp):
             out.update(field_docs(tp, f"{prefix}{name}."))
     return out
 
@@ -45,15 +45,15 @@ def help_text(section: str, cls) -> str:
         inst = None
     rows = []
     for name, doc in field_docs(cls).items():
-        tp = functools.reduce(lambda c, n: _fields(c)[n], name.split("."), cls)
-        owner = functools.reduce(lambda c, n: _fields(c)[n], name.split(".")[:-1], cls)
+        tp = functools.reduce(lambda c, n: setting_types(c)[n], name.split("."), cls)
+        owner = functools.reduce(lambda c, n: setting_types(c)[n], name.split(".")[:-1], cls)
         leaf = name.rsplit(".", 1)[-1]
         if bounds_text(owner, leaf):
             doc = f"{doc} [{bounds_text(owner, leaf)}]"
         if not is_hashed(owner, leaf):
             doc = f"{doc} (not hashed)"
         left = f"  {section}.{name}"
-        if inst is not None and not _is_dc(tp):
+        if inst is not None and not is_section(tp):
             v = to_dict(functools.reduce(getattr, name.split("."), inst))
             left += " = " + (v if isinstance(v, str) and v else json.dumps(v))
         rows.append((left, " ".join(doc.replace("``", "").split())))
