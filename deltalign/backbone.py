@@ -33,7 +33,6 @@ from deltalign.deltas.sequence import Past, run, run_shared
 from deltalign.heads import ScalarHead
 from deltalign.pipeline.config import setting
 from deltalign.recompute import checkpointing_kwargs
-from deltalign.zero import check_supported
 from deltalign.zero import loading as zero_loading
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,8 +84,6 @@ def load_base(cfg: ModelConfig):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = resolve_path(cfg.path)
-    if zero_loading.sharded_loading():  # under ZeRO-3: what it cannot run, refused before any weight loads
-        check_supported(cfg.quantization, 3, cfg.gradient_checkpointing)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)} (got {cfg.dtype!r})")
     dtype = DTYPES[cfg.dtype]

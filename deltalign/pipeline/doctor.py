@@ -151,9 +151,8 @@ def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, 
         if field == "data":
             n_train, mean_len = len(rows), sum(min(n, limit) for n in lengths) / max(len(lengths), 1)
             common = min(_common_prefix(heads), limit)
-            longest = min(max(lengths), limit) if lengths else None
-            if kind == "prompt" and longest is not None:  # a rollout row: the prompt and its response
-                longest += cfg.rollout.max_new_tokens
+            # a rollout row (prompt data): the prompt and its response
+            longest = min(max(lengths), limit) + (cfg.rollout.max_new_tokens if kind == "prompt" else 0)
             if kind == "pref":
                 shares = [min(len(x["prompt_ids"]), limit) / max(min(n, limit), 1) for x, n in zip(full.items, lengths)]
                 prompt_share = sum(shares) / max(len(shares), 1)

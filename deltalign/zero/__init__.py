@@ -4,8 +4,8 @@ The engine (:mod:`deltalign.engine`) calls these (:mod:`deltalign.heads` and the
 :mod:`~deltalign.zero.vocab`); stages never do. What each one is for:
 
 * :func:`check_supported` -- what ZeRO-3 cannot run (a 4-bit base, selective checkpointing), refused at the
-  command line (the launch's stage from :func:`launched_zero_stage`), when the base loads and when the engine
-  prepares;
+  command line before any model loads (the launch's stage from :func:`launched_zero_stage`) and, for any other
+  caller, when the engine prepares;
 * :func:`skip_shm_build` -- on CPU, DeepSpeed would JIT-compile a shared-memory all-reduce at start-up;
 * :func:`configure` -- the engine owns accumulation, its normalisation and the update boundary, so DeepSpeed's
   own gradient-accumulation scaling is switched off and the boundary is the caller's
