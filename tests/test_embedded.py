@@ -131,3 +131,11 @@ def test_main(tmp_path):
     E.main([str(tmp_path), "--seed", "2", "--n-train", "9", "--n-eval", "9"])
     rows = [json.loads(x) for x in (tmp_path / "pref_eval.jsonl").read_text().splitlines()]
     assert rows == E.generate(seed=2, n_train=9, n_eval=9)["pref_eval"]
+
+
+def test_the_generated_set_is_stamped_with_every_module_it_comes_from():
+    """Facts, formats and constraint wording all shape the rows: a change to any of them regenerates the set."""
+    from deltalign.data import facts
+
+    assert {Path(m.__file__).name for m in E.SOURCES} == {"embedded.py", "facts.py", "checker.py"}
+    assert facts.facts() == E.facts()  # the banks live in facts.py; embedded draws from them

@@ -2,8 +2,8 @@
 
 Every prompt is a simple factual question plus one checkable constraint stated in plain English, e.g.
 ``"What is the capital of France? Answer in all lowercase letters."``. The facts are small hand-written banks
-in this file (capitals, colours, animal sounds, opposites, arithmetic, plurals, day/month order, basic
-science); nothing is downloaded. Constraint wording and checking live in :mod:`deltalign.rewards.checker`.
+(:mod:`deltalign.data.facts`: capitals, colours, animal sounds, opposites, arithmetic, plurals, day/month order,
+basic science); nothing is downloaded. Constraint wording and checking live in :mod:`deltalign.rewards.checker`.
 
 The *chosen* response is the correct answer formatted to satisfy the constraint with one fixed, short pattern
 per kind (so a 135M model can learn it); the *rejected* response answers the same question but breaks the
@@ -16,7 +16,8 @@ unseen; kinds are cycled, so every kind appears in every split. Generation depen
 ``random.Random`` over lists in a fixed order), never on hash randomisation or set order.
 
 Usage: ``python -m deltalign.data.embedded OUT_DIR [--seed S] [--n-train N] [--n-eval N]``. Stages read the set
-through :func:`materialise`, which regenerates it whenever this module or the checker changed since it was written.
+through :func:`materialise`, which regenerates it whenever this module, the fact banks or the checker changed
+since it was written.
 """
 
 from __future__ import annotations
@@ -27,108 +28,18 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
-from typing import NamedTuple
 
+from deltalign.data import facts as fact_banks
+from deltalign.data.facts import Fact, capitalise, facts
 from deltalign.rewards import checker
 from deltalign.rewards.checker import KINDS, check, describe
 
 SPLITS = ("sft_train", "sft_eval", "pref_train", "pref_eval")
 EVAL_FRACTION = 0.2
 STAMP = ".source"  # in a materialised folder: the code_hash() its files were generated from
-
-
-class Fact(NamedTuple):
-    question: str
-    answer: str  # natural one-sentence answer, contains upper- and lowercase letters
-    short: str  # the bare answer, e.g. "Paris"
-    topic: str
-
-
-# ------------------------------------------------------------------------------------------------ fact banks
-_CAPITALS = ("France:Paris Germany:Berlin Italy:Rome Spain:Madrid Portugal:Lisbon Japan:Tokyo China:Beijing "
-             "Russia:Moscow Egypt:Cairo Canada:Ottawa Australia:Canberra Greece:Athens Ireland:Dublin Norway:Oslo "
-             "Sweden:Stockholm Finland:Helsinki Denmark:Copenhagen Poland:Warsaw Austria:Vienna Hungary:Budapest "
-             "Kenya:Nairobi Peru:Lima Argentina:Buenos_Aires Mexico:Mexico_City Thailand:Bangkok "
-             "South_Korea:Seoul India:New_Delhi Turkey:Ankara Belgium:Brussels the_Netherlands:Amsterdam "
-             "Cuba:Havana Chile:Santiago")
-_COLOURS = [("grass", "green"), ("a ripe banana", "yellow"), ("fresh snow", "white"), ("coal", "black"),
-            ("a ripe tomato", "red"), ("the sky on a clear day", "blue"), ("a lemon", "yellow"), ("milk", "white"),
-            ("a carrot", "orange"), ("a strawberry", "red"), ("milk chocolate", "brown"), ("a crow", "black"),
-            ("a pumpkin", "orange"), ("an emerald", "green"), ("a flamingo", "pink"), ("a blueberry", "blue"),
-            ("a lime", "green")]
-_SOUNDS = ("cow:moo dog:woof cat:meow duck:quack sheep:baa pig:oink owl:hoot horse:neigh lion:roar snake:hiss "
-           "bee:buzz frog:croak mouse:squeak donkey:hee-haw")
-_OPPOSITES = ("hot:cold big:small up:down fast:slow happy:sad light:dark open:closed tall:short full:empty "
-              "early:late wet:dry hard:soft loud:quiet rich:poor strong:weak left:right push:pull thick:thin "
-              "clean:dirty first:last")
-_PLURALS = ("mouse:mice child:children foot:feet tooth:teeth man:men woman:women goose:geese person:people "
-            "box:boxes baby:babies leaf:leaves knife:knives wolf:wolves sheep:sheep city:cities bus:buses "
-            "cactus:cacti ox:oxen potato:potatoes half:halves")
-_PLUS = [(2, 3), (4, 5), (7, 5), (6, 8), (9, 9), (12, 7), (15, 5), (20, 13), (11, 11), (8, 14)]
-_MINUS = [(9, 4), (10, 3), (15, 6), (20, 8), (7, 2), (18, 9), (30, 12), (14, 7), (25, 5), (16, 11)]
-_TIMES = [(6, 3), (4, 4), (7, 2), (5, 9), (3, 8), (10, 10), (2, 12), (9, 6), (8, 7), (11, 3)]
-_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-_MONTHS = ("January February March April May June July August September October November December").split()
-_SCIENCE = [  # question | natural answer | short answer
-    "How many legs does a spider have?|A spider has eight legs.|eight",
-    "How many legs does an insect have?|An insect has six legs.|six",
-    "What gas do plants take in from the air?|Plants take in carbon dioxide from the air.|carbon dioxide",
-    "What gas do humans need to breathe?|Humans need oxygen to breathe.|oxygen",
-    "At what temperature does water freeze in Celsius?|Water freezes at zero degrees Celsius.|zero degrees",
-    "At what temperature does water boil in Celsius?|Water boils at 100 degrees Celsius.|100 degrees",
-    "What is the closest star to Earth?|The closest star to Earth is the Sun.|the Sun",
-    "Which planet is known as the Red Planet?|Mars is known as the Red Planet.|Mars",
-    "What is the largest planet in our solar system?|The largest planet in our solar system is Jupiter.|Jupiter",
-    "What force pulls objects toward the ground?|Gravity pulls objects toward the ground.|gravity",
-    "What is frozen water called?|Frozen water is called ice.|ice",
-    "How many days are in a week?|A week has seven days.|seven",
-    "How many months are in a year?|A year has twelve months.|twelve",
-    "How many hours are in a day?|A day has twenty-four hours.|twenty-four",
-    "How many minutes are in an hour?|An hour has sixty minutes.|sixty",
-    "What organ pumps blood around the body?|The heart pumps blood around the body.|the heart",
-    "What do bees make?|Bees make honey.|honey",
-    "What is the chemical formula for water?|The chemical formula for water is H2O.|H2O",
-    "What planet do we live on?|We live on planet Earth.|Earth",
-    "Which season comes after winter?|Spring comes after winter.|spring",
-    "How many sides does a triangle have?|A triangle has three sides.|three",
-    "How many sides does a square have?|A square has four sides.|four",
-    "What is the largest ocean on Earth?|The Pacific is the largest ocean on Earth.|the Pacific",
-    "What do caterpillars turn into?|Caterpillars turn into butterflies.|butterflies",
-    "What part of a plant takes in water from the soil?|The roots take in water from the soil.|the roots",
-    "How many continents are there?|There are seven continents.|seven",
-]
-
-
-def _pairs(bank: str) -> list[tuple[str, str]]:
-    return [tuple(x.replace("_", " ") for x in item.split(":")) for item in bank.split()]
-
-
-def _cap(s: str) -> str:
-    return s[:1].upper() + s[1:]
-
-
-def facts() -> list[Fact]:
-    """All facts, in a fixed order (197 of them)."""
-    out = [Fact(f"What is the capital of {c}?", f"The capital of {c} is {city}.", city, "geography")
-           for c, city in _pairs(_CAPITALS)]
-    out += [Fact(f"What colour is {t}?", f"{_cap(t)} is {col}.", col, "colours") for t, col in _COLOURS]
-    out += [Fact(f"What sound does a {a} make?", f"A {a} says {s}.", s, "animals") for a, s in _pairs(_SOUNDS)]
-    out += [Fact(f"What is the opposite of {a}?", f"The opposite of {a} is {b}.", b, "words")
-            for a, b in _pairs(_OPPOSITES)]
-    out += [Fact(f"What is the plural of {a}?", f"The plural of {a} is {b}.", b, "words") for a, b in _pairs(_PLURALS)]
-    out += [Fact(f"What is {a} plus {b}?", f"The sum of {a} and {b} is {a + b}.", str(a + b), "maths") for a, b in _PLUS]
-    out += [Fact(f"What is {a} minus {b}?", f"The difference between {a} and {b} is {a - b}.", str(a - b), "maths")
-            for a, b in _MINUS]
-    out += [Fact(f"What is {a} times {b}?", f"The product of {a} and {b} is {a * b}.", str(a * b), "maths")
-            for a, b in _TIMES]
-    for unit, names in (("day", _DAYS), ("month", _MONTHS)):
-        for i, x in enumerate(names):
-            nxt, prev = names[(i + 1) % len(names)], names[i - 1]
-            out.append(Fact(f"What {unit} comes after {x}?", f"The {unit} after {x} is {nxt}.", nxt, "calendar"))
-            out.append(Fact(f"What {unit} comes before {x}?", f"The {unit} before {x} is {prev}.", prev, "calendar"))
-    out += [Fact(q, a, s, "science") for q, a, s in (line.split("|") for line in _SCIENCE)]
-    return out
+SOURCES = (sys.modules[__name__], fact_banks, checker)  # the rows' formats, facts and constraint wording
 
 
 # ------------------------------------------------------------------------------------------------ constraints
@@ -183,7 +94,7 @@ def _chosen(c: dict, f: Fact) -> str:
     if kind == "uppercase":
         return f.answer.upper()
     if kind in ("max_words", "forbidden_word"):
-        return _cap(f.short) + "."
+        return capitalise(f.short) + "."
     if kind == "end_phrase":
         return f"{f.answer} {c['phrase']}"
     if kind == "include_keyword":
@@ -199,7 +110,7 @@ def _near_misses(c: dict, f: Fact) -> list[str]:
     """Responses that answer correctly and almost satisfy ``c`` (filtered by the checker afterwards)."""
     kind, a, words = c["kind"], f.answer, f.answer.split()
     if kind == "lowercase":
-        return [_cap(a.lower()), a[:1].lower() + a[1:]]
+        return [capitalise(a.lower()), a[:1].lower() + a[1:]]
     if kind == "uppercase":
         return [" ".join(words[:-1]).upper() + " " + words[-1], a.title()]
     if kind == "max_words":
@@ -210,7 +121,7 @@ def _near_misses(c: dict, f: Fact) -> list[str]:
     if kind == "include_keyword":
         return [f"{a} {s}" for w, s in _KEYWORDS.items() if w != c["keyword"]]
     if kind == "forbidden_word":
-        return [f"{_cap(c['word'])}: {_cap(f.short)}."]
+        return [f"{capitalise(c['word'])}: {capitalise(f.short)}."]
     if kind == "bullets":
         k = c["k"]
         return [_bullets(f, k + 1), _bullets(f, k - 1), _bullets(f, k, mark="* ")]
@@ -306,10 +217,10 @@ def write(out_dir, seed: int = 0, n_train: int = 600, n_eval: int = 100) -> None
 
 
 def code_hash() -> str:
-    """sha256 of the code the rows come from: this module (facts, formats) and the checker (constraint wording)."""
+    """sha256 of the code the rows come from: :data:`SOURCES`."""
     h = hashlib.sha256()
-    for f in (__file__, checker.__file__):
-        h.update(Path(f).read_bytes())
+    for module in SOURCES:
+        h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 
 
