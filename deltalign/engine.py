@@ -39,7 +39,6 @@ gather the full weights or step all ranks together, as ``zero3_generation`` says
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -55,19 +54,6 @@ from deltalign import checkpoint, zero
 from deltalign.processes import Processes, start_accelerator
 from deltalign.train_config import TrainConfig, lr_lambda
 from deltalign.zero import ranks
-
-
-def release_free_memory() -> None:
-    """Give freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere a no-op). glibc keeps freed
-    activations in fragmented heap chunks, so a phase with another allocation pattern (PPO: generation, scoring,
-    updates) adds its own on top. For a stage whose steps all look alike it does not lower the peak, and trimming
-    every step costs the page faults of re-touching the memory (SFT, batch 8 x 256 tokens: 20% slower), so only
-    PPO calls it, at its phase boundaries and after each training pass of its updates (with checkpointing, each
-    forward leaves free heap behind; bench/profile_ppo.py measures the peak by phase)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class Engine:

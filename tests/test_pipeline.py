@@ -43,6 +43,7 @@ def test_sft_rm_dpo_in_order_with_reward_model_scores(tmp_path):
     for stage in ("sft", "rm", "dpo"):
         m = json.loads((run / stage / "manifest.json").read_text())
         assert m["status"] == "done"
+        assert 0.05 < m["peak_memory"]["host_gib"] < 8  # this process's resident peak while the stage ran
     dpo_m = json.loads((run / "dpo" / "manifest.json").read_text())
     sft_m = json.loads((run / "sft" / "manifest.json").read_text())
     assert dpo_m["inputs"]["upstream"] == {"sft": sft_m["hash"]}

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from deltalign import memory
 from deltalign.backbone import ModelConfig
 from deltalign.pipeline import config as configs
 from deltalign.pipeline.rundir import (StageDir, data_fingerprint, launch_fingerprint, model_fingerprint,
@@ -171,10 +172,13 @@ class Pipeline:
             upstream |= {u: StageDir(self.run_dir, u).path for u in STAGES[name].uses
                          if StageDir(self.run_dir, u).manifest() is not None}
             t0 = time.time()
+            memory.reset_peak()
             metrics = stage_module(name).run(self.cfgs[name], self.cfgs["model"], sd.path, upstream)
             inputs, h = self._settled(name, inputs, h)
+            peak = memory.peak()
             if is_main_process():
-                sd.finish(h, inputs, metrics, time.time() - t0)
-            self.log(f"[deltalign] {name}: done in {time.time() - t0:.0f}s")
+                sd.finish(h, inputs, metrics, time.time() - t0, peak)
+            self.log(f"[deltalign] {name}: done in {time.time() - t0:.0f}s; peak memory "
+                     + ", ".join(f"{v:.2f} GiB {k.split('_')[0]}" for k, v in peak.items()))
             results[name] = metrics
         return results

@@ -221,10 +221,11 @@ class StageDir:
         log(f"[deltalign] {self.stage}: inputs changed; previous output kept in {dest}")
         return dest
 
-    def finish(self, content_hash: str, inputs: dict, metrics: dict, wall_time: float) -> None:
+    def finish(self, content_hash: str, inputs: dict, metrics: dict, wall_time: float,
+               peak_memory: dict | None = None) -> None:
         atomic.write_json(self.path / MANIFEST, {
             "stage": self.stage, "hash": content_hash, "status": "done", "inputs": inputs,
-            "metrics": metrics, "wall_time_s": round(wall_time, 1),
+            "metrics": metrics, "wall_time_s": round(wall_time, 1), "peak_memory": peak_memory or {},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
 

@@ -45,7 +45,8 @@ from deltalign import atomic
 from deltalign.backbone import Backbone, ModelConfig
 from deltalign.modes import eval_mode, train_mode
 from deltalign.data.batching import length_grouped_batches
-from deltalign.engine import Engine, release_free_memory
+from deltalign.engine import Engine
+from deltalign.memory import release_free_memory
 from deltalign.train_config import TrainConfig
 from deltalign.evaluation import policy_report, report_scalars
 from deltalign.generation import GenerationConfig, decode, generate, stop_token_ids
