@@ -5,6 +5,7 @@
   ``/proc/self/clear_refs``; elsewhere the process's high-water mark since it started), and on a GPU the most
   memory torch's allocator held. One process's figure: under several processes each measures its own (they
   hold the same shares).
+* :func:`resident`: what the process holds now (``doctor`` counts a loaded runtime with it);
 * :func:`release_free_memory`: glibc's ``malloc_trim``, for the stages whose phases allocate differently.
 """
 
@@ -42,6 +43,15 @@ def peak() -> dict[str, float]:
     if torch.cuda.is_available():
         out["device_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return out
+
+
+def resident() -> float:
+    """This process's resident memory now, GiB (0 where ``/proc`` is unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) / 2**20 for line in f if line.startswith("VmRSS:")), 0.0)
+    except OSError:
+        return 0.0
 
 
 def release_free_memory() -> None:

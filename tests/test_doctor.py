@@ -117,3 +117,44 @@ def test_doctor_memory_is_at_the_longest_row_of_the_data():
     for name in ("sft", "dpo"):
         assert _seconds(name, what="GiB", longest=64) < _seconds(name, what="GiB") == _seconds(
             name, what="GiB", longest=10_000)
+
+
+def _memory(name: str, checkpointing=False, longest: int = 100, prompt_share: float = 0.0, **changes) -> dict:
+    """The doctor's peak-memory estimate for stage ``name`` of the default config, by part (GiB)."""
+    import dataclasses
+
+    from deltalign.backbone import ModelConfig
+    from deltalign.pipeline import config as configs
+    from deltalign.pipeline.doctor import peak_memory
+    from deltalign.pipeline.graph import sections
+
+    cfg = dataclasses.replace(configs.load(sections(), "configs/default.yaml")[name], **changes)
+    facts = {"params": 134_515_008, "hidden": 576, "layers": 30, "vocab": 49152}  # SmolLM2-135M
+    return peak_memory(name, cfg, facts, ModelConfig(gradient_checkpointing=checkpointing), longest, runtime=0.4,
+                       prompt_share=prompt_share)
+
+
+def test_doctor_memory_follows_the_graphs_each_stage_keeps_at_once():
+    # SFT: one batch's graph; the logits are chunked, so they stop growing past one chunk of tokens
+    sft, sft2 = _memory("sft", batch_size=8), _memory("sft", batch_size=16)
+    assert sft2["activations"] == 2 * sft["activations"] and sft2["logits"] == sft["logits"] > 0
+    assert _memory("rm")["logits"] == 0  # a scalar head: no vocabulary
+    # a pair's prompt runs once when prefixes are shared: at half the length prompt, 1.5 rows' tokens per pair
+    for name in ("rm", "dpo"):
+        assert _memory(name, prompt_share=0.5)["activations"] == 0.75 * _memory(name)["activations"]
+        assert _memory(name, prompt_share=0.5, share_prefixes=False) == _memory(name, share_prefixes=False)
+    # PPO: the first minibatch's policy and critic graphs are alive together (its old log-probs and values come
+    # from them, before the advantages); two graphs of mini_batch_size rows, whatever the rollout's size
+    ppo = _memory("ppo", batch_size=12, mini_batch_size=12)
+    assert ppo["activations"] == 2 * _memory("sft", batch_size=12)["activations"]
+    assert _memory("ppo", batch_size=24, mini_batch_size=12) == ppo
+    assert _memory("ppo", batch_size=12, mini_batch_size=12, disable_dropout=False)["activations"] == \
+        ppo["activations"] / 2  # with dropout on, every row gets separate no-grad forwards: one graph at a time
+    # GRPO: one forward of forward_batch_size rows at a time, however many rows the rollout has
+    grpo = _memory("grpo", batch_size=4, forward_batch_size=16)
+    assert _memory("grpo", batch_size=8, forward_batch_size=16) == grpo
+    assert grpo["activations"] == _memory("sft", batch_size=16)["activations"]
+    assert _memory("grpo", batch_size=1, num_generations=8, forward_batch_size=16)["activations"] == \
+        _memory("sft", batch_size=8)["activations"]  # fewer rows than a forward takes
+    # every part counts: runtime and weights too
+    assert sft["total"] == sum(v for k, v in sft.items() if k != "total") and sft["runtime"] == 0.4

@@ -19,3 +19,8 @@ def test_peak_covers_what_the_stage_allocated_and_resets_between_stages():
 
 def test_peak_names_the_device_only_where_there_is_one():
     assert ("device_gib" in memory.peak()) == torch.cuda.is_available()
+
+
+def test_resident_is_what_the_process_holds_now():
+    memory.reset_peak()
+    assert 0.05 < memory.resident() <= memory.peak()["host_gib"] + 0.01

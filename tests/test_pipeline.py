@@ -85,3 +85,22 @@ def test_eval_compares_every_finished_policy(tmp_path, capsys):
     assert set(table) == {"base", "sft", "dpo"}
     assert table["sft"]["kl_to_reference"] == 0.0 and all("rm_score" in r for r in table.values())
     assert "| dpo |" in capsys.readouterr().out
+
+
+def test_a_finished_stage_leaves_no_model_behind_for_the_next(tmp_path, monkeypatch):
+    """A stage's backbone sits in reference cycles (accelerate, hooks, peft); the next stage of the same process
+    must not start with it still in memory (with SmolLM2: DPO after RM peaked 0.8 GiB higher than DPO alone)."""
+    import weakref
+
+    from deltalign.backbone import Backbone
+
+    alive, load = [], Backbone.load.__func__
+
+    def recording(cls, cfg):
+        bb = load(cls, cfg)
+        alive.append(weakref.ref(bb))
+        return bb
+
+    monkeypatch.setattr(Backbone, "load", classmethod(recording))
+    Pipeline(tiny("sft.max_steps=2", "rm.max_steps=2"), tmp_path).run(["sft", "rm"])
+    assert len(alive) == 2 and not any(ref() is not None for ref in alive)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from deltalign import memory
 from deltalign.pipeline import checks
 
 SAMPLE = 2000  # rows tokenised per source for the length percentiles
@@ -199,25 +200,49 @@ def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool |
     return 2 * n * rows * length + (score + passes) * tokens, 2 * n * rows * new
 
 
+def peak_memory(name: str, cfg, facts: dict, model_cfg, longest: int | None, runtime: float,
+                prompt_share: float = 0.0) -> dict[str, float]:
+    """A stage's peak memory by part, GiB: ``runtime`` (a process with torch and transformers loaded, measured by
+    the caller), ``weights``, ``activations`` (the training graphs alive at once, at the longest row, in
+    :func:`activation_widths` per token) and ``logits`` (the LM head's chunked float32 buffers, three chunks of
+    :data:`deltalign.losses.vocab.CHUNK_TOKENS`; none for a scalar head), and their ``total``. The graphs: one
+    batch (SFT; a batch of pairs: RM, DPO), PPO's first minibatch twice (its policy and critic graphs are both
+    kept until the advantages exist; with dropout on, one), GRPO one forward of ``forward_batch_size`` rows.
+    With shared prefixes a pair runs its prompt (``prompt_share`` of its length) once; other shared prefixes are
+    not subtracted: an estimate at the longest rows, not under them."""
+    from deltalign.losses.vocab import CHUNK_TOKENS
+
+    bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[model_cfg.dtype]
+    weights = facts["params"] * (0.56 if model_cfg.quantization == "nf4" else bytes_per)
+    rows, graphs = cfg.batch_size, 1
+    if name in ("rm", "dpo"):
+        rows = (2 - (prompt_share if cfg.share_prefixes else 0)) * cfg.batch_size
+    elif name == "ppo":
+        rows, graphs = cfg.mini_batch_size, 2 if cfg.disable_dropout else 1
+    elif name == "grpo":
+        minibatch = cfg.mini_batch_size or cfg.batch_size * cfg.num_generations
+        rows = min(cfg.forward_batch_size or minibatch, minibatch)
+    max_length = getattr(cfg, "max_length", 1 << 30)
+    tokens = rows * min(max_length, longest or getattr(cfg, "max_length", 256))
+    act = graphs * tokens * facts["hidden"] * activation_widths(facts, model_cfg.gradient_checkpointing) * bytes_per
+    logits = 0 if name == "rm" else 3 * min(CHUNK_TOKENS, tokens) * facts["vocab"] * 4
+    parts = {"runtime": runtime, "weights": weights / 2**30, "activations": act / 2**30, "logits": logits / 2**30}
+    return parts | {"total": sum(parts.values())}
+
+
 def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: float, model_cfg, world: int,
-             prompt_share: float = 0.0, common: int = 0, longest: int | None = None) -> str:
-    """Steps, memory and time per step, to a factor of ~2: memory at the longest row (``longest``; else
-    ``max_length``) -- activations as :func:`activation_widths` counts them, logits in float32 --, time at the
-    data's mean length (``length``; :func:`step_flops`)."""
+             prompt_share: float = 0.0, common: int = 0, longest: int | None = None, runtime: float = 0.0) -> str:
+    """Steps, memory and time per step, to a factor of ~1.5: memory at the longest row (``longest``; else
+    ``max_length``: :func:`peak_memory`), time at the data's mean length (``length``; :func:`step_flops`)."""
     batch = getattr(cfg, "batch_size", 1) * getattr(cfg, "grad_accum", 1) * world
     per_epoch = math.ceil(rows / batch) if rows else 0
     steps = cfg.max_steps if getattr(cfg, "max_steps", 0) else math.ceil(per_epoch * getattr(cfg, "epochs", 1.0))
-    bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[model_cfg.dtype]
-    weights = facts["params"] * (0.56 if model_cfg.quantization == "nf4" else bytes_per)
-    # pairs are two rows; a GRPO prompt is num_generations rows
-    rows_per_forward = cfg.batch_size * (2 if name in ("rm", "dpo") else getattr(cfg, "num_generations", 1))
-    tokens = rows_per_forward * min(getattr(cfg, "max_length", 1 << 30), longest or getattr(cfg, "max_length", 256))
-    act = tokens * facts["hidden"] * activation_widths(facts, model_cfg.gradient_checkpointing) * bytes_per
-    memory = (weights + act + 2 * tokens * facts["vocab"] * 4) / 2**30
+    memory = peak_memory(name, cfg, facts, model_cfg, longest, runtime, prompt_share)
     compute, decode = step_flops(name, cfg, facts, length, model_cfg.gradient_checkpointing, prompt_share, common)
     seconds = (compute / FLOP_SHARE + decode / DECODE_SHARE) / (gflops * 1e9)
-    return (f"{name}: ~{steps} steps of {batch} rows; peak memory ~{memory:.1f} GiB (weights "
-            f"{weights / 2**30:.2f}); ~{seconds:.1f} s/step at the data's mean length {length:.0f} on this machine")
+    return (f"{name}: ~{steps} steps of {batch} rows; peak memory ~{memory['total']:.1f} GiB (weights "
+            f"{memory['weights']:.2f}, activations {memory['activations']:.2f}); ~{seconds:.1f} s/step at the "
+            f"data's mean length {length:.0f} on this machine")
 
 
 def doctor(cfgs: dict, plan: list[str], run_dir: Path, out=print) -> int:
@@ -259,6 +284,8 @@ def doctor(cfgs: dict, plan: list[str], run_dir: Path, out=print) -> int:
         except (FileNotFoundError, ValueError) as e:
             report("FAIL", " ".join(str(e).split()))
             continue
-        report("note", estimate(name, cfgs[name], facts, rows, length, gflops, model_cfg, 1, share, common, longest))
+        runtime = memory.resident()  # torch, transformers and the stage's modules loaded: what a stage starts with
+        report("note", estimate(name, cfgs[name], facts, rows, length, gflops, model_cfg, 1, share, common, longest,
+                                runtime))
     out("doctor: " + ("problems found (FAIL lines above)" if report.failed else "ready to run"))
     return 2 if report.failed else 0

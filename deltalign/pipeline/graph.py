@@ -17,6 +17,7 @@ with ``hash_uses`` (dpo, export), the hashes of the finished stages it reads. Wh
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import os
 import time
@@ -176,6 +177,8 @@ class Pipeline:
             metrics = stage_module(name).run(self.cfgs[name], self.cfgs["model"], sd.path, upstream)
             inputs, h = self._settled(name, inputs, h)
             peak = memory.peak()
+            gc.collect()  # the stage's model sits in reference cycles (accelerate, peft, hooks): gone before the next
+            memory.release_free_memory()
             if is_main_process():
                 sd.finish(h, inputs, metrics, time.time() - t0, peak)
             self.log(f"[deltalign] {name}: done in {time.time() - t0:.0f}s; peak memory "
