@@ -75,8 +75,10 @@ def demo(name: str = "demo") -> str:
                      f"{row['mean_response_tokens']:.1f} |")
     stages = ", ".join(f"{s} {t / 60:.1f} min" for s, t in d["stage_wall_s"].items())
     total = f"; {d['wall_s'] / 60:.1f} min from the first stage to the eval table" if d.get("wall_s") else ""
+    peaks = ", ".join(f"{s} {g:.2f} GiB" for s, g in d.get("stage_peak_gib", {}).items())
+    peaks = f"; peak memory per stage (host): {peaks}" if peaks else ""
     return ("\n".join(lines) + f"\n\n{d['n_prompts']} held-out prompts, greedy decoding. Stage wall times: "
-            f"{stages}{total}. Machine: {d['machine']}; commit {d['commit']}, {d['date']} "
+            f"{stages}{total}{peaks}. Machine: {d['machine']}; commit {d['commit']}, {d['date']} "
             f"(`docs/results/{name}.json`).\n")
 
 
@@ -203,11 +205,14 @@ GENERATORS = {"demo": demo, "rl": lambda: demo("rl"), "bench": bench, "bench-ste
 def record_demo(run_dir: Path, wall_s: float | None, name: str = "demo") -> None:
     """Write docs/results/<name>.json from a finished run directory on which ``eval`` ran."""
     table = json.loads((run_dir / "eval_table.json").read_text())
-    stage_wall = {}
+    stage_wall, stage_peak = {}, {}
     for stage in ("sft", "rm", "dpo", "ppo", "grpo", "export"):
         m = run_dir / stage / "manifest.json"
         if m.exists():
-            stage_wall[stage] = json.loads(m.read_text())["wall_time_s"]
+            manifest = json.loads(m.read_text())
+            stage_wall[stage] = manifest["wall_time_s"]
+            if "host_gib" in manifest.get("peak_memory", {}):
+                stage_peak[stage] = manifest["peak_memory"]["host_gib"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     rows = {k: {x: v for x, v in row.items() if x != "samples"} for k, row in table.items()}
@@ -215,7 +220,8 @@ def record_demo(run_dir: Path, wall_s: float | None, name: str = "demo") -> None
     for png in sorted((run_dir / "plots").glob("*.png")):  # the training curves the eval command drew
         shutil.copyfile(png, RESULTS / f"{name}-{png.name}")
     (RESULTS / f"{name}.json").write_text(json.dumps({
-        "table": rows, "n_prompts": next(iter(rows.values()))["n"], "stage_wall_s": stage_wall, "wall_s": wall_s,
+        "table": rows, "n_prompts": next(iter(rows.values()))["n"], "stage_wall_s": stage_wall,
+        "stage_peak_gib": stage_peak, "wall_s": wall_s,
         "machine": machine(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
     }, indent=1) + "\n")
 

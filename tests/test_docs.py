@@ -40,3 +40,26 @@ def test_documented_defaults_are_the_code_defaults():
 def test_the_convention_catches_a_wrong_default(tmp_path):
     wrong = STATED.search("with `dpo.beta: 0.5` by default").group(2)
     assert yaml.safe_load(wrong) != configs.load(sections(), "configs/default.yaml")["dpo"].beta
+
+
+def test_a_recorded_demo_carries_each_stage_wall_time_and_peak_memory(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("refresh", "docs/refresh.py")
+    refresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refresh)
+    monkeypatch.setattr(refresh, "RESULTS", tmp_path / "results")
+    run = tmp_path / "run"
+    for stage, (wall, peak) in {"sft": (120.0, 2.25), "dpo": (100.0, 2.5)}.items():
+        (run / stage).mkdir(parents=True)
+        (run / stage / "manifest.json").write_text(json.dumps({"wall_time_s": wall,
+                                                                "peak_memory": {"host_gib": peak}}))
+    row = {"checker_score": 0.5, "kl_to_reference": 0.1, "mean_response_tokens": 10.0, "n": 4}
+    (run / "eval_table.json").write_text(json.dumps({"base": row, "sft": row}))
+    refresh.record_demo(run, 300.0, "x")
+    recorded = json.loads((tmp_path / "results" / "x.json").read_text())
+    assert recorded["stage_peak_gib"] == {"sft": 2.25, "dpo": 2.5}
+    block = refresh.demo("x")
+    assert "Stage wall times: sft 2.0 min, dpo 1.7 min" in block
+    assert "peak memory per stage (host): sft 2.25 GiB, dpo 2.50 GiB" in block
