@@ -232,7 +232,7 @@ def peak_memory(name: str, cfg, facts: dict, model_cfg, longest: int | None, run
 
 def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: float, model_cfg, world: int,
              prompt_share: float = 0.0, common: int = 0, longest: int | None = None, runtime: float = 0.0) -> str:
-    """Steps, memory and time per step, to a factor of ~1.5: memory at the longest row (``longest``; else
+    """Steps, memory and time per step (memory to ~1.5x, time to ~2x): memory at the longest row (``longest``; else
     ``max_length``: :func:`peak_memory`), time at the data's mean length (``length``; :func:`step_flops`)."""
     batch = getattr(cfg, "batch_size", 1) * getattr(cfg, "grad_accum", 1) * world
     per_epoch = math.ceil(rows / batch) if rows else 0
