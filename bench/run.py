@@ -276,7 +276,8 @@ def work_notes(raw: dict, s: Settings) -> list[str]:
         n_mini = -(-s.batch_size // s.ppo_mini_batch_size)
         out.append("PPO: ours takes the old log-probs and old values of the first minibatch's rows from that "
                    "update's own policy and critic training forwards (nothing updated yet, dropout off: the same "
-                   "functions, ratio 1) and runs the separate no-grad forwards only for the other rows (here "
+                   "functions, ratio 1; the old values only with full checkpointing, as here) and runs the "
+                   "separate no-grad forwards only for the other rows (here "
                    f"{n_mini} minibatch(es) per rollout: "
                    f"{'no separate forwards' if n_mini == 1 else f'{n_mini - 1} of {n_mini}'}); TRL and the naive "
                    "PPO run both for every row; every side is charged the same model FLOPs (bench/common.py), so "

@@ -143,13 +143,18 @@ def test_doctor_memory_follows_the_graphs_each_stage_keeps_at_once():
     for name in ("rm", "dpo"):
         assert _memory(name, prompt_share=0.5)["activations"] == 0.75 * _memory(name)["activations"]
         assert _memory(name, prompt_share=0.5, share_prefixes=False) == _memory(name, share_prefixes=False)
-    # PPO: the first minibatch's policy and critic graphs are alive together (its old log-probs and values come
-    # from them, before the advantages); two graphs of mini_batch_size rows, whatever the rollout's size
+    # PPO: one graph of mini_batch_size rows at a time, whatever the rollout's size; with full checkpointing the
+    # first minibatch's policy and critic graphs are alive together (its old log-probs and values come from them,
+    # before the advantages), unless dropout is on (then every row gets separate no-grad forwards)
     ppo = _memory("ppo", batch_size=12, mini_batch_size=12)
-    assert ppo["activations"] == 2 * _memory("sft", batch_size=12)["activations"]
+    assert ppo["activations"] == _memory("sft", batch_size=12)["activations"]
     assert _memory("ppo", batch_size=24, mini_batch_size=12) == ppo
-    assert _memory("ppo", batch_size=12, mini_batch_size=12, disable_dropout=False)["activations"] == \
-        ppo["activations"] / 2  # with dropout on, every row gets separate no-grad forwards: one graph at a time
+    full = _memory("ppo", True, batch_size=12, mini_batch_size=12)
+    assert full["activations"] == 2 * _memory("sft", True, batch_size=12)["activations"]
+    assert _memory("ppo", True, batch_size=12, mini_batch_size=12, disable_dropout=False)["activations"] == \
+        full["activations"] / 2
+    assert _memory("ppo", "selective", mini_batch_size=12)["activations"] == \
+        _memory("sft", "selective", batch_size=12)["activations"]
     # GRPO: one forward of forward_batch_size rows at a time, however many rows the rollout has
     grpo = _memory("grpo", batch_size=4, forward_batch_size=16)
     assert _memory("grpo", batch_size=8, forward_batch_size=16) == grpo

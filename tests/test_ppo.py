@@ -173,6 +173,31 @@ def test_first_update_has_ratio_one_with_adapter_dropout_configured(upstream, tm
     assert row["approx_kl"] == 0 and row["clipfrac"] == 0, row
 
 
+def test_first_minibatch_keeps_the_critic_graph_only_where_checkpointing_makes_it_small(upstream, tmp_path,
+                                                                                         monkeypatch):
+    """The first minibatch's old values: from the critic's training forward with full checkpointing (its graph is
+    then each layer's input), from a no-grad forward over every row otherwise (a second whole graph would double
+    the training memory). Either way they are the training forward's values: the first update clips none."""
+    calls = []
+    critic_values = ppo.critic_values
+
+    def recording(model, batch, share=False):
+        calls.append((torch.is_grad_enabled(), batch["input_ids"].shape[0]))
+        return critic_values(model, batch, share)
+
+    monkeypatch.setattr(ppo, "critic_values", recording)
+    one_update = dict(FAST, ppo_epochs=1, mini_batch_size=4, max_steps=1, eval_limit=0, eval_checker=False)
+    for checkpointing, expected in ((False, [(False, 4), (True, 4)]), (True, [(True, 4)])):
+        calls.clear()
+        out = tmp_path / f"ppo-{checkpointing}"
+        ppo.run(ppo.Config(**one_update), ModelConfig(path="tiny", gradient_checkpointing=checkpointing), out,
+                dict(upstream))
+        assert calls == expected, checkpointing
+        row = next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                   if r["kind"] == "train")
+        assert row["value_clipfrac"] == 0 and row["approx_kl"] == 0, row
+
+
 def test_killed_ppo_resumes_with_adapters_and_kl_controller(tmp_path):
     sets = ["--set", "ppo.max_steps=4", "--set", "ppo.checkpoint_every=1", "--set", "ppo.kl_target=0.01", "--set", "ppo.kl_horizon=20",
             "--set", "ppo.eval_checker=false", "--set", "ppo.lr=1e-2"]

@@ -206,8 +206,9 @@ def peak_memory(name: str, cfg, facts: dict, model_cfg, longest: int | None, run
     the caller), ``weights``, ``activations`` (the training graphs alive at once, at the longest row, in
     :func:`activation_widths` per token) and ``logits`` (the LM head's chunked float32 buffers, three chunks of
     :data:`deltalign.losses.vocab.CHUNK_TOKENS`; none for a scalar head), and their ``total``. The graphs: one
-    batch (SFT; a batch of pairs: RM, DPO), PPO's first minibatch twice (its policy and critic graphs are both
-    kept until the advantages exist; with dropout on, one), GRPO one forward of ``forward_batch_size`` rows.
+    batch (SFT; a batch of pairs: RM, DPO), PPO's minibatch (with full checkpointing twice: the first
+    minibatch's policy and critic graphs are both kept until the advantages exist), GRPO one forward of
+    ``forward_batch_size`` rows.
     With shared prefixes a pair runs its prompt (``prompt_share`` of its length) once; other shared prefixes are
     not subtracted: an estimate at the longest rows, not under them."""
     from deltalign.losses.vocab import CHUNK_TOKENS
@@ -218,7 +219,8 @@ def peak_memory(name: str, cfg, facts: dict, model_cfg, longest: int | None, run
     if name in ("rm", "dpo"):
         rows = (2 - (prompt_share if cfg.share_prefixes else 0)) * cfg.batch_size
     elif name == "ppo":
-        rows, graphs = cfg.mini_batch_size, 2 if cfg.disable_dropout else 1
+        both = cfg.disable_dropout and model_cfg.gradient_checkpointing is True  # policy and critic graphs kept
+        rows, graphs = cfg.mini_batch_size, 2 if both else 1
     elif name == "grpo":
         minibatch = cfg.mini_batch_size or cfg.batch_size * cfg.num_generations
         rows = min(cfg.forward_batch_size or minibatch, minibatch)

@@ -10,10 +10,12 @@ Each step (one rollout batch of prompts), as in "The N Implementation Details of
  1. rollout: generate with the policy (KV cache, sampling); responses end at the first stop token;
  2. score: reward model + rules (:class:`deltalign.rewards.composite.CompositeReward`), minus a penalty for
     responses that never end;
- 3. reference log-probs (sft) without gradients; old log-probs (policy) and old values (critic) without
-    gradients for every row except the first minibatch's, whose come from the first update's own forwards,
-    run before the advantages are computed (nothing has been updated yet, dropout is off: the same functions,
-    so the ratio is exactly 1 there; with ``disable_dropout: false`` every row gets separate forwards);
+ 3. reference log-probs (sft) without gradients; old log-probs (policy) without gradients for every row except
+    the first minibatch's, whose come from the first update's own policy forward, run before the advantages
+    are computed (nothing has been updated yet, dropout is off: the same function, so the ratio is exactly 1
+    there; with ``disable_dropout: false`` every row gets separate forwards); old values (critic) likewise from
+    the critic's first training forward when full activation checkpointing keeps both graphs small, otherwise
+    without gradients for every row (a second graph kept whole would cost as much memory as the first);
  4. per-token rewards: -kl_coef * (logp - ref_logp) on every response token, the score added on the last one;
     GAE advantages and returns; advantages whitened;
  5. ``ppo_epochs`` passes over shuffled minibatches: clipped policy loss, clipped value loss, entropy bonus;
@@ -220,9 +222,9 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         ended = torch.tensor([float(bool(r) and r[-1] in stops) for r in responses])
         score = score - cfg.missing_eos_penalty * (1 - ended)
 
-        # 3.3 reference log-probs (no gradients); old log-probs and old values of every row but the first
-        # minibatch's without gradients; the first minibatch's come from the first update's own policy and critic
-        # forwards, run now (no update yet, dropout off: the same functions; ratio 1, values unclipped there)
+        # 3.3 reference log-probs (no gradients); old log-probs of every row but the first minibatch's without
+        # gradients; the first minibatch's come from the first update's own policy forward, run now (no update yet,
+        # dropout off: the same function; ratio 1 there); its old values from the critic's, with full checkpointing
         batch = engine.to_device(rollout_batch([prompt_ids[i] for i in idx], responses, tok.pad_token_id))
         mask = batch["response_mask"]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -231,6 +233,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         first = minibatches[0] if cfg.disable_dropout else minibatches[0][:0]  # with dropout: all separately
         rest = torch.ones(len(idx), dtype=torch.bool)
         rest[first] = False
+        critic_first = len(first) > 0 and model_cfg.gradient_checkpointing is True  # two graphs only when small
+        critic_rest = rest if critic_first else torch.ones_like(rest)
         with torch.no_grad():
             with backbone.using(REFERENCE):
                 ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature, share=pack)
@@ -239,17 +243,20 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                 with backbone.using(NAME):
                     old_lp[rest] = policy_logprobs(backbone, model, rows_of(batch, rest), cfg.rollout.temperature,
                                                    share=pack)
+            if critic_rest.any():
                 with backbone.using(CRITIC):
-                    old_v[rest] = critic_values(model, rows_of(batch, rest), pack).to(old_v)
+                    old_v[critic_rest] = critic_values(model, rows_of(batch, critic_rest), pack).to(old_v)
         release_free_memory()  # what generation and scoring freed, before the updates allocate theirs
         first_out = first_v = None
-        if len(first):  # both graphs are kept; each backward runs under its own adapter (checkpointing recomputes)
+        if len(first):  # the graphs are kept; each backward runs under its own adapter (checkpointing recomputes)
             with backbone.using(NAME):
                 first_out = policy_logprobs(backbone, model, rows_of(batch, first), cfg.rollout.temperature,
                                             entropy="grad" if cfg.ent_coef else True, share=pack)
-            with backbone.using(CRITIC):
-                first_v = critic_values(model, rows_of(batch, first), pack)
-            old_lp[first], old_v[first] = first_out[0].detach(), first_v.detach().to(old_v)
+            old_lp[first] = first_out[0].detach()
+            if critic_first:
+                with backbone.using(CRITIC):
+                    first_v = critic_values(model, rows_of(batch, first), pack)
+                old_v[first] = first_v.detach().to(old_v)
             # each checkpointed layer keeps its small input alive in the middle of the heap where its larger
             # temporaries were freed, so the next layer's temporaries go further up: a forward over the rollout
             # leaves a few hundred MB of free heap that glibc keeps resident; handed back after every pass
