@@ -25,9 +25,11 @@ before each call through ``/proc/self/clear_refs``):
 
 The first step is warm-up, not counted. FLOP/s share per phase: the model FLOPs the phase really ran, by
 ``bench/common.py``'s per-token convention (generation ``T * F(T)``; score: reference ``T * F(T)`` + reward model
-``T * F_body(T)`` + the separate old-log-prob and old-value forwards for the rows outside the first minibatch;
-optimise: each epoch's policy and critic training) over the phase's time and the measured matmul peak (``make
-bench`` instead charges every side the same full count). Writes ``ppo-profile-<date>-<time>.md`` and ``.json``.
+``T * F_body(T)`` + the separate old-log-prob and old-value forwards for the rows outside the first minibatch,
+and the old values of every row unless full checkpointing takes the first minibatch's from the critic's training
+forward; optimise: each epoch's policy and critic training) over the phase's time and the measured matmul peak
+(``make bench`` instead charges every side the same full count). Writes ``ppo-profile-<date>-<time>.md`` and
+``.json``.
 """
 
 from __future__ import annotations
@@ -122,13 +124,15 @@ def child(s: Settings, steps: int) -> dict:
             T = [len(p) + len(r) for p, r in zip(prompts, responses)]
             n_mini = -(-len(T) // cfg.mini_batch_size)
             separate = (n_mini - 1) / n_mini if cfg.disable_dropout else 1.0  # rows outside the first minibatch
+            # the old values: every row's from a no-grad critic forward unless full checkpointing keeps its graph
+            separate_v = separate if cfgs["model"].gradient_checkpointing is True else 1.0
             # the scoring and training forwards as run: with share_prefixes, each shared token once (the rollout's
             # packing; with one minibatch per rollout, as here, every forward packs these same rows)
             sh = share_prefixes(batch["input_ids"], batch["attention_mask"]) if cfg.share_prefixes else None
             run = ((lambda kind: tree_flops(dims, sh["position_ids"][sh["real"]].tolist(), kind)) if sh
                    else (lambda kind: seq_flops(dims, T, kind)))
             acc["generate"]["flops"] += seq_flops(dims, T, "fwd")
-            acc["score"]["flops"] += (1 + separate) * run("fwd") + (1 + separate) * run("fwd_body")
+            acc["score"]["flops"] += (1 + separate) * run("fwd") + (1 + separate_v) * run("fwd_body")
             acc["optimise"]["flops"] += cfg.ppo_epochs * (run("train") + run("train_body"))
         return batch
 
