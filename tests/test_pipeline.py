@@ -104,3 +104,29 @@ def test_a_finished_stage_leaves_no_model_behind_for_the_next(tmp_path, monkeypa
     monkeypatch.setattr(Backbone, "load", classmethod(recording))
     Pipeline(tiny("sft.max_steps=2", "rm.max_steps=2"), tmp_path).run(["sft", "rm"])
     assert len(alive) == 2 and not any(ref() is not None for ref in alive)
+
+
+def test_status_says_what_run_would_do_and_writes_nothing(tmp_path, capsys):
+    """`status`: per stage of the plan, done (with wall time and peak memory), stale (inputs changed), unfinished
+    (resumes from its newest checkpoint, or restarts) or missing -- from hashes and manifests, no model loaded."""
+    run = tmp_path / "run"
+    args = ["--config", "configs/tiny.yaml", "--run-dir", str(run), "--set", "sft.max_steps=2"]
+    assert main(["status", "dpo", *args]) == 0 and not run.exists()  # nothing written, not even the folder
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("sft") and "missing" in lines[0] and "dpo" in lines[1] and "missing" in lines[1]
+    Pipeline(tiny("sft.max_steps=2"), run).run(["sft"])
+    capsys.readouterr()
+    assert main(["status", "dpo", *args]) == 0
+    sft, dpo = capsys.readouterr().out.splitlines()
+    assert sft.split()[:2] == ["sft", "done"] and "GiB" in sft and "s," in sft
+    assert dpo.split()[:2] == ["dpo", "missing"]
+    assert main(["status", "dpo", *args, "--set", "sft.lr=1e-3"]) == 0
+    assert capsys.readouterr().out.split()[:2] == ["sft", "stale"]
+    # a stage that started and left a checkpoint resumes from it
+    p = Pipeline(tiny("sft.max_steps=2"), run)
+    (run / "dpo" / "checkpoints" / "step-000001").mkdir(parents=True)
+    (run / "dpo" / "inputs.json").write_text(json.dumps({"hash": p.hash("dpo")}))
+    assert main(["status", "dpo", *args]) == 0
+    dpo = capsys.readouterr().out.splitlines()[1]
+    assert dpo.split()[:2] == ["dpo", "unfinished"] and "step 1" in dpo
+    assert main(["status", "sfr", *args]) == 2 and "unknown stage(s) ['sfr']" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Command line: ``python -m deltalign run STAGE [STAGE ...] [--config FILE] [--set k=v ...] [--run-dir DIR]``.
 
 Also ``eval`` (held-out comparison + training-curve plots), ``export`` (the export stage, re-run when any stage it
-reads changed), ``generate`` (responses of base, a stage or an exported model to your prompts) and ``plots``.
+reads changed), ``generate`` (responses of base, a stage or an exported model to your prompts), ``plots``,
+``doctor`` (checks before a run) and ``status`` (what ``run`` would do).
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="check the environment, the model directory and the data of a config "
                                       "before a long run (loads no weights); exit 2 on a problem")
     d.add_argument("stages", nargs="*", help="stages to check (default: every training stage)")
-    for q in (x, g, pl, d):
+    st = sub.add_parser("status", help="what `run` would do for these stages: each one done, stale, unfinished "
+                                       "or missing, with wall time and peak memory (loads nothing)")
+    st.add_argument("stages", nargs="*", help="stages (and what they need upstream; default: every stage)")
+    for q in (x, g, pl, d, st):
         q.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
         q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         q.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
@@ -273,8 +277,17 @@ def doctor_command(args, cfgs) -> int:
     return doctor(cfgs, pipe.plan(args.stages or [s for s in STAGES if s != "export"]), pipe.run_dir)
 
 
-COMMANDS = {"doctor": doctor_command, "run": run_command, "eval": eval_command, "export": export_command, "generate": generate_command,
-            "plots": plots_command}
+def status_command(args, cfgs) -> int:
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        raise configs.ConfigError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    for name, state, detail in Pipeline(cfgs, args.run_dir).status(args.stages or list(STAGES)):
+        print(f"{name:<8} {state:<11} {detail}")
+    return 0
+
+
+COMMANDS = {"doctor": doctor_command, "run": run_command, "eval": eval_command, "export": export_command,
+            "generate": generate_command, "plots": plots_command, "status": status_command}
 
 
 if __name__ == "__main__":

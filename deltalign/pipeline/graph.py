@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Callable
 from deltalign import memory
 from deltalign.backbone import ModelConfig
 from deltalign.pipeline import config as configs
-from deltalign.pipeline.rundir import (StageDir, data_fingerprint, launch_fingerprint, model_fingerprint,
+from deltalign.pipeline.rundir import (STARTED, StageDir, data_fingerprint, launch_fingerprint, model_fingerprint,
                                        rules_fingerprint, run_lock, sha256_json, software_versions)
 
 
@@ -146,6 +147,31 @@ class Pipeline:
         inputs = inputs | {"data": data}
         self._hashes[name] = sha256_json(inputs)  # what the stages downstream see as this upstream
         return inputs, self._hashes[name]
+
+    def status(self, targets: list[str]) -> list[tuple[str, str, str]]:
+        """``(stage, state, detail)`` for each stage ``run`` would visit: ``done`` (wall time, peak memory),
+        ``stale`` (its inputs changed: it reruns), ``unfinished`` (resumes from its newest checkpoint, or
+        restarts) or ``missing``. Reads hashes and manifests only: no model loads, nothing is written."""
+        from deltalign import checkpoint
+
+        rows = []
+        for name in self.plan(targets):
+            sd, h = StageDir(self.run_dir, name), self.hash(name)
+            m, started = sd.manifest(), sd.path / STARTED
+            if m is not None and m.get("hash") == h:
+                peak = m.get("peak_memory", {}).get("host_gib")
+                rows.append((name, "done", f"{m.get('wall_time_s', 0):.0f} s" + (
+                    f", peak {peak:.2f} GiB" if peak is not None else "") + f", {m.get('finished_at', '')}"))
+            elif m is not None:
+                rows.append((name, "stale", "its inputs changed: reruns (this output moves to .history/)"))
+            elif started.exists():
+                same = json.loads(started.read_text()).get("hash") == h
+                last = checkpoint.latest(sd.path) if same else None
+                rows.append((name, "unfinished", f"resumes from step {int(last.name.split('-')[1])}" if last else
+                             "restarts (no checkpoint)" if same else "its inputs changed: restarts"))
+            else:
+                rows.append((name, "missing", "runs"))
+        return rows
 
     def run(self, targets: list[str], force: bool = False) -> dict[str, dict]:
         """Run the targets and what they need, skipping each finished stage whose hash matches (unless ``force``
