@@ -15,10 +15,10 @@ LAUNCH   = $(if $(ACCELERATE)$(NPROC),.venv/bin/accelerate launch $(if $(ACCELER
 ARGS     = --config $(CONFIG) $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
 STAGES  := sft rm dpo ppo grpo compose
 
-.PHONY: install model test eval export demo docs doctor compose-demo methods bench-scale help $(STAGES)
+.PHONY: install model test eval export demo docs doctor status compose-demo methods bench-scale help $(STAGES)
 
 help:
-	@echo "make install | model | test | demo | doctor | $(STAGES) | eval | export | docs | bench | methods"
+	@echo "make install | model | test | demo | doctor | status | $(STAGES) | eval | export | docs | bench | methods"
 	@echo "   (CONFIG=... RUN=... SET='k=v ...')"
 	@echo "look at a policy: $(PY) -m deltalign generate --from {base,sft,dpo,ppo,grpo,export,DIR} --prompt 'TEXT' [--run-dir RUN]"
 
@@ -47,6 +47,10 @@ $(STAGES): $(STAMP) $(MODEL)
 # Check the environment, the model directory and every data source of the config before a long run.
 doctor: $(STAMP) $(MODEL)
 	$(PY) -m deltalign doctor $(ARGS)
+
+# What `make STAGE` would do: each stage done (wall time, peak memory), stale, unfinished or missing.
+status: $(STAMP)
+	$(PY) -m deltalign status $(ARGS)
 
 # Held-out comparison of base / sft / dpo (those that ran), with reward-model scores when an rm run exists;
 # also writes <run>/plots/<stage>.png training curves.
