@@ -58,9 +58,10 @@ def release_free_memory() -> None:
     """Give freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere a no-op). glibc keeps freed
     activations in fragmented heap chunks, so a phase with another allocation pattern (PPO: generation, scoring,
     updates) adds its own on top. For a stage whose steps all look alike it does not lower the peak, and trimming
-    every step costs the page faults of re-touching the memory (SFT, batch 8 x 256 tokens: 20% slower), so only
-    PPO and GRPO call it, at their phase boundaries (PPO also after each training pass of its updates: with
-    checkpointing, each forward leaves free heap behind; bench/profile_ppo.py measures the peak by phase)."""
+    every step costs the page faults of re-touching the memory (SFT, batch 8 x 256 tokens: 20% slower), so it runs
+    at boundaries only: between stages (the pipeline), after ZeRO-3's partitioned load, and at PPO's and GRPO's
+    phase boundaries (PPO also after each training pass of its updates: with checkpointing, each forward leaves
+    free heap behind; bench/profile_ppo.py measures the peak by phase)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
