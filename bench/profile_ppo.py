@@ -16,7 +16,7 @@ Our ``ppo`` stage runs at the benchmark's PPO settings (``bench/common.py``; the
   frozen base's matmul outputs from the forward and recomputes only the rest -- the middle ground.
 
 Light wrappers time every call of one phase and record the process's resident high-water mark within it (reset
-before each call through ``/proc/self/clear_refs``):
+before each call: :func:`deltalign.memory.reset_peak`):
 
 * generate: the rollout (``deltalign.generation.generate``);
 * score: the reward model, and every forward without gradients (reference log-probs, old values, old log-probs of
@@ -60,15 +60,6 @@ VARIANTS = {"default": ({}, {}), "return-freed": ({"MALLOC_MMAP_THRESHOLD_": "26
             "one-arena": ({"MALLOC_ARENA_MAX": "1"}, {})}
 
 
-def _status() -> dict:
-    out = {}
-    for line in open("/proc/self/status"):
-        k, v = line.split(":", 1)
-        if k in ("VmHWM", "VmRSS"):
-            out[k] = int(v.split()[0]) / 1024
-    return out
-
-
 def child(s: Settings, steps: int) -> dict:
     """Run the ppo stage with the phase wrappers; return per-phase seconds, peak RSS and FLOPs (timed steps)."""
     import tempfile
@@ -78,6 +69,7 @@ def child(s: Settings, steps: int) -> dict:
     import deltalign.engine as engine_mod
     import deltalign.rewards.composite as composite
     import deltalign.stages.ppo as ppo
+    from deltalign import memory
     from deltalign.data.sharing import share_prefixes
     from ours import build_configs, prepare_ppo
 
@@ -94,12 +86,12 @@ def child(s: Settings, steps: int) -> dict:
         def wrap(fn):
             def inner(*a, **k):
                 phase = phase_of()
-                open("/proc/self/clear_refs", "w").write("5")
+                memory.reset_peak()
                 t = time.perf_counter()
                 out = fn(*a, **k)
                 if step_no[0] >= 1:  # after the warm-up step
                     acc[phase]["seconds"] += time.perf_counter() - t
-                    acc[phase]["peak_rss_mb"] = max(acc[phase]["peak_rss_mb"], _status()["VmHWM"])
+                    acc[phase]["peak_rss_mb"] = max(acc[phase]["peak_rss_mb"], memory.peak()["host_gib"] * 1024)
                 return out
             return inner
         return wrap

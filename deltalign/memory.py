@@ -29,14 +29,18 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak() -> dict[str, float]:
-    """The peak since :func:`reset_peak`, in GiB: ``host_gib`` (resident) and, with a GPU, ``device_gib``."""
-    kib = None
+def _status_kib(key: str) -> int | None:
+    """A memory line of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in KiB; None where it cannot be read."""
     try:
         with open("/proc/self/status") as f:
-            kib = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+            return next((int(line.split()[1]) for line in f if line.startswith(f"{key}:")), None)
     except OSError:
-        pass
+        return None
+
+
+def peak() -> dict[str, float]:
+    """The peak since :func:`reset_peak`, in GiB: ``host_gib`` (resident) and, with a GPU, ``device_gib``."""
+    kib = _status_kib("VmHWM")
     if kib is None:  # ru_maxrss: KiB on Linux, bytes on macOS
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
     out = {"host_gib": round(kib / 2**20, 3)}
@@ -47,11 +51,7 @@ def peak() -> dict[str, float]:
 
 def resident() -> float:
     """This process's resident memory now, GiB (0 where ``/proc`` is unavailable)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next((int(line.split()[1]) / 2**20 for line in f if line.startswith("VmRSS:")), 0.0)
-    except OSError:
-        return 0.0
+    return (_status_kib("VmRSS") or 0) / 2**20
 
 
 def release_free_memory() -> None:
