@@ -3,8 +3,8 @@
 * :func:`reset_peak` / :func:`peak`: the pipeline resets the high-water mark when a stage starts and writes the
   stage's peak into its manifest (``peak_memory``): resident host memory (Linux ``VmHWM``, reset through
   ``/proc/self/clear_refs``; elsewhere the process's high-water mark since it started), and on a GPU the most
-  memory torch's allocator held. One process's figure: under several processes each measures its own (they
-  hold the same shares).
+  memory torch's allocator held. Under several processes :func:`peak_of_all_processes` gathers each one's and
+  the manifest records the largest (what every process must be given) with each beside it.
 * :func:`resident`: what the process holds now (``doctor`` counts a loaded runtime with it);
 * :func:`release_free_memory`: glibc's ``malloc_trim``, for the stages whose phases allocate differently.
 """
@@ -47,6 +47,18 @@ def peak() -> dict[str, float]:
     if torch.cuda.is_available():
         out["device_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return out
+
+
+def peak_of_all_processes(mine: dict[str, float]) -> dict:
+    """Every process's :func:`peak` (collective: all call it): the largest of each figure, and ``processes``, the
+    list by rank. One process alone (no process group, or a group of one): ``mine`` unchanged."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mine
+    each: list = [None] * dist.get_world_size()
+    dist.all_gather_object(each, mine)
+    return {key: max(p[key] for p in each) for key in mine} | {"processes": each}
 
 
 def resident() -> float:

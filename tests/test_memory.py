@@ -24,3 +24,40 @@ def test_peak_names_the_device_only_where_there_is_one():
 def test_resident_is_what_the_process_holds_now():
     memory.reset_peak()
     assert 0.05 < memory.resident() <= memory.peak()["host_gib"] + 0.01
+
+
+def _two_ranks(rank: int, init: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    memory.reset_peak()
+    x = torch.ones((rank * 256) << 20, dtype=torch.uint8)  # rank 1 touches 256 MiB more than rank 0
+    peaks = memory.peak_of_all_processes(memory.peak())
+    del x
+    dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(peaks, f)
+
+
+def test_the_peak_of_several_processes_is_the_largest_and_lists_each(tmp_path):
+    """Under several processes a stage's peak is the largest process's (what each must be given), with every
+    process's own figure beside it: rank 0 alone hides a rank that holds more."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "peaks")
+    mp.spawn(_two_ranks, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
+    peaks = [json.loads(open(f"{out}.{r}").read()) for r in (0, 1)]
+    assert peaks[0] == peaks[1]  # every process gets the same answer
+    each = peaks[0]["processes"]
+    assert len(each) == 2 and each[1]["host_gib"] - each[0]["host_gib"] > 200 / 1024
+    assert peaks[0]["host_gib"] == max(p["host_gib"] for p in each)
+
+
+def test_one_process_peak_is_its_own():
+    memory.reset_peak()
+    mine = memory.peak()
+    assert memory.peak_of_all_processes(mine) == mine  # no process group: nothing to gather, no list

@@ -383,6 +383,17 @@ def test_only_rank0_writes_and_the_backbone_stays_bit_identical(runs, zero):
     assert_base_unchanged(probe, STAGES)
 
 
+def test_each_stage_records_the_peak_of_every_process(runs):
+    """A 2-process stage's manifest holds both processes' peaks and the larger as its own; one process: no list."""
+    for stage in STAGES:
+        single = json.loads((runs["single"][0] / stage / "manifest.json").read_text())["peak_memory"]
+        assert "processes" not in single and single["host_gib"] > 0
+        for zero in ("zero2", "zero3"):
+            peak = json.loads((runs[zero][0] / stage / "manifest.json").read_text())["peak_memory"]
+            each = [p["host_gib"] for p in peak.get("processes", [])]
+            assert len(each) == 2 and min(each) > 0 and peak["host_gib"] == max(each), (zero, stage, peak)
+
+
 def assert_base_unchanged(probe: Path, stages: list[str]) -> None:
     """What each rank held of the frozen base at the end of every stage equals the checkpoint on disk, bit for bit."""
     base_file = _tiny_base()

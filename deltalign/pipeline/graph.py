@@ -202,12 +202,13 @@ class Pipeline:
             memory.reset_peak()
             metrics = stage_module(name).run(self.cfgs[name], self.cfgs["model"], sd.path, upstream)
             inputs, h = self._settled(name, inputs, h)
-            peak = memory.peak()
+            peak = memory.peak_of_all_processes(memory.peak())
             gc.collect()  # the stage's model sits in reference cycles (accelerate, peft, hooks): gone before the next
             memory.release_free_memory()
             if is_main_process():
                 sd.finish(h, inputs, metrics, time.time() - t0, peak)
+            each = f" (the largest of {len(peak['processes'])} processes)" if "processes" in peak else ""
             self.log(f"[deltalign] {name}: done in {time.time() - t0:.0f}s; peak memory "
-                     + ", ".join(f"{v:.2f} GiB {k.split('_')[0]}" for k, v in peak.items()))
+                     + ", ".join(f"{v:.2f} GiB {k.split('_')[0]}" for k, v in peak.items() if k != "processes") + each)
             results[name] = metrics
         return results
