@@ -37,7 +37,7 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model, inject_adapter_in_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
-    from deltalign.backbone import load_tokenizer
+    from deltalign.data.tokenize import load_tokenizer
     from deltalign.modes import train_without_dropout
     from deltalign.data.formats import load_rows, prompt_examples
     from deltalign.data.tokenize import tokenize_prompt

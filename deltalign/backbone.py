@@ -1,21 +1,17 @@
 """One frozen base model in memory, with named deltas and small named heads on top.
 
 Every stage trains only deltas on this object: a named delta of any method in :mod:`deltalign.deltas` (LoRA/DoRA
-through peft's named-adapter API; ia3, prefix, prompt, bottleneck and ln as modules of ours in ``self.deltas``)
-and, for the reward model and critic, a scalar head. The base weights are loaded once, frozen, and never written.
-This module is about loading and switching; how each method is built and acts lives in :mod:`deltalign.deltas`,
-what a head computes in :mod:`deltalign.heads`.
+through peft's named-adapter API, the other methods as modules of ours in ``self.deltas``) and, for the reward model
+and critic, a scalar head (:mod:`deltalign.heads`). The base weights are loaded once, frozen, and never written.
 
 One delta is active at a time (:meth:`Backbone.activate`, :meth:`Backbone.using`): while one of ours is active,
-peft's adapter layers are off, and while a peft adapter is active, ours are off. :meth:`Backbone.forward` returns
-hidden states aligned with the caller's ids for every method (prompt learning included:
-:mod:`deltalign.deltas.sequence`).
+peft's adapter layers are off, and vice versa. :meth:`Backbone.forward` returns hidden states aligned with the
+caller's ids for every method (prompt learning included: :mod:`deltalign.deltas.sequence`).
 
 Trainability is owned here, not by peft: peft's ``set_adapter`` makes the adapter it activates trainable (even one
 loaded frozen), so every switch activates in inference mode and then re-applies the ``requires_grad`` flags this
 class recorded. A delta is trainable only if it was added or loaded as trainable.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +25,7 @@ from torch import nn
 
 from deltalign import deltas, heads
 from deltalign.deltas import AdapterConfig, lora, peft_config  # noqa: F401  (AdapterConfig: stages import it here)
+from deltalign.data.tokenize import load_tokenizer
 from deltalign.deltas.sequence import Past, run, run_shared
 from deltalign.heads import ScalarHead
 from deltalign.pipeline.config import setting
@@ -51,20 +48,6 @@ class ModelConfig:
     gradient_checkpointing: bool | Literal["selective"] = setting(False, hashed=False)
     """Recompute activations in backward (non-reentrant) to save memory; ``selective``: keep what the frozen
     base's matmuls computed and recompute only the rest (faster, more memory; deltalign/recompute.py)."""
-
-
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    """Load a tokenizer and give it a pad token distinct from EOS, so EOS is never masked as padding."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        vocab = tok.get_vocab()
-        spare = [t for t in (tok.unk_token, "<|endoftext|>", "<pad>") if t in vocab and vocab[t] != tok.eos_token_id]
-        if not spare:
-            raise ValueError(f"{path}: tokenizer has pad == eos and no spare special token to pad with")
-        tok.pad_token = spare[0]
-    return tok
 
 
 def resolve_path(path: str) -> Path:
@@ -257,16 +240,12 @@ class Backbone(nn.Module):
         return head
 
     def load_head(self, name: str, path: str | Path, trainable: bool = False) -> ScalarHead:
-        from safetensors.torch import load_file
-
         head = self.add_head(name, trainable)
-        head.load_state_dict(load_file(str(path)))
+        head.load_state_dict(heads.read(path))
         return head
 
     def save_head(self, name: str, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.heads[name].state_dict().items()}, str(path))
+        heads.write(self.heads[name], path)
 
     # --- forward --------------------------------------------------------------------------------------------
     @property

@@ -23,6 +23,20 @@ class ScalarHead(nn.Module):
         return self.proj(hidden.float()).squeeze(-1)
 
 
+def read(path) -> dict[str, torch.Tensor]:
+    """A saved head's tensors (safetensors only)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def write(head: nn.Module, path) -> None:
+    """Save a head's tensors to ``path`` (safetensors)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(path))
+
+
 def _weight(head: nn.Module) -> tuple[nn.Parameter | None, bool]:
     """The LM head's weight (read without a ZeRO-3 gather) and whether the head is a bias-free linear layer."""
     weight = zero_vocab.weight_of(head)

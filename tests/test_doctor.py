@@ -73,7 +73,8 @@ def test_doctor_time_of_a_pair_counts_its_shared_prompt_once():
 
 
 def test_doctor_measures_the_prompt_share_of_preference_pairs():
-    from deltalign.backbone import load_tokenizer, resolve_path
+    from deltalign.backbone import resolve_path
+    from deltalign.data.tokenize import load_tokenizer
     from deltalign.pipeline import config as configs
     from deltalign.pipeline.doctor import Report, check_stage_data
     from deltalign.pipeline.graph import sections, stage_module

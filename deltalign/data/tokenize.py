@@ -30,12 +30,27 @@ is not prefix-stable) are :class:`TokenizerError` and always raise.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from deltalign.data.formats import PrefExample, SFTExample
 from deltalign.data.rows import DataError, Log, check_bad_rows, skip_or_raise, where as _where
 
 TRUNCATION = ("completion", "keep_end", "drop", "error")
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """Load a tokenizer and give it a pad token distinct from EOS, so EOS is never masked as padding."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        vocab = tok.get_vocab()
+        spare = [t for t in (tok.unk_token, "<|endoftext|>", "<pad>") if t in vocab and vocab[t] != tok.eos_token_id]
+        if not spare:
+            raise ValueError(f"{path}: tokenizer has pad == eos and no spare special token to pad with")
+        tok.pad_token = spare[0]
+    return tok
 
 
 class TokenizerError(DataError):

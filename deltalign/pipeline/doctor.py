@@ -250,7 +250,8 @@ def estimate(name: str, cfg, facts: dict, rows: int, length: float, gflops: floa
 def doctor(cfgs: dict, plan: list[str], run_dir: Path, out=print) -> int:
     from transformers import __version__ as hf_version
 
-    from deltalign.backbone import load_tokenizer, resolve_path
+    from deltalign.backbone import resolve_path
+    from deltalign.data.tokenize import load_tokenizer
     from deltalign.pipeline.graph import stage_module
 
     report = Report(out)
