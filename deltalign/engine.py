@@ -116,8 +116,7 @@ class Engine:
         schedule runs over ``n_steps * updates_per_step`` updates.
         """
         model_cfg = getattr(backbone, "cfg", None)
-        zero.check_supported(getattr(model_cfg, "quantization", "none"), self.zero_stage,
-                             getattr(model_cfg, "gradient_checkpointing", False))
+        zero.check_supported(getattr(model_cfg, "quantization", "none"), self.zero_stage)
         self.backbone = backbone
         self.n_steps = n_steps
         n_updates = n_steps * updates_per_step

@@ -166,3 +166,32 @@ def test_selective_checkpointing_recomputes_no_frozen_matmul(batch):
     n_layers = bb.causal_lm.config.num_hidden_layers
     assert counts[True] >= counts[False] + 4 * n_layers  # the recompute: q, k, v, o, gate, up (down: early stop)
     assert counts["selective"] == counts[False]
+
+
+def test_selective_replay_may_run_other_operations_than_the_forward():
+    """Under ZeRO-3 a layer's weight gathers (collectives, buffer copies) run where prefetching puts them, not
+    in the same places in the forward and its replay. Selective checkpointing tolerates that: only the frozen
+    matmuls must match (torch's own selective contexts refuse any operation the forward did not run)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from deltalign.recompute import checkpointing_kwargs
+
+    frozen, delta = torch.randn(8, 8), torch.randn(8, 8, requires_grad=True)
+    replaying = []
+
+    def layer(x):
+        if replaying:  # as a gather the forward did not need (its weights were prefetched)
+            torch.empty(4).fill_(1.0).cos()
+        return torch.tanh(x @ frozen) @ delta
+
+    x = torch.randn(3, 8, requires_grad=True)
+    plain = layer(x).sum()
+    with FrozenMatmuls() as without:
+        expected = torch.autograd.grad(plain, (x, delta))
+    out = checkpoint(layer, x, **checkpointing_kwargs("selective"))
+    replaying.append(True)
+    with FrozenMatmuls() as mode:
+        grads = torch.autograd.grad(out.sum(), (x, delta))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    assert mode.count == without.count  # the replay took the frozen matmul's output from the forward

@@ -103,13 +103,13 @@ def test_a_pickled_adapter_is_refused(tmp_path, tiny_backbone):
 
 
 @pytest.mark.parametrize("changes, names", [
-    (["model.gradient_checkpointing=selective"], "model.gradient_checkpointing=selective"),
     (["model.quantization=nf4"], "model.quantization='nf4'"),
+    (["model.quantization=nf4", "model.gradient_checkpointing=selective"], "model.quantization='nf4'"),
 ])
 def test_what_zero3_cannot_run_is_refused_before_it_starts(tmp_path, capsys, monkeypatch, changes, names):
     """Launched under ZeRO-3 (the environment ``accelerate launch --config_file configs/accelerate/zero3.yaml``
-    sets): a 4-bit base and selective checkpointing are refused at the command line, exit 2 and one line, before
-    DeepSpeed starts or any model loads."""
+    sets): a 4-bit base is refused at the command line, exit 2 and one line, before DeepSpeed starts or any model
+    loads. Selective checkpointing runs under ZeRO-3 (tests/test_zero.py's ZeRO-3 chain uses it)."""
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "configs/accelerate/ds_zero3.json")
     args = ["run", "sft", *TINY, "--run-dir", str(tmp_path / "run")]
@@ -120,5 +120,6 @@ def test_what_zero3_cannot_run_is_refused_before_it_starts(tmp_path, capsys, mon
     from deltalign.backbone import ModelConfig
     from deltalign.pipeline.checks import check_model
 
+    check_model(ModelConfig(path="tiny", gradient_checkpointing="selective"))  # ZeRO-3 runs selective checkpointing
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "configs/accelerate/ds_zero2.json")  # ZeRO-2 runs both
     check_model(ModelConfig(path="tiny", gradient_checkpointing="selective", quantization="nf4"))

@@ -275,10 +275,11 @@ from safetensors.torch import load_file  # noqa: E402
 WALL: dict[str, float] = {}
 
 
-# the main ZeRO-3 chain generates from gathered weights (zero3_generation: gather); the method chains below use the
-# default, lockstep
+# the main ZeRO-3 chain checkpoints selectively and generates from gathered weights (zero3_generation: gather); the
+# method chains below checkpoint in full and use the default, lockstep
 Z3 = ["--set", "model.gradient_checkpointing=true", *MULTI]
-Z3_GATHER = [*Z3, *[x for s in STAGES for x in ("--set", f"{s}.zero3_generation=gather")]]
+Z3_GATHER = ["--set", "model.gradient_checkpointing=selective", *MULTI,
+             *[x for s in STAGES for x in ("--set", f"{s}.zero3_generation=gather")]]
 
 
 KILLS = [("sft", ["sft"]), ("dpo", ["sft", "rm", "dpo"]), ("ppo", ["sft", "rm", "dpo", "ppo"])]
@@ -287,7 +288,8 @@ KILLS = [("sft", ["sft"]), ("dpo", ["sft", "rm", "dpo"]), ("ppo", ["sft", "rm", 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One single-process run and one 2-process run per ZeRO stage, each of sft -> rm -> dpo -> ppo -> grpo (3
-    steps each). The ZeRO-2 run checkpoints selectively, the ZeRO-3 run in full (the reference not at all); the
+    steps each). Both 2-process runs checkpoint selectively (the reference not at all): ZeRO-3's weight gathers
+    inside the checkpointed layers replay where the backward puts them (deltalign/recompute.py); the
     ZeRO-3 run is killed three times before it completes: at sft's step 3 (after the step-2 checkpoint), then --
     resuming sft -- at dpo's step 3, then -- resuming dpo -- at ppo's step 3; the full run resumes ppo."""
     root = tmp_path_factory.mktemp("zero")

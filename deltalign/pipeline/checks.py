@@ -26,7 +26,7 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 def check_model(model_cfg) -> None:
     """``model.path`` is ``tiny`` or a local Hugging Face checkpoint with a readable config and safetensors; what
     the launch's ZeRO stage cannot run (:func:`deltalign.zero.check_supported`) is refused here."""
-    zero.check_supported(model_cfg.quantization, zero.launched_zero_stage(), model_cfg.gradient_checkpointing)
+    zero.check_supported(model_cfg.quantization, zero.launched_zero_stage())
     if model_cfg.path == "tiny":
         return
     path = Path(model_cfg.path)

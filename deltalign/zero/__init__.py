@@ -3,7 +3,7 @@
 The engine (:mod:`deltalign.engine`) calls these (:mod:`deltalign.heads` and the embedding lookup call
 :mod:`~deltalign.zero.vocab`); stages never do. What each one is for:
 
-* :func:`check_supported` -- what ZeRO-3 cannot run (a 4-bit base, selective checkpointing), refused at the
+* :func:`check_supported` -- what ZeRO-3 cannot run (a 4-bit base), refused at the
   command line before any model loads (the launch's stage from :func:`launched_zero_stage`) and, for any other
   caller, when the engine prepares;
 * :func:`skip_shm_build` -- on CPU, DeepSpeed would JIT-compile a shared-memory all-reduce at start-up;
@@ -88,16 +88,10 @@ def launched_zero_stage() -> int:
     return 0
 
 
-def check_supported(quantization: str, zero_stage: int, checkpointing: bool | str = False) -> None:
+def check_supported(quantization: str, zero_stage: int) -> None:
     """Refuse what is known not to work before DeepSpeed fails obscurely: a 4-bit base under ZeRO-3 (DeepSpeed
     would have to shard bitsandbytes' packed 4-bit tensors; that needs ``zero3_init_flag`` and
-    ``bnb_4bit_quant_storage`` and is not supported here yet); selective checkpointing under ZeRO-3 (the layer's
-    weight gathers run inside the checkpointed region, and the replay does not repeat them as the forward ran
-    them: torch fails in the backward)."""
-    if zero_stage == 3 and checkpointing == "selective":
-        raise ConfigError("model.gradient_checkpointing=selective does not work under DeepSpeed ZeRO-3 (its weight "
-                         "gathers replay differently in the backward); use model.gradient_checkpointing=true, "
-                         "or ZeRO-2")
+    ``bnb_4bit_quant_storage`` and is not supported here yet)."""
     if zero_stage == 3 and quantization != "none":
         raise ConfigError(f"model.quantization={quantization!r} (QLoRA) is not supported under DeepSpeed ZeRO-3 yet; "
                          "use configs/accelerate/zero2.yaml, or model.quantization=none with ZeRO-3 "
