@@ -5,7 +5,8 @@
   ``/proc/self/clear_refs``; elsewhere the process's high-water mark since it started), and on a GPU the most
   memory torch's allocator held. Under several processes :func:`peak_of_all_processes` gathers each one's and
   the manifest records the largest (what every process must be given) with each beside it.
-* :func:`resident`: what the process holds now (``doctor`` counts a loaded runtime with it);
+* :func:`resident`: what the process holds now (``doctor`` counts a loaded runtime with it); :func:`available`:
+  what the machine can still give (``doctor`` warns where a stage's estimated peak is larger);
 * :func:`release_free_memory`: glibc's ``malloc_trim``, for the stages whose phases allocate differently.
 """
 
@@ -64,6 +65,18 @@ def peak_of_all_processes(mine: dict[str, float]) -> dict:
 def resident() -> float:
     """This process's resident memory now, GiB (0 where ``/proc`` is unavailable)."""
     return (_status_kib("VmRSS") or 0) / 2**20
+
+
+def available() -> float | None:
+    """Memory a stage could still take, GiB: free device memory with a GPU, else the host's ``MemAvailable``;
+    None where neither can be read."""
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0] / 2**30
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
+    except (OSError, StopIteration):
+        return None
 
 
 def release_free_memory() -> None:

@@ -38,7 +38,7 @@ def _seconds(name: str, prompt_share: float = 0.0, common: int = 0, checkpointin
 
     from deltalign.backbone import ModelConfig
     from deltalign.pipeline import config as configs
-    from deltalign.pipeline.doctor import estimate
+    from deltalign.pipeline.estimate import estimate
     from deltalign.pipeline.graph import sections
 
     cfg = configs.load(sections(), "configs/default.yaml")[name]
@@ -126,7 +126,7 @@ def _memory(name: str, checkpointing=False, longest: int = 100, prompt_share: fl
 
     from deltalign.backbone import ModelConfig
     from deltalign.pipeline import config as configs
-    from deltalign.pipeline.doctor import peak_memory
+    from deltalign.pipeline.estimate import peak_memory
     from deltalign.pipeline.graph import sections
 
     cfg = dataclasses.replace(configs.load(sections(), "configs/default.yaml")[name], **changes)
@@ -164,3 +164,39 @@ def test_doctor_memory_follows_the_graphs_each_stage_keeps_at_once():
         _memory("sft", batch_size=8)["activations"]  # fewer rows than a forward takes
     # every part counts: runtime and weights too
     assert sft["total"] == sum(v for k, v in sft.items() if k != "total") and sft["runtime"] == 0.4
+
+
+def test_doctor_warns_when_a_stage_would_not_fit_and_says_what_would(capsys, monkeypatch):
+    """A stage whose estimated peak exceeds the memory available now gets a warning with the settings that lower
+    it and what each would need; with enough memory, none. It stays a warning (the estimate is to ~1.5x)."""
+    from deltalign import memory
+
+    monkeypatch.setattr(memory, "available", lambda: 1e-3)
+    assert main(["doctor", "sft", "ppo", "--config", "configs/tiny.yaml"]) == 0
+    warns = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warn")]
+    assert [ln.split()[1] for ln in warns] == ["sft:", "rm:", "ppo:"], warns  # the plan: ppo needs rm
+    sft, _, ppo = warns
+    assert "more than the 0.0 GiB available" in sft
+    assert "model.gradient_checkpointing=true (~" in sft and "model.gradient_checkpointing=selective (~" in sft
+    assert "smaller sft.batch_size" in sft and "ppo.mini_batch_size" in ppo
+    monkeypatch.setattr(memory, "available", lambda: 1e3)
+    assert main(["doctor", "sft", "ppo", "--config", "configs/tiny.yaml"]) == 0
+    assert "warn" not in capsys.readouterr().out
+
+
+def test_doctor_suggests_only_the_checkpointing_that_lowers_memory():
+    """Already at full checkpointing there is nothing lower to suggest but the batch."""
+    import dataclasses
+
+    from deltalign.backbone import ModelConfig
+    from deltalign.pipeline import config as configs
+    from deltalign.pipeline.estimate import memory_advice
+    from deltalign.pipeline.graph import sections
+
+    cfg = configs.load(sections(), "configs/default.yaml")["dpo"]
+    facts = {"params": 134_515_008, "hidden": 576, "layers": 30, "vocab": 49152}
+    plain = memory_advice("dpo", cfg, facts, ModelConfig(), 128, 0.4, 0.0, available=1.0)
+    assert "=selective" in plain and "=true" in plain and "smaller dpo.batch_size" in plain
+    full = memory_advice("dpo", cfg, facts, ModelConfig(gradient_checkpointing=True), 128, 0.4, 0.0, available=1.0)
+    assert "gradient_checkpointing" not in full and "smaller dpo.batch_size" in full
+    assert memory_advice("dpo", dataclasses.replace(cfg), facts, ModelConfig(), 128, 0.4, 0.0, available=64.0) is None

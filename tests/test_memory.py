@@ -61,3 +61,9 @@ def test_one_process_peak_is_its_own():
     memory.reset_peak()
     mine = memory.peak()
     assert memory.peak_of_all_processes(mine) == mine  # no process group: nothing to gather, no list
+
+
+def test_available_is_what_the_machine_can_still_give():
+    with open("/proc/meminfo") as f:
+        total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) / 2**20
+    assert 0.05 < memory.available() <= total
