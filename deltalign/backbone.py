@@ -271,10 +271,7 @@ class Backbone(nn.Module):
         return self.heads[head](hidden) if head is not None else hidden
 
     def can_share_prefixes(self) -> bool:
-        """Whether batches can run packed with shared prefixes: no attached delta adds virtual tokens, and the
-        attention takes a custom mask (sdpa or eager)."""
-        if any(deltas.METHODS[d.method].prompt_learning for d in self.deltas.values() if d.method in deltas.METHODS):
-            return False
+        """Whether batches can run packed with shared prefixes: the attention takes a custom mask (sdpa or eager)."""
         return self.causal_lm.config._attn_implementation in ("sdpa", "eager")
 
     def encode(self, input_ids, attention_mask, past: Past | None = None, cache: bool = False):

@@ -66,15 +66,22 @@ def test_attention_runs_over_the_rows_where_that_is_cheaper():
     assert "owner" in share_prefixes(trunk["input_ids"], trunk["attention_mask"], attend="rows")
 
 
-@pytest.mark.parametrize("attend", ["rows", "tree"])
-def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone, attend, monkeypatch):
+DELTAS = {"lora": AdapterConfig(r=4, dropout=0.0), "prefix": AdapterConfig(method="prefix", prefix_length=3),
+          "prompt": AdapterConfig(method="prompt", prompt_length=2)}
+
+
+@pytest.mark.parametrize("method, attend", [("lora", "rows"), ("lora", "tree"), ("prefix", "rows"),
+                                            ("prefix", "tree"), ("prompt", "rows"), ("prompt", "tree")])
+def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone, method, attend, monkeypatch):
+    """Packed with shared prefixes, the same log-probs, hidden states and delta gradients as the padded batch --
+    for prompt learning too: prefix keys/values and soft-prompt tokens are a prefix every packed node sees."""
     from deltalign import row_attention
 
     calls = []
     real = row_attention.attend_rows
     monkeypatch.setattr(row_attention, "attend_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     bb = tiny_backbone
-    bb.add_adapter("policy", AdapterConfig(r=4, dropout=0.0))
+    bb.add_adapter("policy", DELTAS[method])
     with torch.no_grad():
         for p in bb.adapter_parameters("policy").values():
             p.add_(torch.randn_like(p) * 0.1)
@@ -99,7 +106,8 @@ def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone, attend
     h_shared, t_shared, _ = labelled_hidden(bb, to_device(shared, "cpu"))
     assert torch.equal(t_plain, t_shared)
     torch.testing.assert_close(h_shared, h_plain, atol=1e-5, rtol=1e-5)
-    assert bool(calls) == (attend == "rows")  # the tiny model attends with sdpa: the row path is taken
+    # the tiny model attends with sdpa: the row path is taken, except with virtual tokens (the tree mask holds them)
+    assert bool(calls) == (attend == "rows" and method == "lora")
 
 
 def test_reward_head_reads_the_same_last_token(tiny_backbone):
@@ -117,13 +125,8 @@ def test_reward_head_reads_the_same_last_token(tiny_backbone):
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
-def test_prompt_learning_deltas_cannot_share(tiny_backbone):
+def test_prompt_learning_deltas_share_too(tiny_backbone):
     bb = tiny_backbone
-    assert bb.can_share_prefixes()
-    bb.add_adapter("p", AdapterConfig(method="prompt", prompt_length=2))
-    assert not bb.can_share_prefixes()
-    bb.activate("p")
-    plain = pad_batch([[1, 2, 3], [1, 2]], pad_id=0)
-    s = share_prefixes(plain["input_ids"], plain["attention_mask"])
-    with pytest.raises(ValueError, match="share_prefixes"):
-        bb(plain["input_ids"], plain["attention_mask"], shared=s)
+    for name, cfg in DELTAS.items():
+        bb.add_adapter(f"d-{name}", cfg)
+        assert bb.can_share_prefixes(), name

@@ -12,9 +12,9 @@ use it -- the same as in the padded batch).
 The mask is dense ([R, 1, L, L]), so packed rows are cut at ``budget`` nodes: attention over a packed row costs
 L^2 per layer where the padded batch's costs B T^2 / 2 (causal). When that is less, the packed rows also carry an
 ``owner`` per node and attention runs over the batch's own rows (:mod:`deltalign.row_attention`): the linear layers
-still see each distinct token once. Only methods that leave the sequence alone
-can run this way (no prompt or prefix tuning: :meth:`~deltalign.backbone.Backbone.can_share_prefixes`). LoRA
-dropout draws one mask per shared node instead of one per row.
+still see each distinct token once. A prompt or prefix delta's virtual tokens are a prefix of every node
+(:func:`deltalign.deltas.sequence.run_shared`); those batches keep the tree mask. LoRA dropout draws one mask per
+shared node instead of one per row.
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ class PrefixSharing:
     share_prefixes: bool = True
     """Compute the token prefixes that rows of a batch share (a pair's prompt, a group's prompt, a common system
     prompt) once: each batch runs as packed rows with a tree attention mask (:mod:`deltalign.data.sharing`), the
-    same values up to float rounding from fewer tokens. Not with prompt or prefix tuning, or an attention
-    implementation that takes no custom mask: there the batch runs padded, as with ``false``."""
+    same values up to float rounding from fewer tokens. Not with an attention implementation that takes no custom
+    mask: there the batch runs padded, as with ``false``."""
 
     def shares(self, backbone) -> bool:
         """Whether this stage's batches run packed (``share_prefixes``, where the backbone allows it)."""

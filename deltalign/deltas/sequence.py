@@ -110,16 +110,34 @@ def run(lm, delta, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: 
 
 def run_shared(lm, delta, shared: dict) -> torch.Tensor:
     """Hidden states [R, L, H] of the packed rows of :func:`deltalign.data.sharing.share_prefixes` (tree attention
-    mask or, where it chose so, attention over the batch's rows; depth positions) under ``delta``, which must leave
-    the sequence alone (no virtual tokens)."""
-    if delta is not None and (delta.front_embeds(1) is not None or delta.prefix_kv(1) is not None):
-        raise ValueError(f"share_prefixes: the {delta.method} delta adds virtual tokens; set share_prefixes: false")
+    mask or, where it chose so, attention over the batch's rows; depth positions) under ``delta``. A delta's
+    virtual tokens are a prefix of every node: prompt tuning's soft prompt goes in front of each packed row (every
+    node attends to it, positions count it), prefix tuning's keys/values go in as a cache every node attends to;
+    both use the tree mask."""
     model = inner(lm)
-    mask = shared["mask"]
+    n_rows, width = shared["input_ids"].shape
+    tree, pos = shared["mask"], shared["position_ids"]
+    front = delta.front_embeds(n_rows) if delta is not None else None
+    kv = delta.prefix_kv(n_rows) if delta is not None else None
+    tokens, cache, n_front = _tokens(lm, shared["input_ids"]), None, 0
+    if front is not None:  # the soft prompt: causal among itself, seen by every node; positions after it
+        n_front = front.shape[1]
+        embeds = tokens.get("inputs_embeds", None)
+        embeds = lm.get_input_embeddings()(shared["input_ids"]) if embeds is None else embeds
+        tokens = {"inputs_embeds": torch.cat([front.to(embeds.dtype), embeds], dim=1)}
+        causal = torch.ones(n_front, n_front, dtype=torch.bool, device=tree.device).tril()
+        top = torch.cat([causal, causal.new_zeros(n_front, width)], dim=1).expand(n_rows, 1, -1, -1)
+        seen = tree.new_ones(n_rows, 1, width, n_front)
+        tree = torch.cat([top, torch.cat([seen, tree], dim=3)], dim=2)
+        pos = torch.cat([torch.arange(n_front, device=pos.device).expand(n_rows, -1), pos + n_front], dim=1)
+    if kv is not None:  # prefix keys/values: a read-only cache in front, seen by every node, not in the positions
+        dtype = weight_of(lm.get_input_embeddings()).dtype
+        cache = Cache(layers=[ReadOnlyLayer(k.to(dtype), v.to(dtype)) for k, v in kv])
+        tree = torch.cat([tree.new_ones(*tree.shape[:3], kv[0][0].shape[2]), tree], dim=3)
+    mask = tree
     if model.config._attn_implementation == "eager":  # eager adds the mask to the scores; sdpa takes booleans
         dtype = weight_of(lm.get_input_embeddings()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    out = model(**_tokens(lm, shared["input_ids"]), attention_mask=mask, position_ids=shared["position_ids"],
-                use_cache=False, **row_view(shared, model.config._attn_implementation))
-    return out.last_hidden_state
-
+    rows = {} if front is not None or kv is not None else row_view(shared, model.config._attn_implementation)
+    out = model(**tokens, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=False, **rows)
+    return out.last_hidden_state[:, n_front:] if n_front else out.last_hidden_state
