@@ -195,3 +195,24 @@ def test_selective_replay_may_run_other_operations_than_the_forward():
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e)
     assert mode.count == without.count  # the replay took the frozen matmul's output from the forward
+
+
+def test_selective_replay_refuses_frozen_matmuls_in_another_order():
+    """The kept outputs are handed back in order; a replay whose frozen matmuls change order fails loudly instead
+    of reading another layer's output."""
+    from torch.utils.checkpoint import checkpoint
+
+    from deltalign.recompute import checkpointing_kwargs
+
+    wide, narrow, delta = torch.randn(8, 16), torch.randn(8, 4), torch.randn(8, 8, requires_grad=True)
+    replaying = []
+
+    def layer(x):
+        h = x @ delta
+        a, b = (h @ narrow, h @ wide) if replaying else (h @ wide, h @ narrow)
+        return torch.tanh(a).sum() + torch.tanh(b).sum()
+
+    out = checkpoint(layer, torch.randn(3, 8), **checkpointing_kwargs("selective"))
+    replaying.append(True)
+    with pytest.raises(RuntimeError, match="another order"):
+        out.backward()
