@@ -70,9 +70,9 @@ DELTAS = {"lora": AdapterConfig(r=4, dropout=0.0), "prefix": AdapterConfig(metho
           "prompt": AdapterConfig(method="prompt", prompt_length=2)}
 
 
-@pytest.mark.parametrize("method, attend", [("lora", "rows"), ("lora", "tree"), ("prefix", "rows"),
-                                            ("prefix", "tree"), ("prompt", "rows"), ("prompt", "tree")])
-def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone, method, attend, monkeypatch):
+@pytest.mark.parametrize("method, attend, attention", [
+    *[(m, a, "sdpa") for m in DELTAS for a in ("rows", "tree")], *[(m, "tree", "eager") for m in DELTAS]])
+def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone, method, attend, attention, monkeypatch):
     """Packed with shared prefixes, the same log-probs, hidden states and delta gradients as the padded batch --
     for prompt learning too: prefix keys/values and soft-prompt tokens are a prefix every packed node sees."""
     from deltalign import row_attention
@@ -81,6 +81,8 @@ def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone, method
     real = row_attention.attend_rows
     monkeypatch.setattr(row_attention, "attend_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     bb = tiny_backbone
+    bb.causal_lm.set_attn_implementation(attention)  # eager adds the tree mask to the scores as a float
+    assert bb.causal_lm.config._attn_implementation == attention
     bb.add_adapter("policy", DELTAS[method])
     with torch.no_grad():
         for p in bb.adapter_parameters("policy").values():
@@ -107,7 +109,7 @@ def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone, method
     assert torch.equal(t_plain, t_shared)
     torch.testing.assert_close(h_shared, h_plain, atol=1e-5, rtol=1e-5)
     # the tiny model attends with sdpa: the row path is taken, except with virtual tokens (the tree mask holds them)
-    assert bool(calls) == (attend == "rows" and method == "lora")
+    assert bool(calls) == (attend == "rows" and method == "lora" and attention == "sdpa")
 
 
 def test_reward_head_reads_the_same_last_token(tiny_backbone):
