@@ -12,6 +12,7 @@ Trainability is owned here, not by peft: peft's ``set_adapter`` makes the adapte
 loaded frozen), so every switch activates in inference mode and then re-applies the ``requires_grad`` flags this
 class recorded. A delta is trainable only if it was added or loaded as trainable.
 """
+
 from __future__ import annotations
 
 import contextlib

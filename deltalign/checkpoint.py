@@ -40,6 +40,11 @@ def latest(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def step_of(ckpt: Path) -> int:
+    """The step a checkpoint folder holds (its name, ``step-NNNNNN``, as :func:`save` writes it)."""
+    return int(ckpt.name.split("-")[1])
+
+
 def trainable_state(engine) -> dict[str, torch.Tensor]:
     """Full values of every trainable tensor. Every process must call it (ZeRO-3 gathers)."""
     return zero.full_tensors(_trainable(engine), engine.zero_stage)

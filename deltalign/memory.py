@@ -30,10 +30,11 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _status_kib(key: str) -> int | None:
-    """A memory line of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in KiB; None where it cannot be read."""
+def _proc_kib(key: str, path: str = "/proc/self/status") -> int | None:
+    """A ``key: N kB`` line of a ``/proc`` file (``VmHWM``, ``VmRSS`` of ``/proc/self/status``; ``MemAvailable``
+    of ``/proc/meminfo``) in KiB; None where it cannot be read."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             return next((int(line.split()[1]) for line in f if line.startswith(f"{key}:")), None)
     except OSError:
         return None
@@ -41,7 +42,7 @@ def _status_kib(key: str) -> int | None:
 
 def peak() -> dict[str, float]:
     """The peak since :func:`reset_peak`, in GiB: ``host_gib`` (resident) and, with a GPU, ``device_gib``."""
-    kib = _status_kib("VmHWM")
+    kib = _proc_kib("VmHWM")
     if kib is None:  # ru_maxrss: KiB on Linux, bytes on macOS
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
     out = {"host_gib": round(kib / 2**20, 3)}
@@ -64,7 +65,7 @@ def peak_of_all_processes(mine: dict[str, float]) -> dict:
 
 def resident() -> float:
     """This process's resident memory now, GiB (0 where ``/proc`` is unavailable)."""
-    return (_status_kib("VmRSS") or 0) / 2**20
+    return (_proc_kib("VmRSS") or 0) / 2**20
 
 
 def available() -> float | None:
@@ -72,11 +73,8 @@ def available() -> float | None:
     None where neither can be read."""
     if torch.cuda.is_available():
         return torch.cuda.mem_get_info()[0] / 2**30
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
-    except (OSError, StopIteration):
-        return None
+    kib = _proc_kib("MemAvailable", "/proc/meminfo")
+    return None if kib is None else kib / 2**20
 
 
 def release_free_memory() -> None:

@@ -24,6 +24,8 @@ from deltalign.pipeline import checks
 from deltalign.pipeline.estimate import estimate, memory_advice
 
 SAMPLE = 2000  # rows tokenised per source for the length percentiles
+
+
 class Report:
     def __init__(self, out=print):
         self.out, self.failed = out, False

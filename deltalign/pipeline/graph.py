@@ -167,7 +167,7 @@ class Pipeline:
             elif started.exists():
                 same = json.loads(started.read_text()).get("hash") == h
                 last = checkpoint.latest(sd.path) if same else None
-                rows.append((name, "unfinished", f"resumes from step {int(last.name.split('-')[1])}" if last else
+                rows.append((name, "unfinished", f"resumes from step {checkpoint.step_of(last)}" if last else
                              "restarts (no checkpoint)" if same else "its inputs changed: restarts"))
             else:
                 rows.append((name, "missing", "runs"))
