@@ -88,11 +88,7 @@ def clipped_policy_loss(
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     logratio = logprobs - old_logprobs
     ratio = torch.exp(logratio)
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    per_token = -torch.min(adv * ratio, adv * clipped)
-    kl = k3_kl(logprobs, ref_logprobs) if ref_logprobs is not None else None
-    if kl is not None and beta:
-        per_token = per_token + beta * kl
+    per_token = -torch.min(adv * ratio, adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high))
     m = mask.to(per_token.dtype)
     with torch.no_grad():
         metrics = {
@@ -100,9 +96,86 @@ def clipped_policy_loss(
             "clip_high": masked_mean(((ratio > 1.0 + clip_high) & (adv > 0)).to(m.dtype), m),
             "approx_kl": masked_mean((ratio - 1) - logratio, m),
         }
-        if kl is not None:
-            metrics["kl"] = masked_mean(kl, m)
+    return _with_kl(per_token, m, metrics, logprobs, ref_logprobs, beta)
+
+
+def _with_kl(per_token: Tensor, m: Tensor, metrics: Metrics, logprobs: Tensor, ref_logprobs: Tensor | None,
+             beta: float) -> tuple[Tensor, Metrics]:
+    """``per_token`` plus ``beta`` times the per-token k3 KL to the reference (when given), masked; the KL's
+    masked mean into ``metrics["kl"]``."""
+    if ref_logprobs is not None:
+        kl = k3_kl(logprobs, ref_logprobs)
+        if beta:
+            per_token = per_token + beta * kl
+        metrics["kl"] = masked_mean(kl.detach(), m)
     return per_token * m, metrics
+
+
+def sequence_clipped_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    ref_logprobs: Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[Tensor, Metrics]:
+    """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): one importance ratio per *sequence*,
+    ``s = exp(mean over the response's tokens of (logp - old_logp))``, clipped two-sided per sequence;
+    ``loss = -min(A * s, A * clip(s, 1 - clip_low, 1 + clip_high))`` on each of its tokens (so
+    :func:`sequence_loss_sum` gives the paper's per-sequence objective), plus ``beta`` times the per-token k3 KL.
+    TRL 1.12's ``importance_sampling_level="sequence"``. The paper's clip range is tiny (3e-4 / 4e-4): a
+    sequence's mean log-ratio moves far less than a token's. ``advantages`` is [B]. Metrics: ``ratio`` (the mean
+    sequence ratio), ``clip_low`` / ``clip_high`` (shares of *sequences* the clip stops), ``kl``.
+    """
+    m = mask.to(logprobs.dtype)
+    ratio = torch.exp(masked_mean(logprobs - old_logprobs, m, dim=1))  # [B]
+    per_seq = -torch.min(advantages * ratio, advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high))
+    per_token = per_seq.unsqueeze(-1).expand_as(logprobs)
+    with torch.no_grad():
+        metrics = {"ratio": ratio.mean(),
+                   "clip_low": ((ratio < 1.0 - clip_low) & (advantages < 0)).to(m.dtype).mean(),
+                   "clip_high": ((ratio > 1.0 + clip_high) & (advantages > 0)).to(m.dtype).mean()}
+    return _with_kl(per_token, m, metrics, logprobs, ref_logprobs, beta)
+
+
+def cispo_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_max: float = 5.0,
+    ref_logprobs: Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[Tensor, Metrics]:
+    """CISPO (MiniMax-M1, 2025): clip the importance *weight*, not the update, so every token keeps a gradient.
+    ``loss_t = -sg(min(ratio_t, eps_max)) * A * logp_t`` (+ ``beta`` k3 KL), ``sg`` = stop-gradient; ``eps_max``
+    is an absolute cap on the ratio (TRL 1.12 ``loss_type="cispo"`` with ``epsilon_high``; ScaleRL recommends 5),
+    with no lower clip. Reduce with :func:`token_loss_sum` (the global token count, as TRL). Metrics:
+    ``clip_high`` = share of tokens whose weight the cap lowered, ``approx_kl`` as :func:`clipped_policy_loss`."""
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    per_token = -torch.clamp(ratio, max=eps_max).detach() * adv * logprobs
+    m = mask.to(per_token.dtype)
+    with torch.no_grad():
+        metrics = {"clip_high": masked_mean((ratio > eps_max).to(m.dtype), m),
+                   "approx_kl": masked_mean((ratio - 1) - logratio, m)}
+    return _with_kl(per_token, m, metrics, logprobs, ref_logprobs, beta)
+
+
+def soft_overlong_penalty(lengths: Tensor, max_tokens: int, cache: int) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13; TRL's ``get_soft_overlong_punishment``), a reward
+    term per response: 0 up to ``max_tokens - cache`` tokens, then falling linearly to -1 at ``max_tokens``, -1
+    beyond. ``cache`` 0: no penalty within the budget."""
+    if not 0 <= cache <= max_tokens:
+        raise ValueError(f"the overlong cache ({cache}) must lie in [0, max_tokens={max_tokens}]")
+    lengths = lengths.to(torch.float64)
+    start = max_tokens - cache
+    soft = (start - lengths) / cache if cache else torch.zeros_like(lengths)
+    return torch.where(lengths <= start, torch.zeros_like(lengths),
+                       torch.where(lengths <= max_tokens, soft, torch.full_like(lengths, -1.0)))
 
 
 def token_loss_sum(per_token: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -155,3 +155,25 @@ def simpo_loss(
     rr = beta * policy_rejected / rejected_len.to(policy_rejected.dtype)
     loss = -F.logsigmoid(rc - rr - gamma)
     return loss, rc.detach(), rr.detach()
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, stable at both ends (Mächler 2012): ``log(-expm1(x))`` near 0,
+    ``log1p(-exp(x))`` far below it."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_odds_loss(chosen_mean_logp: Tensor, rejected_mean_logp: Tensor, lam: float
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ORPO's odds-ratio term (Hong et al. 2024, Eqs. 4-7), per pair; no reference model.
+
+    Inputs are *length-averaged* response log-probs [B] (``l = log P(y|x) / |y|``).
+    ``log_odds = (l_c - l_r) - (log1mexp(l_c) - log1mexp(l_r))``, the log of the odds ratio
+    ``odds(y_c) / odds(y_r)`` with ``odds(y) = P / (1 - P)``; the term is ``-lam * log sigmoid(log_odds)``.
+    The whole ORPO loss is the chosen response's NLL plus the mean of this term (``lam`` is the paper's λ, TRL's
+    ``beta``). Returns ``(term_per_pair, log_odds, chosen_reward, rejected_reward)``, the rewards the detached
+    ``lam * l`` (as TRL logs them).
+    """
+    lc, lr = _f32(chosen_mean_logp), _f32(rejected_mean_logp)
+    log_odds = (lc - lr) - (log1mexp(lc) - log1mexp(lr))
+    return -lam * F.logsigmoid(log_odds), log_odds.detach(), (lam * lc).detach(), (lam * lr).detach()
