@@ -262,3 +262,56 @@ def test_killed_grpo_resumes_to_the_same_adapter(upstream, tmp_path, user_reward
     assert any(r["resampled_groups"] for r in rows["straight"][2:])  # resampling ran after the resume point
     for key in ("score", "zero_std", "zero_std_after_resample", "policy_loss", "kl"):
         assert [r[key] for r in rows["killed"]] == pytest.approx([r[key] for r in rows["straight"]], abs=1e-5), key
+
+
+def test_clip_defaults_follow_the_importance_sampling_level():
+    assert (grpo.Config().clip_low, grpo.Config().clip_high) == (0.2, 0.28)  # token level: DAPO's
+    seq = grpo.Config(importance_sampling="sequence")
+    assert (seq.clip_low, seq.clip_high) == (3e-4, 4e-4)  # GSPO's paper
+    assert grpo.Config(importance_sampling="sequence", clip_high=1e-3).clip_high == 1e-3  # explicit wins
+    with pytest.raises(ValueError, match="cispo"):
+        grpo.Config(loss="cispo", importance_sampling="sequence")
+    with pytest.raises(ValueError, match="overlong_cache"):
+        grpo.Config(overlong_cache=49)  # the rollout's budget is 48 tokens
+
+
+@pytest.mark.parametrize("variant", ["gspo", "cispo"])
+def test_gspo_and_cispo_run_their_own_objective_over_two_passes(upstream, tmp_path, monkeypatch, user_rewards,
+                                                                variant):
+    """GSPO: one ratio per sequence, exactly 1 on the first pass (its log-probs are the old ones) and moved on
+    the second; CISPO: the capped weight, and the token-level clipped loss is never called."""
+    fn = {"gspo": "sequence_clipped_policy_loss", "cispo": "cispo_policy_loss"}[variant]
+    calls, token_calls = [], []
+    real, token = getattr(grpo, fn), grpo.clipped_policy_loss
+    monkeypatch.setattr(grpo, fn, lambda *a, **k: calls.append(real(*a, **k)[1]) or real(*a, **k))
+    monkeypatch.setattr(grpo, "clipped_policy_loss", lambda *a, **k: token_calls.append(1) or token(*a, **k))
+    extra = {"gspo": dict(importance_sampling="sequence"), "cispo": dict(loss="cispo")}[variant]
+    out = tmp_path / variant
+    grpo.run(grpo.Config(**dict(FAST, max_steps=1, grpo_epochs=2, rules={"grpo_rewards:vary": 1.0}), **extra),
+             TINY, out, dict(upstream))
+    assert len(calls) == 2 and not token_calls
+    if variant == "gspo":
+        assert calls[0]["ratio"] == 1 and calls[1]["ratio"] != 1
+    else:
+        assert calls[0]["clip_high"] == 0 and calls[0]["approx_kl"] == 0 and calls[1]["approx_kl"] > 0
+    sft = load_file(upstream["sft"] / "adapter_model.safetensors")
+    policy = load_file(out / "adapter_model.safetensors")
+    assert any(not torch.equal(policy[k], sft[k]) for k in sft)
+
+
+def test_soft_overlong_penalty_and_masked_truncations(upstream, tmp_path, user_rewards):
+    """With a flat reward of 0 the score is the overlong penalty alone: -1 for every response cut at the budget
+    (the random tiny model rarely stops); masking the truncated responses leaves nothing to learn from them."""
+    base = dict(FAST, max_steps=1, grpo_epochs=1, rules={"grpo_rewards:flat": 1.0})
+    out = tmp_path / "overlong"
+    grpo.run(grpo.Config(**base, overlong_cache=3), TINY, out, dict(upstream))
+    (row,) = _train_rows(out)
+    assert row["ended"] < 1
+    assert row["score"] == pytest.approx(row["reward_overlong"]) and row["reward_overlong"] <= -(1 - row["ended"])
+    out = tmp_path / "masked"
+    grpo.run(grpo.Config(**dict(base, rules={"grpo_rewards:vary": 1.0}), mask_truncated=True), TINY, out,
+             dict(upstream))
+    (row,) = _train_rows(out)
+    assert row["ended"] < 1 and row["masked_truncated"] == pytest.approx(1 - row["ended"])
+    if row["ended"] == 0:  # every response truncated: no token trains
+        assert row["grad_norm"] == 0

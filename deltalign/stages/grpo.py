@@ -50,8 +50,9 @@ from deltalign.memory import release_free_memory
 from deltalign.train_config import TrainConfig
 from deltalign.evaluation import policy_report, report_scalars
 from deltalign.generation import GenerationConfig, decode, generate, stop_token_ids
-from deltalign.losses import (clipped_policy_loss, constant_loss_sum, dr_grpo_advantages, grpo_advantages,
-                              masked_mean, rloo_advantages, sequence_loss_sum, token_loss_sum, zero_variance_groups)
+from deltalign.losses import (cispo_policy_loss, clipped_policy_loss, constant_loss_sum, dr_grpo_advantages,
+                              grpo_advantages, masked_mean, rloo_advantages, sequence_clipped_policy_loss,
+                              sequence_loss_sum, soft_overlong_penalty, token_loss_sum, zero_variance_groups)
 from deltalign.pipeline.config import setting
 from deltalign.rewards.composite import CompositeReward
 from deltalign.rewards.model import RewardModel
@@ -63,6 +64,7 @@ READS = {"data": "prompt", "eval_data": "prompt"}  # setting -> row shape (check
 REFERENCE = "sft"
 REWARD = "rm"
 ADVANTAGES = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
+CLIPS = {"token": (0.2, 0.28), "sequence": (3e-4, 4e-4)}  # (clip_low, clip_high) defaults: DAPO's; GSPO's paper
 
 
 def _rollout_default() -> GenerationConfig:
@@ -94,7 +96,17 @@ class Config(PromptData, TrainConfig):
     (``f(prompts, responses) -> list[float]``). A weight of 0 switches a rule off."""
     missing_eos_penalty: float = setting(0.0, ge=0)
     """Subtracted from the reward of a response that hits ``rollout.max_new_tokens`` without a stop token
-    (0: none, as TRL's GRPO and DAPO, which shape overlong responses softly instead)."""
+    (0: none, as TRL's GRPO and DAPO, which shape overlong responses softly instead). It adds to
+    ``overlong_cache``'s penalty (a truncated response then gets both) and applies with ``mask_truncated`` too
+    (the group's advantages still see it; the masked response itself does not train)."""
+    overlong_cache: int = setting(0, ge=0)
+    """DAPO's soft overlong punishment (TRL's ``get_soft_overlong_punishment``): a reward term of 0 up to
+    ``rollout.max_new_tokens - overlong_cache`` response tokens, falling linearly to -1 at the budget (a truncated
+    response: -1). 0: off. Logged as ``reward_overlong``."""
+    mask_truncated: bool = False
+    """Leave responses that reached ``rollout.max_new_tokens`` without a stop token out of the loss (DAPO's
+    overlong filtering; TRL ``mask_truncated_completions``): their rewards still count in their group's
+    advantages, their tokens train nothing. The share masked is logged as ``masked_truncated``."""
     advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     """Advantage estimator per group: ``grpo`` (r - mean) / std; ``dr_grpo`` r - mean (Dr. GRPO, pair it with
     ``loss_aggregation: constant``); ``rloo`` r - mean of the others (leave-one-out)."""
@@ -102,15 +114,27 @@ class Config(PromptData, TrainConfig):
     """How token losses become the minibatch loss: ``token`` every token of the global minibatch weighs the
     same (DAPO; TRL's default, no bias against long responses); ``sequence`` mean per response, then over
     responses (the GRPO paper); ``constant`` token sum / (responses x rollout.max_new_tokens) (Dr. GRPO)."""
+    loss: Literal["clip", "cispo"] = "clip"
+    """The policy objective: ``clip`` the PPO-style clipped ratio (GRPO, DAPO's clip-higher; per token or, with
+    ``importance_sampling: sequence``, per sequence: GSPO); ``cispo`` (MiniMax-M1) clips the importance *weight*
+    at ``cispo_max`` (stop-gradient, no lower clip) so every token keeps a gradient: aggregate it per token."""
+    importance_sampling: Literal["token", "sequence"] = "token"
+    """``token``: one ratio per token (GRPO); ``sequence``: one per response, exp of the mean token log-ratio,
+    clipped two-sided per response (GSPO, Zheng et al. 2025; TRL ``importance_sampling_level="sequence"``), with
+    the paper's clip range as default (``clip_low`` 3e-4, ``clip_high`` 4e-4) and usually ``beta`` 0. Its ratio is
+    1 on a rollout's first pass: it matters from ``grpo_epochs >= 2`` or several minibatches."""
+    cispo_max: float = setting(5.0, gt=0)
+    """``loss: cispo``: the absolute cap on the importance weight (TRL's ``epsilon_high`` under cispo; ScaleRL
+    recommends 5.0). Not ``clip_high``, which is the clip-loss's 1 + clip_high bound."""
     beta: float = setting(0.0, ge=0)
     """Weight of the per-token k3 KL to the SFT reference in the loss. 0 (TRL's default and DAPO/Dr. GRPO
     practice): no reference forward at all; the clip keeps each update near the rollout policy."""
-    clip_low: float = setting(0.2, gt=0, lt=1)
-    """Ratio clip below: 1 - clip_low (0.2: PPO's epsilon)."""
-    clip_high: float = setting(0.28, gt=0)
-    """Ratio clip above: 1 + clip_high. 0.28 > clip_low is DAPO's clip-higher: rare tokens with positive
-    advantage can grow further, which keeps entropy from collapsing. Matters only when a rollout feeds more
-    than one update."""
+    clip_low: float | None = setting(None, gt=0, lt=1)
+    """Ratio clip below: 1 - clip_low. Unset: 0.2 (PPO's epsilon) per token, 3e-4 per sequence (GSPO)."""
+    clip_high: float | None = setting(None, gt=0)
+    """Ratio clip above: 1 + clip_high. Unset: 0.28 per token -- above clip_low, DAPO's clip-higher: rare tokens
+    with positive advantage can grow further, which keeps entropy from collapsing -- and 4e-4 per sequence
+    (GSPO). Matters only when a rollout feeds more than one update."""
     grpo_epochs: int = setting(2, ge=1)
     """Passes over each rollout batch (the GRPO paper's mu; TRL's num_iterations, default 1). 2: on CPU,
     generation dominates a step, and a second pass learns more from it for one more training forward and
@@ -147,10 +171,26 @@ class Config(PromptData, TrainConfig):
             raise ValueError("grpo.rollout.temperature must be > 0 (GRPO samples from the policy)")
         if self.rm_weight == 0 and not any(self.rules.values()):
             raise ValueError("grpo has no reward: grpo.rm_weight is 0 and grpo.rules is empty")
+        if self.loss == "cispo" and self.importance_sampling == "sequence":
+            raise ValueError("grpo.loss=cispo weighs each token's log-prob: it needs grpo.importance_sampling=token")
+        if self.overlong_cache > self.rollout.max_new_tokens:
+            raise ValueError(f"grpo.overlong_cache ({self.overlong_cache}) must be <= grpo.rollout.max_new_tokens "
+                             f"({self.rollout.max_new_tokens})")
+        low, high = CLIPS[self.importance_sampling]
+        self.clip_low = low if self.clip_low is None else self.clip_low
+        self.clip_high = high if self.clip_high is None else self.clip_high
 
     @property
     def report(self) -> bool:
         return self.eval_checker and bool(self.eval_data)
+
+
+def policy_loss(cfg: Config, logprobs, old_logprobs, advantages, mask, ref_logprobs):
+    """The configured objective's per-token loss and metrics (``loss``, ``importance_sampling``)."""
+    if cfg.loss == "cispo":
+        return cispo_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.cispo_max, ref_logprobs, cfg.beta)
+    clipped = sequence_clipped_policy_loss if cfg.importance_sampling == "sequence" else clipped_policy_loss
+    return clipped(logprobs, old_logprobs, advantages, mask, cfg.clip_low, cfg.clip_high, ref_logprobs, cfg.beta)
 
 
 def sample_seed(seed: int, step: int, prompt: int, sample: int) -> int:
@@ -243,6 +283,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                                       decode(backbone, resp))
                 ended = torch.tensor([float(bool(r) and r[-1] in stops) for r in resp])
                 total = total - cfg.missing_eos_penalty * (1 - ended)
+                if cfg.overlong_cache:
+                    parts["overlong"] = soft_overlong_penalty(torch.tensor([len(r) for r in resp]),
+                                                              cfg.rollout.max_new_tokens, cfg.overlong_cache)
+                    total = total + parts["overlong"].to(total)
                 t_score += time.time() - t
             groups = [resp[j * G:(j + 1) * G] for j in range(len(slots))]
             return groups, total.view(-1, G), {k: v.view(-1, G) for k, v in parts.items()}, ended.view(-1, G)
@@ -275,6 +319,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         batch = engine.to_device(rollout_batch([prompt_ids[p] for p in prompts for _ in range(G)], responses,
                                                tok.pad_token_id))
         mask = batch["response_mask"]
+        if cfg.mask_truncated:  # DAPO's overlong filtering: a response cut at the budget trains nothing
+            cut = torch.tensor([not (r and r[-1] in stops) for r in responses], device=mask.device)
+            mask = batch["response_mask"] = mask * (~cut).to(mask)[:, None]
+            first["masked_truncated"] = float(cut.float().mean())
         adv = adv.to(mask)
         old_lp = ref_lp = None
         with torch.no_grad():
@@ -308,15 +356,15 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                                                   share=pack)
                         if epoch == 0 and not fresh_old:  # one minibatch, first pass: no update yet
                             old_lp[part, :R] = lp.detach()
-                        per_token, pg = clipped_policy_loss(lp, old_lp[part, :R], adv[part], mc, cfg.clip_low,
-                                                            cfg.clip_high,
-                                                            None if ref_lp is None else ref_lp[part, :R], cfg.beta)
+                        per_token, pg = policy_loss(cfg, lp, old_lp[part, :R], adv[part], mc,
+                                                    None if ref_lp is None else ref_lp[part, :R])
                         loss_sum, _ = aggregate(per_token, mc)
-                        engine.backward(loss_sum, total)
+                        engine.backward(loss_sum, max(total, 1.0))  # 0: every response masked
                     share = float(mc.sum()) * engine.world / max(tokens, 1.0)  # over processes: the global mean
                     for k, v in {**pg, "entropy": masked_mean(ent, mc)}.items():
                         stats[k] = stats.get(k, 0.0) + v.item() * share
-                    stats["policy_loss"] = stats.get("policy_loss", 0.0) + loss_sum.item() * engine.world / total
+                    stats["policy_loss"] = (stats.get("policy_loss", 0.0)
+                                            + loss_sum.item() * engine.world / max(total, 1.0))
                 upd = engine.update()
                 n_updates += 1
                 stats["grad_norm"] = stats.get("grad_norm", 0.0) + upd.get("grad_norm", 0.0)
