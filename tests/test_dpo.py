@@ -175,3 +175,49 @@ def test_base_reference_when_no_sft(tmp_path):
     cfg = dpo.Config(**FAST, reference="base", init="fresh", adapter=AdapterConfig(r=4))
     dpo.run(cfg, ModelConfig(path="tiny"), tmp_path / "dpo", {})
     assert _train_rows(tmp_path / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_orpo_config_needs_no_reference_and_refuses_one():
+    orpo = dpo.Config(loss="orpo")
+    assert orpo.reference == "none" and orpo.nll_weight == 1.0  # ORPO = the chosen NLL + lambda x odds ratio
+    assert dpo.Config().reference == "sft" and dpo.Config().nll_weight == 0.0  # the others: unchanged defaults
+    assert dpo.Config(loss="orpo", nll_weight=0.5).nll_weight == 0.5
+    for ref in ("sft", "base"):
+        with pytest.raises(ValueError, match="dpo.loss=orpo uses no reference"):
+            dpo.Config(loss="orpo", reference=ref)
+    with pytest.raises(ValueError, match="dpo.reference=none"):
+        dpo.Config(loss="sigmoid", reference="none")
+
+
+def test_orpo_pair_loss_hand_value():
+    # summed log-probs and lengths: chosen -2 over 4 tokens (mean -0.5), rejected -3 over 3 (mean -1)
+    pol, lengths = torch.tensor([-2.0, -3.0], dtype=torch.float64), torch.tensor([4.0, 3.0], dtype=torch.float64)
+    loss, rc, rr = dpo.pair_loss(dpo.Config(loss="orpo", orpo_lambda=0.2), pol, torch.zeros(2), lengths)
+    log_odds = 0.5 - (math.log(1 - math.exp(-0.5)) - math.log(1 - math.exp(-1.0)))
+    assert loss.item() == pytest.approx(-0.2 * math.log(1 / (1 + math.exp(-log_odds))), abs=1e-12)
+    assert (rc.item(), rr.item()) == pytest.approx((0.2 * -0.5, 0.2 * -1.0))
+
+
+def test_orpo_from_the_base_loads_no_reference_and_caches_nothing(tmp_path, monkeypatch):
+    """ORPO straight from the base: no SFT folder, no reference delta, no reference log-probs; step 1's loss is
+    the chosen NLL plus lambda x the odds-ratio term, both read back from its own logged parts."""
+    calls = []
+    real = dpo.pair_logprobs
+    monkeypatch.setattr(dpo, "pair_logprobs", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    cfg = dpo.Config(**FAST, loss="orpo", init="fresh", adapter=AdapterConfig(r=4))
+    dpo.run(cfg, ModelConfig(path="tiny"), tmp_path / "dpo", {})
+    assert calls and set(calls) == {"dpo"}  # held-out pairs score the policy alone: no reference forward at all
+    assert not list((tmp_path / "dpo").glob("ref_logprobs-*"))
+    row = _train_rows(tmp_path / "dpo")[0]
+    assert row["loss"] == pytest.approx(row["nll_chosen"] + row["odds_ratio_loss"], abs=1e-6)
+    assert row["odds_ratio_loss"] > 0
+    sft_free = load_file(tmp_path / "dpo" / "adapter_model.safetensors")
+    assert sft_free  # the fresh delta trained and was saved
+
+
+def test_orpo_needs_no_sft_stage_in_the_graph():
+    from deltalign.pipeline import graph
+
+    assert graph.STAGES["dpo"].needs(dpo.Config(loss="orpo", init="fresh")) == []
+    assert graph.STAGES["dpo"].needs(dpo.Config(loss="orpo")) == ["sft"]  # init: sft still reads it
+    assert graph.STAGES["dpo"].needs(dpo.Config()) == ["sft"]

@@ -73,6 +73,10 @@ CASES = [
     (["eval", "--set", "eval.data={missing}"], "eval.data"),
     (["eval", "--set", "eval.generation.max_new_tokens=0"], "eval.generation.max_new_tokens"),
     (["export", "--set", "export.policy=bogus"], "export.policy"),
+    (["run", "dpo", "--set", "dpo.loss=orpo", "--set", "dpo.reference=sft"], "dpo.reference"),  # ORPO: none
+    (["run", "grpo", "--set", "grpo.loss=cispo", "--set", "grpo.importance_sampling=sequence"],
+     "grpo.importance_sampling"),
+    (["run", "grpo", "--set", "grpo.overlong_cache=999"], "grpo.overlong_cache"),
 ]
 
 

@@ -2,7 +2,9 @@
 
 Reference: once an SFT adapter exists it is the reference, loaded frozen (``reference: sft``); the policy starts
 as a separate trainable copy of the same weights, so at step 0 policy == reference and the sigmoid loss is ln 2.
-Only with ``reference: base`` (no SFT run) is the reference the bare backbone with adapters off.
+Only with ``reference: base`` (no SFT run) is the reference the bare backbone with adapters off. ORPO
+(``loss: orpo``) has no reference at all (``reference: none``): nothing is loaded or cached for it, and with
+``init: fresh`` the stage needs no SFT stage either (ORPO's point: one stage from the base).
 
 Reference log-probabilities are computed once per example before training and cached in the run directory under
 a key that hashes the reference weights and the tokenised data, so a resumed or repeated run reuses them.
@@ -30,7 +32,7 @@ from deltalign.data.splits import RowRules
 from deltalign.engine import Engine
 from deltalign.train_config import TrainConfig
 from deltalign.generation import GenerationConfig
-from deltalign.losses import dpo_sigmoid_loss, ipo_loss, simpo_loss
+from deltalign.losses import dpo_sigmoid_loss, ipo_loss, orpo_odds_loss, simpo_loss
 from deltalign.evaluation import policy_report, report_scalars
 from deltalign.pipeline.config import setting
 
@@ -47,9 +49,13 @@ class Config(RowRules, TrainConfig):
     """Held-out pairs: prompts for generation, pairs for held-out reward accuracy ('' to skip)."""
     split: str = "train"
     """Split to read when ``data`` is a `datasets` id."""
-    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
-    """``sigmoid`` (DPO, Rafailov et al. 2023), ``ipo`` (Azar et al. 2023) or ``simpo`` (Meng et al. 2024,
-    reference-free)."""
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
+    """``sigmoid`` (DPO, Rafailov et al. 2023), ``ipo`` (Azar et al. 2023), ``simpo`` (Meng et al. 2024,
+    reference-free) or ``orpo`` (Hong et al. 2024: the chosen NLL plus ``orpo_lambda`` x the odds-ratio term on
+    length-averaged log-probs; no reference model at all)."""
+    orpo_lambda: float = setting(0.1, gt=0)
+    """ORPO's λ, the weight of its odds-ratio term (the paper's and TRL's default 0.1; TRL calls it ``beta``).
+    ``loss: orpo`` only."""
     beta: float = setting(0.1, gt=0)
     """Strength of the implicit KL constraint for ``sigmoid`` and ``ipo`` (0.1 everywhere: TRL, OpenRLHF,
     LLaMA-Factory). SimPO has its own ``simpo_beta``."""
@@ -62,13 +68,15 @@ class Config(RowRules, TrainConfig):
     """SimPO's reward scale (the paper's 2.0; applies to ``loss: simpo`` only)."""
     simpo_gamma: float = setting(0.5, ge=0)
     """SimPO target reward margin (``loss: simpo`` only)."""
-    nll_weight: float = setting(0.0, ge=0)
+    nll_weight: float | None = setting(None, ge=0)
     """Add this times the chosen responses' token NLL, averaged over every chosen token of the step (RPO, Pang et
     al. 2024; TRL's ``rpo_alpha``): keeps the chosen likelihood, end-of-turn token included, from collapsing while
-    the margin grows."""
-    reference: Literal["sft", "base"] = "sft"
-    """``sft``: the SFT adapter, frozen (the rule once SFT ran); ``base``: the backbone with adapters off, allowed
-    only in a run without an SFT stage."""
+    the margin grows. Unset: 0, and 1 with ``loss: orpo`` (ORPO's own SFT term; ours on the completion tokens
+    only, where TRL's ORPO counts the prompt's too)."""
+    reference: Literal["sft", "base", "none"] | None = None
+    """``sft``: the SFT adapter, frozen (the rule once SFT ran; the default); ``base``: the backbone with adapters
+    off, allowed only in a run without an SFT stage; ``none``: no reference (``loss: orpo``, its default and only
+    choice, or ``simpo``)."""
     init: Literal["sft", "fresh"] = "sft"
     """Policy start: ``sft`` (a trainable copy of the SFT adapter) or ``fresh`` (a new adapter)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -86,6 +94,18 @@ class Config(RowRules, TrainConfig):
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Decoding for held-out generations."""
 
+    def __post_init__(self):
+        if self.loss == "orpo" and self.reference not in (None, "none"):
+            raise ValueError(f"dpo.loss=orpo uses no reference: leave dpo.reference unset (or none), got "
+                             f"{self.reference!r}")
+        if self.reference == "none" and self.loss not in ("orpo", "simpo"):
+            raise ValueError(f"dpo.reference=none: dpo.loss={self.loss} compares with a reference (only orpo and "
+                             "simpo need none)")
+        if self.reference is None:
+            self.reference = "none" if self.loss == "orpo" else "sft"
+        if self.nll_weight is None:
+            self.nll_weight = 1.0 if self.loss == "orpo" else 0.0
+
 
 def pair_loss(cfg: Config, pol: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor):
     """Per-pair loss and implicit rewards. ``pol``/``ref``/``lengths`` hold chosen rows then rejected rows."""
@@ -95,11 +115,20 @@ def pair_loss(cfg: Config, pol: torch.Tensor, ref: torch.Tensor, lengths: torch.
     if cfg.loss == "ipo":
         per_token = (lengths[:n], lengths[n:]) if cfg.ipo_normalize else (None, None)
         return ipo_loss(pol[:n], pol[n:], ref[:n], ref[n:], cfg.beta, *per_token)
+    if cfg.loss == "orpo":
+        mean = pol / lengths.to(pol.dtype)
+        loss, _, r_c, r_r = orpo_odds_loss(mean[:n], mean[n:], cfg.orpo_lambda)
+        return loss, r_c, r_r
     return simpo_loss(pol[:n], pol[n:], lengths[:n], lengths[n:], cfg.simpo_beta, cfg.simpo_gamma)
 
 
 def reference_of(backbone) -> str | None:
     return REFERENCE if REFERENCE in backbone.adapters else None
+
+
+def needs_reference(cfg: Config) -> bool:
+    """Whether the loss reads reference log-probs (SimPO and ORPO do not)."""
+    return cfg.loss not in ("simpo", "orpo")
 
 
 @torch.no_grad()
@@ -161,6 +190,12 @@ def heldout_pairs(backbone, model, pairs: list[dict], cfg: Config, device) -> di
     """Implicit-reward accuracy and margin of the trained policy on held-out (tokenised) preference pairs."""
     share = cfg.shares(backbone)
     pol = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, NAME, share)
+    if cfg.reference == "none":  # ORPO / SimPO: the length-averaged log-probs' margin (their implicit reward)
+        lengths = torch.tensor([[len(p["chosen_ids"]), len(p["rejected_ids"])] for p in pairs], dtype=pol.dtype)
+        mean = pol / lengths
+        margin = mean[:, 0] - mean[:, 1]
+        return {"reward_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()),
+                "n": len(pairs)}
     ref = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, reference_of(backbone), share)
     margin = cfg.beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
     return {"reward_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()), "n": len(pairs)}
@@ -197,10 +232,11 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     # 3. reference log-probs: computed once per example on first use, kept in the run dir by content key
     cache = ReferenceCache(out_dir / f"ref_logprobs-{cache_key(backbone, train)}.safetensors", len(train),
-                           enabled=cfg.cache_reference and engine.is_main and engine.zero_stage != 3)
+                           enabled=(cfg.cache_reference and engine.is_main and engine.zero_stage != 3
+                                    and needs_reference(cfg)))
 
     def reference(idx: list[int]) -> torch.Tensor:
-        if cfg.loss == "simpo":
+        if not needs_reference(cfg):
             return torch.zeros(len(idx), 2)
         return cache.get(idx, lambda todo: pair_logprobs(backbone, model, [train[i] for i in todo], len(todo),
                                                           engine.device, reference_of(backbone), share))
@@ -228,6 +264,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             sums["accuracy"] += (r_c > r_r).float().sum().item()
         local = total / engine.world
         metrics = {k: v / local for k, v in sums.items()} | {"nll_chosen": nll_sum / (chosen_tokens / engine.world)}
+        if cfg.loss == "orpo":
+            metrics["odds_ratio_loss"] = metrics["loss"]
         metrics["loss"] += cfg.nll_weight * metrics["nll_chosen"]
         cache.save()
         engine.step(metrics | {"margin": metrics["reward_chosen"] - metrics["reward_rejected"]})
@@ -237,8 +275,9 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     with engine.evaluating(bool(eval_ex[: cfg.eval_limit or None]) or bool(held.items)) as evaluate:
         if evaluate:
             reference = REFERENCE if cfg.reference == "sft" else None
+            policies = {NAME: NAME} if cfg.reference == "none" else {"reference": reference, NAME: NAME}
             metrics = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
-                                    {"reference": reference, NAME: NAME}, reference=reference,
+                                    policies, reference=reference,
                                     rm_dir=upstream.get("rm"), checker=cfg.eval_checker)
             if held.items:
                 metrics["heldout_pairs"] = heldout_pairs(backbone, model, held.items, cfg, engine.device)
