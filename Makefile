@@ -13,7 +13,7 @@ NPROC   ?=
 LAUNCH   = $(if $(ACCELERATE)$(NPROC),.venv/bin/accelerate launch $(if $(ACCELERATE),--config_file $(ACCELERATE)) \
            $(if $(NPROC),--num_processes $(NPROC)) -m deltalign,$(PY) -m deltalign)
 ARGS     = --config $(CONFIG) $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
-STAGES  := sft rm dpo ppo grpo compose
+STAGES  := sft rm dpo kto ppo grpo compose
 
 .PHONY: install model test eval export demo docs doctor status compose-demo methods bench-scale help $(STAGES)
 

@@ -93,7 +93,7 @@ def report_scalars(report: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-POLICY_STAGES = ("sft", "dpo", "ppo", "grpo", "compose")
+POLICY_STAGES = ("sft", "dpo", "kto", "ppo", "grpo", "compose")
 
 
 def compare_run(run_dir: str | Path, model_cfg, eval_data: str, gen_cfg: GenerationConfig, limit: int = 0,

@@ -31,6 +31,8 @@ def _files(tmp):
         "pref_empty_chosen": _write(tmp / "pref_bad.jsonl", [{"prompt": "Q", "chosen": "", "rejected": "no"}]),
         "pref_as_sft": _write(tmp / "sft_for_dpo.jsonl", [sft_ok]),
         "no_rows": _write(tmp / "empty.jsonl", []),
+        "kto_no_label": _write(tmp / "kto.jsonl", [{"prompt": "Q", "completion": "A", "label": True},
+                                                   {"prompt": "Q", "completion": "B"}]),
         "missing": str(tmp / "nope.jsonl"),
         "model_noconfig": str(nocfg),
         "model_pickled": str(pickled),
@@ -77,6 +79,9 @@ CASES = [
     (["run", "grpo", "--set", "grpo.loss=cispo", "--set", "grpo.importance_sampling=sequence"],
      "grpo.importance_sampling"),
     (["run", "grpo", "--set", "grpo.overlong_cache=999"], "grpo.overlong_cache"),
+    (["run", "kto", "--set", "kto.batch_size=1"], "kto.batch_size"),
+    (["run", "kto", "--set", "kto.data={kto_no_label}"], "kto.jsonl: row 1: field 'label'"),
+    (["run", "sft", "kto", "--set", "kto.reference=base"], "kto.reference"),  # the house rule
 ]
 
 

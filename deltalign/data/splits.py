@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from deltalign.data.formats import load_rows, preference_examples, prompt_examples, sft_examples
+from deltalign.data.unpaired import tokenize_unpaired, unpaired_examples
 from deltalign.data.rows import Log
 from deltalign.data.sharing import PrefixSharing
 from deltalign.data.tokenize import tokenize_all, tokenize_pair, tokenize_sft
 from deltalign.pipeline.config import setting
 
 BUILDERS = {"sft": (sft_examples, tokenize_sft), "pref": (preference_examples, tokenize_pair),
-            "prompt": (prompt_examples, None)}
+            "prompt": (prompt_examples, None), "kto": (unpaired_examples, tokenize_unpaired)}
 
 
 @dataclass

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from deltalign import zero
 from deltalign.data.formats import DataError, load_rows, preference_examples, prompt_examples, sft_examples
+from deltalign.data.unpaired import unpaired_examples
 from deltalign.pipeline.config import ConfigError
 
-SHAPES = {"sft": sft_examples, "pref": preference_examples, "prompt": prompt_examples}
+SHAPES = {"sft": sft_examples, "pref": preference_examples, "prompt": prompt_examples, "kto": unpaired_examples}
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
@@ -44,14 +45,15 @@ def check_model(model_cfg) -> None:
 
 def check_reference(cfgs: dict, plan: list[str], run_dir: Path) -> None:
     """The house rule: once an SFT delta exists, the reference policy is that delta, frozen -- never the bare
-    base with adapters off. ``dpo.reference: base`` is refused in a run that has (or will have) an SFT stage.
-    PPO has no such setting: its reference is always the SFT adapter."""
-    if "dpo" not in plan or cfgs["dpo"].reference != "base":
-        return
-    if "sft" in plan or (run_dir / "sft" / "manifest.json").exists():
-        raise ConfigError("dpo.reference=base, but this run has an SFT stage: once an SFT delta exists the "
-                          "reference is that delta, frozen (against the bare base, DPO would pull the policy "
-                          "away from what SFT taught); use dpo.reference=sft, or a run without sft")
+    base with adapters off. ``dpo.reference: base`` (or ``kto.reference: base``) is refused in a run that has (or
+    will have) an SFT stage. PPO has no such setting: its reference is always the SFT adapter."""
+    has_sft = "sft" in plan or (run_dir / "sft" / "manifest.json").exists()
+    for name in ("dpo", "kto"):
+        if name in plan and cfgs[name].reference == "base" and has_sft:
+            raise ConfigError(f"{name}.reference=base, but this run has an SFT stage: once an SFT delta exists the "
+                              f"reference is that delta, frozen (against the bare base, {name.upper()} would pull "
+                              f"the policy away from what SFT taught); use {name}.reference=sft, or a run without "
+                              "sft")
 
 
 def check_rules(cfgs: dict, plan: list[str]) -> None:

@@ -60,12 +60,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("rm", "deltalign.stages.rm", needs=lambda c: ["sft"] if c.init == "sft" else []),
     Stage("dpo", "deltalign.stages.dpo", needs=lambda c: ["sft"] if "sft" in (c.reference, c.init) else [],
           uses=("rm",), hash_uses=True),
+    Stage("kto", "deltalign.stages.kto", needs=lambda c: ["sft"] if "sft" in (c.reference, c.init) else [],
+          uses=("rm",), hash_uses=True),
     Stage("ppo", "deltalign.stages.ppo",
           needs=lambda c: ["sft"] + (["rm"] if c.rm_weight or c.critic_init == "rm" else [])),
     Stage("grpo", "deltalign.stages.grpo", needs=lambda c: ["sft"] + (["rm"] if c.rm_weight else [])),
     Stage("compose", "deltalign.stages.compose", needs=lambda c: c.upstream()),
     Stage("export", "deltalign.stages.export", needs=lambda c: c.upstream(),
-          uses=("sft", "rm", "dpo", "ppo", "grpo", "compose"),
+          uses=("sft", "rm", "dpo", "kto", "ppo", "grpo", "compose"),
           hash_uses=True),
 ]}
 

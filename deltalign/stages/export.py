@@ -44,8 +44,8 @@ from deltalign.pipeline.rundir import MANIFEST, model_fingerprint
 from deltalign.rewards.model import HEAD_FILE, STATS_FILE, last_token_values
 
 NAME = "export"
-ALIGNED = ("ppo", "grpo", "dpo")  # ``policy: auto`` takes the most recently finished of these, else sft
-SOURCES = ("sft", "rm", "dpo", "ppo", "grpo", "compose")
+ALIGNED = ("ppo", "grpo", "dpo", "kto")  # ``policy: auto`` takes the most recently finished of these, else sft
+SOURCES = ("sft", "rm", "dpo", "kto", "ppo", "grpo", "compose")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHECK_PROMPTS = ["What do bees make? Answer in all lowercase letters.",
                  "Name a primary colour. Answer in JSON format, as an object with the key \"answer\"."]
@@ -53,7 +53,7 @@ CHECK_PROMPTS = ["What do bees make? Answer in all lowercase letters.",
 
 @dataclass
 class Config:
-    policy: Literal["auto", "sft", "dpo", "ppo", "grpo", "compose"] = "auto"
+    policy: Literal["auto", "sft", "dpo", "kto", "ppo", "grpo", "compose"] = "auto"
     """Policy to export: ``auto`` (the most recently finished of ppo, grpo and dpo; else sft), or a stage name."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the exported weights: float32, bfloat16 or float16 (the merge itself is always float32)."""
