@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 model: $(MODEL)
 
 $(MODEL): | $(STAMP)
-	$(PY) -m deltalign.default_model
+	$(PY) -m deltalign.model.default_model
 
 test: $(STAMP) $(MODEL)
 	$(PY) -m pytest

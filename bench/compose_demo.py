@@ -134,7 +134,7 @@ def family_data(data_dir: Path, budget: Budget) -> dict:
 
 def train(run_dir: Path, model_cfg, budget: Budget, files: dict, threads: int) -> dict:
     """SFT, one DPO per family, then the compositions; returns {label: adapter folder} and the stage metrics."""
-    from deltalign.backbone import AdapterConfig
+    from deltalign.model.backbone import AdapterConfig
     from deltalign.stages import compose, dpo, sft
 
     common = dict(batch_size=budget.batch_size, checkpoint_every=0, log_every=max(1, budget.dpo_steps // 4),
@@ -186,9 +186,9 @@ def train(run_dir: Path, model_cfg, budget: Budget, files: dict, threads: int) -
 
 def evaluate(model_cfg, folders: dict[str, Path], files: dict, budget: Budget) -> dict:
     """Held-out checker score of every policy on each family (greedy), per kind too, on one backbone."""
-    from deltalign.backbone import Backbone
+    from deltalign.model.backbone import Backbone
     from deltalign.data.formats import load_rows, prompt_examples
-    from deltalign.generation import GenerationConfig, checker_eval
+    from deltalign.sampling.generation import GenerationConfig, checker_eval
 
     bb = Backbone.load(model_cfg)
     names = {}
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(var, value)  # local model folders only
     import torch
 
-    from deltalign.backbone import ModelConfig
+    from deltalign.model.backbone import ModelConfig
 
     # the tiny model is dominated by thread synchronisation: one thread is fastest there (as in the tests)
     threads = args.threads or (1 if args.model == "tiny" else len(os.sched_getaffinity(0)))

@@ -170,7 +170,7 @@ def overrides(method: str, budget: Budget, cfgs: dict, threads: int, sft_eval: s
 
 
 def load_configs(config: str, extra: list[str] = ()) -> dict:
-    from deltalign.pipeline import config as configs
+    from deltalign.core import settings as configs
     from deltalign.pipeline.graph import sections
 
     return configs.load(sections(), str(ROOT / config) if not Path(config).is_absolute() else config, list(extra))
@@ -238,7 +238,7 @@ def base_parameters(model_dir: Path) -> int:
 
 def model_dir(path: str) -> Path:
     if path == "tiny":
-        from deltalign import tiny
+        from deltalign.core import tiny
 
         return ROOT / tiny.TINY_DIR
     p = Path(path)
@@ -281,9 +281,9 @@ def base_eval_child(config: str, sets: list[str]) -> int:
     import torch
 
     from common import emit
-    from deltalign.backbone import Backbone
+    from deltalign.model.backbone import Backbone
     from deltalign.data.splits import load_split
-    from deltalign.generation import checker_eval
+    from deltalign.sampling.generation import checker_eval
 
     cfgs = load_configs(config, sets)
     cfg = cfgs["dpo"]

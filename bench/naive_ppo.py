@@ -38,11 +38,11 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
     from deltalign.data.tokenize import load_tokenizer
-    from deltalign.modes import train_without_dropout
+    from deltalign.model.modes import train_without_dropout
     from deltalign.data.formats import load_rows, prompt_examples
     from deltalign.data.tokenize import tokenize_prompt
-    from deltalign.memory import release_free_memory
-    from deltalign.generation import stop_token_ids
+    from deltalign.core.memory import release_free_memory
+    from deltalign.sampling.generation import stop_token_ids
     from deltalign.losses import (gae_advantages, kl_penalty_rewards, masked_whiten, ppo_policy_loss, ppo_value_loss,
                                   token_logprobs)
 

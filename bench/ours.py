@@ -71,7 +71,7 @@ def overrides(stage: str, s: Settings) -> list[str]:
 
 def build_configs(stage: str, s: Settings) -> tuple[dict, list[str]]:
     """Configs from configs/default.yaml + overrides; overrides for keys this version lacks are dropped (reported)."""
-    from deltalign.pipeline import config as configs
+    from deltalign.core import settings as configs
     from deltalign.pipeline.graph import sections
 
     secs = sections()
@@ -96,7 +96,7 @@ def prepare_ppo(out: Path, s: Settings) -> None:
     """
     import torch
 
-    from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+    from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
     from deltalign.rewards.model import HEAD_FILE, STATS_FILE
 
     if (out / "rm" / STATS_FILE).exists() and (out / "sft" / "adapter_model.safetensors").exists():
@@ -116,7 +116,7 @@ def prepare_ppo(out: Path, s: Settings) -> None:
 def install_hooks(stage: str, timer: StepTimer, dims: dict, s: Settings, cfg=None) -> None:
     import torch
 
-    import deltalign.engine as engine_mod
+    import deltalign.training.engine as engine_mod
 
     original_step = engine_mod.Engine.step
 

@@ -12,13 +12,13 @@ Our ``ppo`` stage runs at the benchmark's PPO settings (``bench/common.py``; the
   and what returning memory at once costs in time (every new buffer page-faults);
 * ``no-checkpointing``: the training forwards keep their activations (``model.gradient_checkpointing=false``):
   what recomputing them costs the optimise phase in time, and what keeping them costs in memory;
-* ``selective``: ``model.gradient_checkpointing=selective`` (:mod:`deltalign.recompute`): the replay takes the
+* ``selective``: ``model.gradient_checkpointing=selective`` (:mod:`deltalign.model.recompute`): the replay takes the
   frozen base's matmul outputs from the forward and recomputes only the rest -- the middle ground.
 
 Light wrappers time every call of one phase and record the process's resident high-water mark within it (reset
-before each call: :func:`deltalign.memory.reset_peak`):
+before each call: :func:`deltalign.core.memory.reset_peak`):
 
-* generate: the rollout (``deltalign.generation.generate``);
+* generate: the rollout (``deltalign.sampling.generation.generate``);
 * score: the reward model, and every forward without gradients (reference log-probs, old values, old log-probs of
   rows outside the first minibatch);
 * optimise: the training forwards (policy, critic), their backward passes and the optimizer updates.
@@ -66,10 +66,10 @@ def child(s: Settings, steps: int) -> dict:
 
     import torch
 
-    import deltalign.engine as engine_mod
+    import deltalign.training.engine as engine_mod
     import deltalign.rewards.composite as composite
     import deltalign.stages.ppo as ppo
-    from deltalign import memory
+    from deltalign.core import memory
     from deltalign.data.sharing import share_prefixes
     from ours import build_configs, prepare_ppo
 

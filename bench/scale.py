@@ -154,8 +154,8 @@ def child(out_file: Path, argv: list[str]) -> int:
                 peak[k] = max(peak[k], s[k])
             time.sleep(0.02)
 
-    from deltalign import backbone as backbone_mod
-    from deltalign import engine as engine_mod
+    from deltalign.model import backbone as backbone_mod
+    from deltalign.training import engine as engine_mod
     from deltalign.pipeline.cli import main
 
     real_load, real_prepare = backbone_mod.load_base, engine_mod.Engine.prepare

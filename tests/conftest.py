@@ -14,7 +14,7 @@ torch.set_num_threads(1)  # the tiny model is dominated by thread sync; one thre
 
 @pytest.fixture
 def tiny_backbone():
-    from deltalign.backbone import Backbone, ModelConfig
+    from deltalign.model.backbone import Backbone, ModelConfig
 
     torch.manual_seed(0)
     return Backbone.load(ModelConfig(path="tiny"))
@@ -50,7 +50,7 @@ def upstream(tmp_path_factory):
     stages would leave them: what the online RL stages (ppo, grpo) read."""
     import json
 
-    from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+    from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 
     def perturbed(bb, name):  # a trained-looking delta: random non-zero values
         with torch.no_grad():

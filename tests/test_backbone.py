@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
-from deltalign.labelled import labelled_logits, response_logprobs
+from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.model.labelled import labelled_logits, response_logprobs
 from deltalign.losses import sft_loss_sum
 
 
@@ -174,7 +174,7 @@ def test_selective_replay_may_run_other_operations_than_the_forward():
     matmuls must match (torch's own selective contexts refuse any operation the forward did not run)."""
     from torch.utils.checkpoint import checkpoint
 
-    from deltalign.recompute import checkpointing_kwargs
+    from deltalign.model.recompute import checkpointing_kwargs
 
     frozen, delta = torch.randn(8, 8), torch.randn(8, 8, requires_grad=True)
     replaying = []
@@ -202,7 +202,7 @@ def test_selective_replay_refuses_frozen_matmuls_in_another_order():
     of reading another layer's output."""
     from torch.utils.checkpoint import checkpoint
 
-    from deltalign.recompute import checkpointing_kwargs
+    from deltalign.model.recompute import checkpointing_kwargs
 
     wide, narrow, delta = torch.randn(8, 16), torch.randn(8, 4), torch.randn(8, 8, requires_grad=True)
     replaying = []

@@ -11,7 +11,7 @@ import pytest
 
 from deltalign.data import embedded as E
 from deltalign.data import formats as F
-from deltalign.pipeline import config as configs
+from deltalign.core import settings as configs
 from deltalign.pipeline import graph
 from deltalign.pipeline.graph import Pipeline, sections
 from deltalign.pipeline.rundir import data_fingerprint

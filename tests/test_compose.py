@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.deltas import composable, fusion
-from deltalign.pipeline import config as configs
+from deltalign.core import settings as configs
 from deltalign.stages import compose
 
 TINY = ModelConfig(path="tiny")

@@ -1,4 +1,4 @@
-"""Tests for deltalign.pipeline.config: defaults <- YAML (+ include) <- --set, validation, docs, hashing."""
+"""Tests for deltalign.core.settings: defaults <- YAML (+ include) <- --set, validation, docs, hashing."""
 
 import json
 from dataclasses import dataclass, field
@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from deltalign.backbone import AdapterConfig, ModelConfig
-from deltalign.pipeline import config as C
+from deltalign.model.backbone import AdapterConfig, ModelConfig
+from deltalign.core import settings as C
 from deltalign.pipeline import help as H
 
 
@@ -183,7 +183,7 @@ def test_field_docs_inherited_and_nested():
 
 
 def test_hashed_dict_leaves_out_settings_marked_not_hashed():
-    from deltalign.train_config import TrainConfig
+    from deltalign.training.train_config import TrainConfig
 
     a, b = TrainConfig(), TrainConfig(threads=2, log_every=1, checkpoint_every=3, keep_checkpoints=9)
     assert C.hashed_dict(a) == C.hashed_dict(b)

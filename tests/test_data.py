@@ -10,7 +10,7 @@ from deltalign.data import batching as B
 from deltalign.data import formats as F
 from deltalign.data import tokenize as T
 from deltalign.data.formats import DataError
-from deltalign.tiny import build_tokenizer
+from deltalign.core.tiny import build_tokenizer
 
 EOT = "<|im_end|>\n"
 

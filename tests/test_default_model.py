@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltalign import default_model as dm
+from deltalign.model import default_model as dm
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT = REPO / dm.DEFAULT_DIR

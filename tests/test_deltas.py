@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from deltalign import deltas
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
-from deltalign.labelled import labelled_logits
+from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.model.labelled import labelled_logits
 from deltalign.losses import sft_loss_sum
 from deltalign.rewards.model import last_token_values
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from deltalign.pipeline import config as configs
+from deltalign.core import settings as configs
 from deltalign.pipeline.graph import sections
 
 DOCS = [Path("README.md"), *sorted(Path("docs").glob("*.md"))]

@@ -36,8 +36,8 @@ def _seconds(name: str, prompt_share: float = 0.0, common: int = 0, checkpointin
     import dataclasses
     import re
 
-    from deltalign.backbone import ModelConfig
-    from deltalign.pipeline import config as configs
+    from deltalign.model.backbone import ModelConfig
+    from deltalign.core import settings as configs
     from deltalign.pipeline.estimate import estimate
     from deltalign.pipeline.graph import sections
 
@@ -51,7 +51,7 @@ def _seconds(name: str, prompt_share: float = 0.0, common: int = 0, checkpointin
 
 
 def test_doctor_time_of_an_online_rl_step_counts_every_pass():
-    from deltalign.generation import GenerationConfig
+    from deltalign.sampling.generation import GenerationConfig
 
     # PPO: the rollout (longer responses cost more), the scoring forwards, and each epoch's policy + critic training
     ppo = _seconds("ppo")
@@ -73,9 +73,9 @@ def test_doctor_time_of_a_pair_counts_its_shared_prompt_once():
 
 
 def test_doctor_measures_the_prompt_share_of_preference_pairs():
-    from deltalign.backbone import resolve_path
+    from deltalign.model.backbone import resolve_path
     from deltalign.data.tokenize import load_tokenizer
-    from deltalign.pipeline import config as configs
+    from deltalign.core import settings as configs
     from deltalign.pipeline.doctor import Report, check_stage_data
     from deltalign.pipeline.graph import sections, stage_module
 
@@ -124,8 +124,8 @@ def _memory(name: str, checkpointing=False, longest: int = 100, prompt_share: fl
     """The doctor's peak-memory estimate for stage ``name`` of the default config, by part (GiB)."""
     import dataclasses
 
-    from deltalign.backbone import ModelConfig
-    from deltalign.pipeline import config as configs
+    from deltalign.model.backbone import ModelConfig
+    from deltalign.core import settings as configs
     from deltalign.pipeline.estimate import peak_memory
     from deltalign.pipeline.graph import sections
 
@@ -169,7 +169,7 @@ def test_doctor_memory_follows_the_graphs_each_stage_keeps_at_once():
 def test_doctor_warns_when_a_stage_would_not_fit_and_says_what_would(capsys, monkeypatch):
     """A stage whose estimated peak exceeds the memory available now gets a warning with the settings that lower
     it and what each would need; with enough memory, none. It stays a warning (the estimate is to ~1.5x)."""
-    from deltalign import memory
+    from deltalign.core import memory
 
     monkeypatch.setattr(memory, "available", lambda: 1e-3)
     assert main(["doctor", "sft", "ppo", "--config", "configs/tiny.yaml"]) == 0
@@ -188,8 +188,8 @@ def test_doctor_suggests_only_the_checkpointing_that_lowers_memory():
     """Already at full checkpointing there is nothing lower to suggest but the batch."""
     import dataclasses
 
-    from deltalign.backbone import ModelConfig
-    from deltalign.pipeline import config as configs
+    from deltalign.model.backbone import ModelConfig
+    from deltalign.core import settings as configs
     from deltalign.pipeline.estimate import memory_advice
     from deltalign.pipeline.graph import sections
 

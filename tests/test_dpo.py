@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
-from deltalign.labelled import response_logprobs
+from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.model.labelled import response_logprobs
 from deltalign.data.batching import length_grouped_batches, pair_batch
 from deltalign.data.formats import load_rows, preference_examples
 from deltalign.data.tokenize import tokenize_all, tokenize_pair

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from deltalign.backbone import AdapterConfig
-from deltalign.engine import Engine
-from deltalign.train_config import TrainConfig, lr_lambda
+from deltalign.model.backbone import AdapterConfig
+from deltalign.training.engine import Engine
+from deltalign.training.train_config import TrainConfig, lr_lambda
 from deltalign.losses import sft_loss_sum
-from deltalign.labelled import labelled_logits
+from deltalign.model.labelled import labelled_logits
 
 
 def test_schedule_warms_up_then_decays_to_min():
@@ -43,7 +43,7 @@ def _one_step(tiny_backbone, micro_batches, grad_accum, tmp_path):
 
 def test_accumulation_is_normalised_over_the_whole_step(batch, tmp_path):
     """Two micro-batches with different token counts == one batch holding both (token-mean over the step)."""
-    from deltalign.backbone import Backbone, ModelConfig
+    from deltalign.model.backbone import Backbone, ModelConfig
 
     a = {k: v[:1] for k, v in batch.items()}
     b = {k: v[1:] for k, v in batch.items()}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from deltalign.backbone import AdapterConfig
+from deltalign.model.backbone import AdapterConfig
 from deltalign.pipeline.cli import main
 
 TINY = ["--config", "configs/tiny.yaml"]
@@ -126,7 +126,7 @@ def test_what_zero3_cannot_run_is_refused_before_it_starts(tmp_path, capsys, mon
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and names in err and "ZeRO-3" in err, err
     assert not (tmp_path / "run").exists()
-    from deltalign.backbone import ModelConfig
+    from deltalign.model.backbone import ModelConfig
     from deltalign.pipeline.checks import check_model
 
     check_model(ModelConfig(path="tiny", gradient_checkpointing="selective"))  # ZeRO-3 runs selective checkpointing

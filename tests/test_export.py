@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from deltalign.backbone import Backbone, ModelConfig
+from deltalign.model.backbone import Backbone, ModelConfig
 from deltalign.data.batching import pad_batch
 from deltalign.data.tokenize import tokenize_prompt
-from deltalign.pipeline import config as configs
+from deltalign.core import settings as configs
 from deltalign.pipeline.cli import main
 from deltalign.pipeline.graph import Pipeline, sections
 from deltalign.rewards.model import load_reward_model
@@ -246,7 +246,7 @@ def test_generate_prints_responses_for_base_a_stage_and_an_export(run, tmp_path,
 
 def fake_stage(root, stage, method, head=False):
     """A finished stage folder holding a nudged delta of ``method`` (and a head), as a run would leave it."""
-    from deltalign.backbone import AdapterConfig
+    from deltalign.model.backbone import AdapterConfig
 
     torch.manual_seed(0)
     bb = Backbone.load(TINY)

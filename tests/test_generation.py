@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.data.formats import PrefExample, SFTExample
 from deltalign.data.tokenize import tokenize_prompt
-from deltalign.generation import (GenerationConfig, RowSampler, checker_eval, decode, generate, in_lockstep,
+from deltalign.sampling.generation import (GenerationConfig, RowSampler, checker_eval, decode, generate, in_lockstep,
                                   stop_token_ids)
 from deltalign.rewards.checker import describe
 

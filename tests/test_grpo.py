@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from deltalign import rollout
-from deltalign.backbone import Backbone, ModelConfig
+from deltalign.sampling import rollout
+from deltalign.model.backbone import Backbone, ModelConfig
 from deltalign.data.sharing import share_prefixes
-from deltalign.generation import GenerationConfig
+from deltalign.sampling.generation import GenerationConfig
 from deltalign.stages import grpo
 
 TINY = ModelConfig(path="tiny")
@@ -233,8 +233,8 @@ KILL_SCRIPT = """
 import sys, torch
 from pathlib import Path
 torch.set_num_threads(1)
-from deltalign.backbone import ModelConfig
-from deltalign.generation import GenerationConfig
+from deltalign.model.backbone import ModelConfig
+from deltalign.sampling.generation import GenerationConfig
 from deltalign.stages import grpo
 grpo.run(grpo.Config(**{cfg}), ModelConfig(path="tiny"), Path(sys.argv[1]), {{"sft": Path(sys.argv[2])}})
 """

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.data.rows import DataError
 from deltalign.data.unpaired import unpaired_examples
 from deltalign.stages import kto

@@ -2,7 +2,7 @@
 
 import torch
 
-from deltalign import memory
+from deltalign.core import memory
 
 
 def test_peak_covers_what_the_stage_allocated_and_resets_between_stages():

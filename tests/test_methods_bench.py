@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from deltalign.deltas import METHODS
-from deltalign.pipeline import config as configs
+from deltalign.core import settings as configs
 from deltalign.pipeline.graph import sections
 
 spec = importlib.util.spec_from_file_location("bench_methods", Path("bench/methods.py"))
@@ -76,7 +76,7 @@ def test_collect_a_tiny_run_and_the_base_row(tmp_path, capsys):
                 *[a for s in sets for a in ("--set", s)]]) == 0
 
     n_base = mb.base_parameters(mb.model_dir("tiny"))
-    from deltalign.backbone import Backbone, ModelConfig
+    from deltalign.model.backbone import Backbone, ModelConfig
     assert n_base == sum(p.numel() for p in Backbone.load(ModelConfig(path="tiny")).causal_lm.parameters())
     r = mb.collect(run, n_base)
     prompt_length = cfgs["sft"].adapter.prompt_length

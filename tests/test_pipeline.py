@@ -4,7 +4,7 @@ import json
 
 
 from conftest import run_cli
-from deltalign.pipeline import config as configs
+from deltalign.core import settings as configs
 from deltalign.pipeline.cli import main
 from deltalign.pipeline.graph import Pipeline, sections
 
@@ -92,7 +92,7 @@ def test_a_finished_stage_leaves_no_model_behind_for_the_next(tmp_path, monkeypa
     must not start with it still in memory (with SmolLM2: DPO after RM peaked 0.8 GiB higher than DPO alone)."""
     import weakref
 
-    from deltalign.backbone import Backbone
+    from deltalign.model.backbone import Backbone
 
     alive, load = [], Backbone.load.__func__
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from deltalign import plots
+from deltalign.reports import plots
 from deltalign.pipeline.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -55,7 +55,7 @@ def test_plot_run_writes_a_png_per_finished_stage(tmp_path):
 
 
 def test_eval_command_writes_plots(tmp_path, monkeypatch, capsys):
-    import deltalign.evaluation as evaluation
+    import deltalign.reports.evaluation as evaluation
 
     run = tmp_path / "run"
     write_stage(run, "sft", [{"kind": "train", "step": 1, "loss": 2.0}, {"kind": "train", "step": 2, "loss": 1.0}])
@@ -67,7 +67,7 @@ def test_eval_command_writes_plots(tmp_path, monkeypatch, capsys):
 
 
 def test_online_rl_metrics_have_panels():
-    from deltalign.plots import panel_of
+    from deltalign.reports.plots import panel_of
 
     assert {k: panel_of(k) for k in ("clip_low", "clip_high", "clipfrac", "entropy", "zero_std", "approx_kl")} == {
         "clip_low": "clipping / entropy", "clip_high": "clipping / entropy", "clipfrac": "clipping / entropy",

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from deltalign.backbone import Backbone, ModelConfig
-from deltalign.labelled import response_logprobs
+from deltalign.model.backbone import Backbone, ModelConfig
+from deltalign.model.labelled import response_logprobs
 from deltalign.data.batching import pad_batch
 from deltalign.data.formats import DataError, prompt_examples
-from deltalign.generation import GenerationConfig
+from deltalign.sampling.generation import GenerationConfig
 from deltalign.rewards.composite import CompositeReward
 from deltalign.stages import ppo
 
@@ -131,7 +131,7 @@ def test_training_changes_only_policy_and_critic(upstream, tmp_path, monkeypatch
 def test_shared_prefixes_train_like_padded_batches(upstream, tmp_path, monkeypatch):
     """share_prefixes packs every PPO forward (reference, old log-probs and values, the updates' policy and critic
     forwards, reward-model scores); the run trains as the padded one does."""
-    from deltalign import rollout
+    from deltalign.sampling import rollout
     from deltalign.data.sharing import share_prefixes
 
     packs = []

@@ -7,8 +7,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from deltalign.backbone import Backbone
-from deltalign.pipeline import config as configs
+from deltalign.model.backbone import Backbone
+from deltalign.core import settings as configs
 from deltalign.pipeline.graph import Pipeline, sections
 
 SETS = ["model.quantization=nf4", "sft.max_steps=3", "rm.max_steps=2", "dpo.max_steps=2", "ppo.max_steps=2",

@@ -9,7 +9,7 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.data.batching import pad_batch, pair_batch
 from deltalign.data.formats import DataError
 from deltalign.rewards.model import RewardModel, last_token_values, load_reward_model

@@ -4,8 +4,8 @@ tree attention mask, depth-based positions), and callers see the same hidden sta
 import pytest
 import torch
 
-from deltalign.backbone import AdapterConfig
-from deltalign.labelled import labelled_hidden, response_logprobs
+from deltalign.model.backbone import AdapterConfig
+from deltalign.model.labelled import labelled_hidden, response_logprobs
 from deltalign.data.batching import pad_batch, pair_batch, to_device
 from deltalign.data.sharing import share_prefixes
 
@@ -75,7 +75,7 @@ DELTAS = {"lora": AdapterConfig(r=4, dropout=0.0), "prefix": AdapterConfig(metho
 def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone, method, attend, attention, monkeypatch):
     """Packed with shared prefixes, the same log-probs, hidden states and delta gradients as the padded batch --
     for prompt learning too: prefix keys/values and soft-prompt tokens are a prefix every packed node sees."""
-    from deltalign import row_attention
+    from deltalign.deltas import row_attention
 
     calls = []
     real = row_attention.attend_rows

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deltalign import tiny
+from deltalign.core import tiny
 from deltalign.pipeline.cli import main
 
 DOC = Path("docs/your-data.md")

@@ -104,8 +104,8 @@ def _probe(probe_dir: Path, argv: list[str]) -> int:
 
         torch.save = torch_save
 
-    from deltalign import backbone as backbone_mod
-    from deltalign import engine as engine_mod
+    from deltalign.model import backbone as backbone_mod
+    from deltalign.training import engine as engine_mod
     from deltalign.zero import loading as zero_mod
 
     loads, reads = [], []
@@ -152,8 +152,10 @@ def _probe(probe_dir: Path, argv: list[str]) -> int:
     def finish(self):
         from peft.utils import get_peft_model_state_dict
 
-        from deltalign import generation, zero
-        from deltalign.generation import GenerationConfig, generate
+        from deltalign.sampling import generation
+
+        from deltalign import zero
+        from deltalign.sampling.generation import GenerationConfig, generate
 
         stage, bb = self.out.name, self.backbone
 
@@ -289,7 +291,7 @@ KILLS = [("sft", ["sft"]), ("dpo", ["sft", "rm", "dpo"]), ("ppo", ["sft", "rm", 
 def runs(tmp_path_factory):
     """One single-process run and one 2-process run per ZeRO stage, each of sft -> rm -> dpo -> ppo -> grpo (3
     steps each). Both 2-process runs checkpoint selectively (the reference not at all): ZeRO-3's weight gathers
-    inside the checkpointed layers replay where the backward puts them (deltalign/recompute.py); the
+    inside the checkpointed layers replay where the backward puts them (deltalign/model/recompute.py); the
     ZeRO-3 run is killed three times before it completes: at sft's step 3 (after the step-2 checkpoint), then --
     resuming sft -- at dpo's step 3, then -- resuming dpo -- at ppo's step 3; the full run resumes ppo."""
     root = tmp_path_factory.mktemp("zero")
@@ -329,7 +331,7 @@ def test_losses_and_grad_norms_match_one_process(runs, zero):
 
 
 def _tiny_base():
-    from deltalign.backbone import ModelConfig, resolve_path
+    from deltalign.model.backbone import ModelConfig, resolve_path
 
     return load_file(str(resolve_path(ModelConfig(path="tiny").path) / "model.safetensors"))
 
@@ -338,7 +340,7 @@ def _tiny_base():
 def test_saved_outputs_are_complete_equal_to_rank0_memory_and_load_in_peft(runs, zero):
     from peft import PeftModel
 
-    from deltalign.backbone import ModelConfig, load_base
+    from deltalign.model.backbone import ModelConfig, load_base
 
     single, _, _ = runs["single"]
     run, probe, _ = runs[zero]
@@ -409,8 +411,8 @@ def assert_base_unchanged(probe: Path, stages: list[str]) -> None:
 
 
 def test_zero3_shards_the_frozen_base_and_generates_from_gathered_and_sharded_weights(runs):
-    from deltalign.backbone import Backbone, ModelConfig
-    from deltalign.generation import GenerationConfig, generate
+    from deltalign.model.backbone import Backbone, ModelConfig
+    from deltalign.sampling.generation import GenerationConfig, generate
 
     run, probe, _ = runs["zero3"]
     for stage in STAGES:
@@ -532,8 +534,8 @@ def test_other_delta_methods_under_zero3_match_one_process(method_runs, chain):
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients(batch):
-    from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
-    from deltalign.labelled import labelled_logits
+    from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
+    from deltalign.model.labelled import labelled_logits
     from deltalign.losses import sft_loss_sum
 
     grads = []

@@ -5,13 +5,13 @@ causal model a token's hidden state depends only on the tokens before it, so a s
 values in every row that holds it. :func:`share_prefixes` stores a right-padded batch as one trie of tokens per
 packed row (depth-first order): each node is one token, attends to its ancestors and itself only (a tree attention
 mask), and has its depth as position id. The forward then runs on the packed rows, and ``rows``/``cols`` map every
-position of the original batch back to its node (:meth:`deltalign.backbone.Backbone.forward` gathers the hidden
+position of the original batch back to its node (:meth:`deltalign.model.backbone.Backbone.forward` gathers the hidden
 states back: callers see the batch they built, and the gradient of a shared node is the sum over the rows that
 use it -- the same as in the padded batch).
 
 The mask is dense ([R, 1, L, L]), so packed rows are cut at ``budget`` nodes: attention over a packed row costs
 L^2 per layer where the padded batch's costs B T^2 / 2 (causal). When that is less, the packed rows also carry an
-``owner`` per node and attention runs over the batch's own rows (:mod:`deltalign.row_attention`): the linear layers
+``owner`` per node and attention runs over the batch's own rows (:mod:`deltalign.deltas.row_attention`): the linear layers
 still see each distinct token once. A prompt or prefix delta's virtual tokens are a prefix of every node
 (:func:`deltalign.deltas.sequence.run_shared`); those batches keep the tree mask. LoRA dropout draws one mask per
 shared node instead of one per row.
@@ -137,7 +137,7 @@ class PrefixSharing:
 
 
 def packed(batch: dict, on: bool) -> dict:
-    """``batch`` with its packed form under ``shared`` when ``on`` (what :func:`deltalign.labelled.shared_of` and
+    """``batch`` with its packed form under ``shared`` when ``on`` (what :func:`deltalign.model.labelled.shared_of` and
     the forward read); the batch itself unchanged otherwise."""
     if on:
         batch["shared"] = share_prefixes(batch["input_ids"], batch["attention_mask"])

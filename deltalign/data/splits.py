@@ -21,7 +21,7 @@ from deltalign.data.unpaired import tokenize_unpaired, unpaired_examples
 from deltalign.data.rows import Log
 from deltalign.data.sharing import PrefixSharing
 from deltalign.data.tokenize import tokenize_all, tokenize_pair, tokenize_sft
-from deltalign.pipeline.config import setting
+from deltalign.core.settings import setting
 
 BUILDERS = {"sft": (sft_examples, tokenize_sft), "pref": (preference_examples, tokenize_pair),
             "prompt": (prompt_examples, None), "kto": (unpaired_examples, tokenize_unpaired)}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltalign.deltas.base import CONFIG_FILE, WEIGHTS_FILE, read_config
-from deltalign.pipeline.rundir import sha256_file
+from deltalign.core.fingerprints import sha256_file
 
 HEAD_FILE = "head.safetensors"  # a reward model's scalar head (deltalign.rewards.model.HEAD_FILE)
 
@@ -86,7 +86,7 @@ def inspect_source(path: str | Path, key: str) -> Source:
 def _normalised(path: str) -> Path | None:
     """An existing base model directory for a recorded or configured model path (``tiny`` built on demand)."""
     if path == "tiny":
-        from deltalign import tiny
+        from deltalign.core import tiny
 
         return tiny.ensure().resolve()
     p = Path(path)
@@ -101,7 +101,7 @@ def same_base(recorded: str, model_path: str) -> bool:
     if a is not None and b is not None:
         if a == b:
             return True
-        from deltalign.pipeline.rundir import model_fingerprint
+        from deltalign.core.fingerprints import model_fingerprint
 
         return model_fingerprint(str(a)) == model_fingerprint(str(b))
     if not recorded:

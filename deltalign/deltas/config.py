@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from deltalign.pipeline.config import setting
+from deltalign.core.settings import setting
 
 
 @dataclass

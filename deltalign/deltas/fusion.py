@@ -30,7 +30,7 @@ from torch import nn
 
 from deltalign.deltas.base import CONFIG_FILE, WEIGHTS_FILE, Delta, decoder_layers
 from deltalign.deltas.composable import Source, inspect_source
-from deltalign.pipeline.rundir import sha256_file
+from deltalign.core.fingerprints import sha256_file
 
 GATES_FILE = "gates.safetensors"
 GATES_JSON = "gates.json"

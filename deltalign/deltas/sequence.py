@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from deltalign.deltas.base import inner
-from deltalign.row_attention import row_view
+from deltalign.deltas.row_attention import row_view
 from deltalign.zero.vocab import lookup, weight_of
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from deltalign import zero
 from deltalign.data.formats import DataError, load_rows, preference_examples, prompt_examples, sft_examples
 from deltalign.data.unpaired import unpaired_examples
-from deltalign.pipeline.config import ConfigError
+from deltalign.core.settings import ConfigError
 
 SHAPES = {"sft": sft_examples, "pref": preference_examples, "prompt": prompt_examples, "kto": unpaired_examples}
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from deltalign.data.formats import DataError
-from deltalign.pipeline import config as configs
-from deltalign.evaluation import POLICY_STAGES
+from deltalign.core import settings as configs
+from deltalign.reports.evaluation import POLICY_STAGES
 from deltalign.pipeline.checks import check_model, check_source, preflight
 from deltalign.pipeline.graph import STAGES, Pipeline, sections
 from deltalign.pipeline.help import help_text
@@ -116,7 +116,7 @@ def load_prompts(args) -> list:
 
 def generation_source(source: str, run_dir: Path, model_cfg):
     """(backbone, adapter name or None) for ``--from``."""
-    from deltalign.backbone import Backbone, ModelConfig
+    from deltalign.model.backbone import Backbone, ModelConfig
 
     if source == "base":
         return Backbone.load(model_cfg), None
@@ -147,7 +147,7 @@ def generation_source(source: str, run_dir: Path, model_cfg):
 
 def generate_command(args, cfgs) -> int:
     from deltalign.data.tokenize import tokenize_prompt
-    from deltalign.generation import GenerationConfig, decode, generate
+    from deltalign.sampling.generation import GenerationConfig, decode, generate
 
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     gen.validate()
@@ -242,8 +242,8 @@ def run_command(args, cfgs) -> int:
 
 
 def eval_command(args, cfgs) -> int:
-    from deltalign.evaluation import compare_run, markdown_table
-    from deltalign.plots import plot_run
+    from deltalign.reports.evaluation import compare_run, markdown_table
+    from deltalign.reports.plots import plot_run
 
     ev = cfgs["eval"]
     run_dir = Pipeline(cfgs, args.run_dir).run_dir
@@ -260,7 +260,7 @@ def eval_command(args, cfgs) -> int:
 
 
 def plots_command(args, cfgs) -> int:
-    from deltalign.plots import plot_run
+    from deltalign.reports.plots import plot_run
 
     for png in plot_run(Pipeline(cfgs, args.run_dir).run_dir):
         print(f"wrote {png}")

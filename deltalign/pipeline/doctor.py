@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from deltalign import memory
+from deltalign.core import memory
 from deltalign.pipeline import checks
 from deltalign.pipeline.estimate import estimate, memory_advice
 
@@ -153,7 +153,7 @@ def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, 
 def doctor(cfgs: dict, plan: list[str], run_dir: Path, out=print) -> int:
     from transformers import __version__ as hf_version
 
-    from deltalign.backbone import resolve_path
+    from deltalign.model.backbone import resolve_path
     from deltalign.data.tokenize import load_tokenizer
     from deltalign.pipeline.graph import stage_module
 

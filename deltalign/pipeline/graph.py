@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from deltalign import memory
-from deltalign.backbone import ModelConfig
-from deltalign.pipeline import config as configs
-from deltalign.pipeline.rundir import (STARTED, StageDir, data_fingerprint, launch_fingerprint, model_fingerprint,
-                                       rules_fingerprint, run_lock, sha256_json, software_versions)
+from deltalign.core import memory
+from deltalign.model.backbone import ModelConfig
+from deltalign.core import settings as configs
+from deltalign.core.fingerprints import model_fingerprint, sha256_json
+from deltalign.pipeline.rundir import (STARTED, StageDir, data_fingerprint, launch_fingerprint, rules_fingerprint,
+                                       run_lock, software_versions)
 
 
 @dataclass
@@ -80,7 +81,7 @@ def stage_module(name: str):
 
 def sections() -> dict[str, type]:
     """Every config section: run, model, one per stage (same word as the stage), and eval (the comparison)."""
-    from deltalign.evaluation import EvalConfig
+    from deltalign.reports.evaluation import EvalConfig
 
     return {"run": RunConfig, "model": ModelConfig} | {n: stage_module(n).Config for n in STAGES} | \
         {"eval": EvalConfig}
@@ -154,7 +155,7 @@ class Pipeline:
         """``(stage, state, detail)`` for each stage ``run`` would visit: ``done`` (wall time, peak memory),
         ``stale`` (its inputs changed: it reruns), ``unfinished`` (resumes from its newest checkpoint, or
         restarts) or ``missing``. Reads hashes and manifests only: no model loads, nothing is written."""
-        from deltalign import checkpoint
+        from deltalign.training import checkpoint
 
         rows = []
         for name in self.plan(targets):

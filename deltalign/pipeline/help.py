@@ -1,5 +1,5 @@
 """What ``--help`` shows for each setting: the attribute docstring written under each config field, with its
-default, its bounds and whether it is hashed (:mod:`deltalign.pipeline.config` declares them)."""
+default, its bounds and whether it is hashed (:mod:`deltalign.core.settings` declares them)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import inspect
 import json
 import textwrap
 
-from deltalign.pipeline.config import bounds_text, is_hashed, is_section, setting_types, to_dict
+from deltalign.core.settings import bounds_text, is_hashed, is_section, setting_types, to_dict
 
 
 @functools.lru_cache(maxsize=None)

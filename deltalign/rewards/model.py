@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from deltalign.backbone import Backbone, ModelConfig
-from deltalign.modes import eval_mode
+from deltalign.model.backbone import Backbone, ModelConfig
+from deltalign.model.modes import eval_mode
 from deltalign.data.batching import length_grouped_batches, pad_batch
 from deltalign.data.sharing import share_prefixes
 from deltalign.data.formats import PrefExample

@@ -44,16 +44,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from deltalign import atomic
-from deltalign.backbone import Backbone, ModelConfig
-from deltalign.modes import train_mode
+from deltalign.core import atomic
+from deltalign.model.backbone import Backbone, ModelConfig
+from deltalign.model.modes import train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches
 from deltalign.data.splits import RowRules
 from deltalign.deltas import composable, fusion
-from deltalign.engine import Engine
-from deltalign.train_config import TrainConfig
-from deltalign.generation import GenerationConfig, checker_eval
-from deltalign.pipeline.config import setting
+from deltalign.training.engine import Engine
+from deltalign.training.train_config import TrainConfig
+from deltalign.sampling.generation import GenerationConfig, checker_eval
+from deltalign.core.settings import setting
 from deltalign.stages.sft import heldout_loss, train_step
 
 NAME = "compose"

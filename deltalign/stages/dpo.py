@@ -22,19 +22,19 @@ from pathlib import Path
 
 import torch
 
-from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
-from deltalign.labelled import response_logprobs
-from deltalign.modes import eval_mode, train_mode
+from deltalign.core import atomic
+from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.model.labelled import response_logprobs
+from deltalign.model.modes import eval_mode, train_mode
 from deltalign.data.batching import length_grouped_batches, pair_batch, to_device
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
-from deltalign.engine import Engine
-from deltalign.train_config import TrainConfig
-from deltalign.generation import GenerationConfig
+from deltalign.training.engine import Engine
+from deltalign.training.train_config import TrainConfig
+from deltalign.sampling.generation import GenerationConfig
 from deltalign.losses import dpo_sigmoid_loss, ipo_loss, orpo_odds_loss, simpo_loss
-from deltalign.evaluation import policy_report, report_scalars
-from deltalign.pipeline.config import setting
+from deltalign.reports.evaluation import policy_report, report_scalars
+from deltalign.core.settings import setting
 
 NAME = "dpo"
 READS = {"data": "pref", "eval_data": "pref"}  # setting -> row shape (checked before the run)

@@ -37,10 +37,13 @@ from typing import Literal
 
 import torch
 
-from deltalign import atomic, deltas
-from deltalign.backbone import DTYPES, Backbone, ModelConfig, load_base, resolve_path
-from deltalign.generation import stop_token_ids
-from deltalign.pipeline.rundir import MANIFEST, model_fingerprint
+from deltalign.core import atomic
+
+from deltalign import deltas
+from deltalign.model.backbone import DTYPES, Backbone, ModelConfig, load_base, resolve_path
+from deltalign.sampling.generation import stop_token_ids
+from deltalign.pipeline.rundir import MANIFEST
+from deltalign.core.fingerprints import model_fingerprint
 from deltalign.rewards.model import HEAD_FILE, STATS_FILE, last_token_values
 
 NAME = "export"
@@ -228,7 +231,7 @@ def not_merged(kind: str, adapter_dir: Path, model_cfg: ModelConfig) -> tuple[di
                f"({deltas.METHODS[method].summary}): exported as the adapter plus a reference to its base "
                f"(`{model_cfg.path}`), not as a standalone model")
     load = ("- load with deltalign: `bb = Backbone.load(ModelConfig(path=<base>)); bb.load_adapter(name, dir)`, "
-            "then use `bb` (forward, `deltalign.generation.generate`); plain transformers cannot run it")
+            "then use `bb` (forward, `deltalign.sampling.generation.generate`); plain transformers cannot run it")
     return {"merged": False, "method": method, "message": message}, [f"- **not merged**: {message}", load]
 
 
@@ -271,7 +274,7 @@ def model_card(kind: str, stage: str, model_cfg: ModelConfig, cfg: Config, done:
             lines += [f"{s} (`{s}/eval.json`): " + ", ".join(f"{k} {v:.4g}" for k, v in flat.items()), ""]
     table = run_dir / "eval_table.json"
     if table.exists():
-        from deltalign.evaluation import markdown_table
+        from deltalign.reports.evaluation import markdown_table
 
         lines += ["Policy comparison (`eval_table.json`):", "", markdown_table(json.loads(table.read_text()))]
     return "\n".join(lines) + "\n"

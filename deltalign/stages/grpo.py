@@ -41,22 +41,22 @@ from typing import Literal
 
 import torch
 
-from deltalign import atomic
-from deltalign.backbone import Backbone, ModelConfig
-from deltalign.modes import eval_mode, train_mode
+from deltalign.core import atomic
+from deltalign.model.backbone import Backbone, ModelConfig
+from deltalign.model.modes import eval_mode, train_mode
 from deltalign.data.batching import length_grouped_batches
-from deltalign.engine import Engine
-from deltalign.memory import release_free_memory
-from deltalign.train_config import TrainConfig
-from deltalign.evaluation import policy_report, report_scalars
-from deltalign.generation import GenerationConfig, decode, generate, stop_token_ids
+from deltalign.training.engine import Engine
+from deltalign.core.memory import release_free_memory
+from deltalign.training.train_config import TrainConfig
+from deltalign.reports.evaluation import policy_report, report_scalars
+from deltalign.sampling.generation import GenerationConfig, decode, generate, stop_token_ids
 from deltalign.losses import (cispo_policy_loss, clipped_policy_loss, constant_loss_sum, dr_grpo_advantages,
                               grpo_advantages, masked_mean, rloo_advantages, sequence_clipped_policy_loss,
                               sequence_loss_sum, soft_overlong_penalty, token_loss_sum, zero_variance_groups)
-from deltalign.pipeline.config import setting
+from deltalign.core.settings import setting
 from deltalign.rewards.composite import CompositeReward
 from deltalign.rewards.model import RewardModel
-from deltalign.rollout import (PromptData, length_chunks, load_prompts, policy_logprobs, rollout_batch,
+from deltalign.sampling.rollout import (PromptData, length_chunks, load_prompts, policy_logprobs, rollout_batch,
                                rollout_seed)
 
 NAME = "grpo"

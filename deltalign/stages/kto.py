@@ -27,19 +27,19 @@ from typing import Literal
 
 import torch
 
-from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.core import atomic
+from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.data.batching import length_grouped_batches, pad_batch, to_device
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
-from deltalign.engine import Engine
-from deltalign.evaluation import policy_report, report_scalars
-from deltalign.generation import GenerationConfig
-from deltalign.labelled import response_logprobs
+from deltalign.training.engine import Engine
+from deltalign.reports.evaluation import policy_report, report_scalars
+from deltalign.sampling.generation import GenerationConfig
+from deltalign.model.labelled import response_logprobs
 from deltalign.losses import kto_kl_sum, kto_loss, kto_mismatched_rows, kto_reference_point
-from deltalign.modes import eval_mode, train_mode
-from deltalign.pipeline.config import setting
-from deltalign.train_config import TrainConfig
+from deltalign.model.modes import eval_mode, train_mode
+from deltalign.core.settings import setting
+from deltalign.training.train_config import TrainConfig
 
 NAME = "kto"
 READS = {"data": "kto", "eval_data": "prompt"}  # setting -> row shape (checked before the run)

@@ -38,21 +38,21 @@ from typing import Literal
 
 import torch
 
-from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
-from deltalign.modes import train_mode
+from deltalign.core import atomic
+from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.model.modes import train_mode
 from deltalign.data.batching import length_grouped_batches
-from deltalign.engine import Engine
-from deltalign.memory import release_free_memory
-from deltalign.train_config import TrainConfig
-from deltalign.evaluation import policy_report, report_scalars
-from deltalign.generation import GenerationConfig, decode, generate, stop_token_ids
+from deltalign.training.engine import Engine
+from deltalign.core.memory import release_free_memory
+from deltalign.training.train_config import TrainConfig
+from deltalign.reports.evaluation import policy_report, report_scalars
+from deltalign.sampling.generation import GenerationConfig, decode, generate, stop_token_ids
 from deltalign.losses import (AdaptiveKLController, FixedKLController, gae_advantages, kl_penalty_rewards,
                               masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
-from deltalign.pipeline.config import setting
+from deltalign.core.settings import setting
 from deltalign.rewards.composite import CompositeReward
 from deltalign.rewards.model import HEAD_FILE, RewardModel
-from deltalign.rollout import (PromptData, at_positions, forward, load_prompts, policy_logprobs, rollout_batch,
+from deltalign.sampling.rollout import (PromptData, at_positions, forward, load_prompts, policy_logprobs, rollout_batch,
                                rollout_seed, rows_of)
 
 NAME = "ppo"

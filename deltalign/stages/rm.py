@@ -17,17 +17,17 @@ from pathlib import Path
 
 import torch
 
-from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
-from deltalign.labelled import shared_of
-from deltalign.modes import eval_mode, train_mode
+from deltalign.core import atomic
+from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.model.labelled import shared_of
+from deltalign.model.modes import eval_mode, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pair_batch, to_device
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
-from deltalign.engine import Engine
-from deltalign.train_config import TrainConfig
+from deltalign.training.engine import Engine
+from deltalign.training.train_config import TrainConfig
 from deltalign.losses import bradley_terry_loss
-from deltalign.pipeline.config import setting
+from deltalign.core.settings import setting
 from deltalign.rewards.model import HEAD_FILE, STATS_FILE, last_token_values
 
 NAME = "rm"

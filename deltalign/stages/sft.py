@@ -12,17 +12,17 @@ from pathlib import Path
 
 import torch
 
-from deltalign import atomic
-from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
-from deltalign.labelled import labelled_hidden
-from deltalign.modes import eval_mode, train_mode
+from deltalign.core import atomic
+from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.model.labelled import labelled_hidden
+from deltalign.model.modes import eval_mode, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batch, to_device
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
-from deltalign.engine import Engine
-from deltalign.train_config import TrainConfig
-from deltalign.generation import GenerationConfig, checker_eval
-from deltalign.pipeline.config import setting
+from deltalign.training.engine import Engine
+from deltalign.training.train_config import TrainConfig
+from deltalign.sampling.generation import GenerationConfig, checker_eval
+from deltalign.core.settings import setting
 
 NAME = "sft"
 READS = {"data": "sft", "eval_data": "sft"}  # setting -> row shape (checked before the run)

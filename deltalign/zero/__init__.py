@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO under the engine: the few places where ZeRO needs more than accelerate does by itself.
 
-The engine (:mod:`deltalign.engine`) calls these (:mod:`deltalign.heads` and the embedding lookup call
+The engine (:mod:`deltalign.training.engine`) calls these (:mod:`deltalign.model.heads` and the embedding lookup call
 :mod:`~deltalign.zero.vocab`); stages never do. What each one is for:
 
 * :func:`check_supported` -- what ZeRO-3 cannot run (a 4-bit base), refused at the
@@ -19,12 +19,12 @@ The engine (:mod:`deltalign.engine`) calls these (:mod:`deltalign.heads` and the
 * :func:`gathered_parameters`, :func:`full_tensors` / :func:`set_full_tensors` -- the full values of some (sharded)
   parameters -- a delta, what trains -- for saving and checkpoints, and setting them on resume;
 * :func:`return_gather_buffers` -- ZeRO-3's gather buffers go back to the OS when freed (no heap fragmentation);
-* :mod:`deltalign.zero.ranks` -- which processes run generation, evaluation and saving, and what they gather
+* :mod:`deltalign.sampling.ranks` -- which processes run generation, evaluation and saving, and what they gather
   (the engine's ``generating``, ``evaluating``, ``save_delta``);
 * :mod:`deltalign.zero.loading` -- the base loaded partitioned: built with no values, then each process reads only
   its own range of each tensor into its partition;
 * :mod:`deltalign.zero.vocab` -- the embedding lookup and the LM head's log-probs from the rows of the vocabulary
-  table each rank holds (the largest parameter of a small model, never gathered; :mod:`deltalign.heads` and
+  table each rank holds (the largest parameter of a small model, never gathered; :mod:`deltalign.model.heads` and
   :mod:`deltalign.deltas.sequence` call these);
 * :func:`optimizer_state` / :func:`load_optimizer_state` -- the optimizer for a checkpoint, without DeepSpeed's
   own ``save_checkpoint`` / ``load_checkpoint`` (which unpickle on load): per trainable parameter its full fp32
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from deltalign.pipeline.config import ConfigError
+from deltalign.core.settings import ConfigError
 
 
 def skip_shm_build() -> None:

@@ -120,7 +120,7 @@ def load_sharded(path: Path, dtype: torch.dtype, trust_remote_code: bool):
         for name, b in model.named_buffers():  # buffers are not partitioned: every process reads its own
             if name in index:
                 b.copy_(read_tensor(index[name]).to(b.dtype))
-    from deltalign.memory import release_free_memory
+    from deltalign.core.memory import release_free_memory
 
     release_free_memory()  # what building the modules allocated and freed
     return model

@@ -15,12 +15,12 @@ from typing import Literal
 
 import torch
 
-from deltalign.labelled import response_logprobs
-from deltalign.modes import eval_mode
+from deltalign.model.labelled import response_logprobs
+from deltalign.model.modes import eval_mode
 from deltalign.data.batching import pad_batch
 from deltalign.data.tokenize import tokenize_prompt
-from deltalign.generation import GenerationConfig, checker_eval
-from deltalign.pipeline.config import setting
+from deltalign.sampling.generation import GenerationConfig, checker_eval
+from deltalign.core.settings import setting
 
 
 @dataclass
@@ -99,8 +99,8 @@ POLICY_STAGES = ("sft", "dpo", "kto", "ppo", "grpo", "compose")
 def compare_run(run_dir: str | Path, model_cfg, eval_data: str, gen_cfg: GenerationConfig, limit: int = 0,
                 bad_rows: str = "error") -> dict:
     """The base and every finished policy stage of a run, on one backbone, against the SFT reference."""
-    from deltalign import atomic
-    from deltalign.backbone import Backbone
+    from deltalign.core import atomic
+    from deltalign.model.backbone import Backbone
     from deltalign.data.formats import load_rows, prompt_examples
 
     run_dir = Path(run_dir)

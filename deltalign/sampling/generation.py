@@ -3,7 +3,7 @@
 :func:`generate` takes prompt token ids and returns response token ids: left-padded batches (prompts sorted by
 length to waste less padding, results returned in the input order), KV cache on, ``torch.no_grad()``, the backbone
 in eval mode for the call (each module's train/eval flag is restored afterwards). Decoding runs through
-:meth:`deltalign.backbone.Backbone.encode` (prefill, then one token a step from the cache), so every delta method
+:meth:`deltalign.model.backbone.Backbone.encode` (prefill, then one token a step from the cache), so every delta method
 generates, prompt learning included (a prefix or soft prompt goes in front of the left padding), and greedy
 tokens equal a step-by-step argmax over full ``Backbone.forward`` passes. A response ends right after
 its first stop token (the tokenizer's eos and, if different, the chat template's end-of-turn token, e.g.
@@ -31,8 +31,8 @@ from typing import Callable
 
 import torch
 
-from deltalign.modes import eval_mode
-from deltalign.pipeline.config import setting
+from deltalign.model.modes import eval_mode
+from deltalign.core.settings import setting
 from deltalign.data.tokenize import tokenize_prompt
 from deltalign.rewards.checker import score_batch
 
@@ -66,7 +66,7 @@ class GenerationConfig:
 
     def validate(self) -> None:
         """The declared ranges (as the config loader checks them), for configs built in code."""
-        from deltalign.pipeline.config import check
+        from deltalign.core.settings import check
 
         check(self, "generation")
 

@@ -3,7 +3,7 @@
 ZeRO-3 shards every parameter, the frozen base included, so code that would run on rank 0 alone needs either the
 full weights or every rank taking part. The engine's ``generating``, ``evaluating`` and ``save_delta`` are these;
 ``engine.cfg.zero3_generation`` chooses between ``lockstep`` (nothing gathered: every process runs the same
-forwards, :func:`deltalign.generation.in_lockstep`) and ``gather`` (the full weights gathered for the duration).
+forwards, :func:`deltalign.sampling.generation.in_lockstep`) and ``gather`` (the full weights gathered for the duration).
 Without ZeRO-3 each is the plain single-process behaviour.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from deltalign import generation
+from deltalign.sampling import generation
 from deltalign.zero import gathered, gathered_parameters
 
 
@@ -25,7 +25,7 @@ def lockstep(engine) -> bool:
 def generating(engine):
     """Every process must enter this together; inside, each process generates (and scores) its own rows.
     ``gather``: the full weights are gathered, ZeRO-3's hooks off; ``lockstep``: nothing is gathered and
-    :func:`deltalign.generation.generate` keeps the processes' decoding loops in step (one forward each, every
+    :func:`deltalign.sampling.generation.generate` keeps the processes' decoding loops in step (one forward each, every
     token, until all are done)."""
     if engine.zero_stage != 3 or not hasattr(engine, "model"):
         yield

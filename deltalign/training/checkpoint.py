@@ -14,7 +14,7 @@ nothing:
 
 Only rank 0 writes. A checkpoint is written to a temporary directory and renamed into place, so a kill at any
 moment leaves the previous checkpoint intact; the newest ``keep`` are kept. :func:`restore` loads the newest one
-into a prepared :class:`deltalign.engine.Engine` and drops the metrics logged after it.
+into a prepared :class:`deltalign.training.engine.Engine` and drops the metrics logged after it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from deltalign import atomic, zero
+from deltalign.core import atomic
+
+from deltalign import zero
 
 CKPT_DIR = "checkpoints"
 FORMAT = 2  # 1: optimizer.pt (torch.save) and DeepSpeed's own ds/ shards

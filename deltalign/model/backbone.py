@@ -2,7 +2,7 @@
 
 Every stage trains only deltas on this object: a named delta of any method in :mod:`deltalign.deltas` (LoRA/DoRA
 through peft's named-adapter API, the other methods as modules of ours in ``self.deltas``) and, for the reward model
-and critic, a scalar head (:mod:`deltalign.heads`). The base weights are loaded once, frozen, and never written.
+and critic, a scalar head (:mod:`deltalign.model.heads`). The base weights are loaded once, frozen, and never written.
 
 One delta is active at a time (:meth:`Backbone.activate`, :meth:`Backbone.using`): while one of ours is active,
 peft's adapter layers are off, and vice versa. :meth:`Backbone.forward` returns hidden states aligned with the
@@ -24,13 +24,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from deltalign import deltas, heads
+from deltalign import deltas
+
+from deltalign.model import heads
 from deltalign.deltas import AdapterConfig, lora, peft_config  # noqa: F401  (AdapterConfig: stages import it here)
 from deltalign.data.tokenize import load_tokenizer
 from deltalign.deltas.sequence import Past, run, run_shared
-from deltalign.heads import ScalarHead
-from deltalign.pipeline.config import setting
-from deltalign.recompute import checkpointing_kwargs
+from deltalign.model.heads import ScalarHead
+from deltalign.core.settings import setting
+from deltalign.model.recompute import checkpointing_kwargs
 from deltalign.zero import loading as zero_loading
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,12 +50,12 @@ class ModelConfig:
     """Allow model code from the checkpoint directory. Off unless you trust the checkpoint."""
     gradient_checkpointing: bool | Literal["selective"] = setting(False, hashed=False)
     """Recompute activations in backward (non-reentrant) to save memory; ``selective``: keep what the frozen
-    base's matmuls computed and recompute only the rest (faster, more memory; deltalign/recompute.py)."""
+    base's matmuls computed and recompute only the rest (faster, more memory; deltalign/model/recompute.py)."""
 
 
 def resolve_path(path: str) -> Path:
     if path == "tiny":
-        from deltalign import tiny
+        from deltalign.core import tiny
 
         return tiny.ensure()
     p = Path(path)
@@ -282,12 +284,12 @@ class Backbone(nn.Module):
         return run(self.causal_lm, delta, input_ids, attention_mask, past, cache)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of the LM head for these hidden states (:func:`deltalign.heads.lm_logits`)."""
+        """Float32 logits of the LM head for these hidden states (:func:`deltalign.model.heads.lm_logits`)."""
         return heads.lm_logits(self.causal_lm.get_output_embeddings(), hidden)
 
     def lm_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                     entropy: bool = False, chunked: bool = True):
-        """Log-probs of ``targets`` (and the entropy) under the LM head: :func:`deltalign.heads.lm_logprobs`."""
+        """Log-probs of ``targets`` (and the entropy) under the LM head: :func:`deltalign.model.heads.lm_logprobs`."""
         return heads.lm_logprobs(self.causal_lm.get_output_embeddings(), hidden, targets, temperature, entropy,
                                  chunked)
 

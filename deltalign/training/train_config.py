@@ -1,5 +1,5 @@
 """The settings every training stage shares (each stage's Config extends :class:`TrainConfig`) and the
-learning-rate schedule they describe; :mod:`deltalign.engine` applies both."""
+learning-rate schedule they describe; :mod:`deltalign.training.engine` applies both."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from deltalign.pipeline.config import setting
+from deltalign.core.settings import setting
 
 
 @dataclass

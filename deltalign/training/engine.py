@@ -21,7 +21,7 @@ micro-batch count is not a multiple of ``processes x grad_accum``, its last step
 first micro-batches (wrap-pad; ``total_steps`` counts that step), so no process ever sits out a step.
 
 Several processes without DeepSpeed (``configs/accelerate/ddp.yaml``): the model is not wrapped in DDP;
-:meth:`Engine.update` averages the trainable gradients over the processes (:mod:`deltalign.processes`).
+:meth:`Engine.update` averages the trainable gradients over the processes (:mod:`deltalign.training.processes`).
 
 Checkpoints hold only what trains (adapter and head tensors), the optimizer and scheduler, the RNG state, the step
 and any extra state a stage registers, in safetensors and JSON only (nothing is unpickled on resume). They are
@@ -32,9 +32,9 @@ Under DeepSpeed (``accelerate launch --config_file configs/accelerate/zero{2,3}.
 unchanged: accumulation, the update boundary and clipping stay the engine's (see :mod:`deltalign.zero`);
 ``grad_norm`` is DeepSpeed's pre-clip global norm. ZeRO-3 shards every parameter, the frozen base included, and
 never gathers the whole base unless told to: saving gathers only the delta (:meth:`Engine.save_delta`),
-checkpoints only what trains (:mod:`deltalign.checkpoint`); generation and evaluation run inside
+checkpoints only what trains (:mod:`deltalign.training.checkpoint`); generation and evaluation run inside
 ``with engine.generating():`` / ``with engine.evaluating() as evaluate:``, which every rank enters, and which
-gather the full weights or step all ranks together, as ``zero3_generation`` says (:mod:`deltalign.zero.ranks`).
+gather the full weights or step all ranks together, as ``zero3_generation`` says (:mod:`deltalign.sampling.ranks`).
 """
 
 from __future__ import annotations
@@ -50,10 +50,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from deltalign import checkpoint, zero
-from deltalign.processes import Processes, start_accelerator
-from deltalign.train_config import TrainConfig, lr_lambda
-from deltalign.zero import ranks
+from deltalign.training import checkpoint
+
+from deltalign import zero
+from deltalign.training.processes import Processes, start_accelerator
+from deltalign.training.train_config import TrainConfig, lr_lambda
+from deltalign.sampling import ranks
 
 
 class Engine:
@@ -151,7 +153,7 @@ class Engine:
             opt = opt.optimizer
         return opt
 
-    # --- generation, evaluation and saving: every process enters; under ZeRO-3 see deltalign.zero.ranks ---
+    # --- generation, evaluation and saving: every process enters; under ZeRO-3 see deltalign.sampling.ranks ---
     def generating(self):
         """Every process enters it together; inside, each generates (and scores) its own rows."""
         return ranks.generating(self)

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from deltalign.data.sharing import PrefixSharing, share_prefixes
-from deltalign.pipeline.config import setting
+from deltalign.core.settings import setting
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Forwards over labelled batches (SFT rows, RM and DPO pairs): hidden states, logits and log-probs only at the
-positions that predict a label, the LM head in chunks (:meth:`deltalign.backbone.Backbone.lm_logprobs`)."""
+positions that predict a label, the LM head in chunks (:meth:`deltalign.model.backbone.Backbone.lm_logprobs`)."""
 
 from __future__ import annotations
 
