@@ -22,7 +22,7 @@ from typing import Any
 
 from deltalign.data.hh import split_hh
 from deltalign.data.rows import (DataError, Log, check_messages, check_response, check_text, extra_columns, has,
-                                 parse_rows, require, where)
+                                 parse_rows, read_utf8, require, where)
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_DIR = Path("data/embedded")  # relative to the working directory (the repo root), like tiny.TINY_DIR
@@ -104,7 +104,7 @@ def _read_file(path: Path) -> list[dict]:
     if suffix not in (".json", ".jsonl"):
         raise DataError("unsupported file type; use .json, .jsonl, .parquet, embedded:<name> or a datasets id/dir",
                         str(path))
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

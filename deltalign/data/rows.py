@@ -13,6 +13,7 @@ Problems of a whole source (unreadable, not JSON, no rows, every row bad) or of 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 ROLES = ("system", "user", "assistant")
@@ -27,6 +28,19 @@ class DataError(ValueError):
         self.where, self.field, self.detail = where, field, message
         text = message if field is None else f"field {field!r}: {message}"
         super().__init__(f"{where}: {text}" if where else text)
+
+
+def read_utf8(path: str | Path) -> str:
+    """A text file's content (a UTF-8 BOM dropped); a byte that is not UTF-8 raises :class:`DataError` naming the
+    file and its row (the row counts non-empty lines from 0, as the JSON Lines rows do) and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        before = data[:e.start].split(b"\n")
+        row = sum(1 for ln in before[:-1] if ln.strip())
+        raise DataError(f"byte 0x{data[e.start]:02x} at line {len(before)} column {len(before[-1]) + 1} is not "
+                        "UTF-8 (save the file as UTF-8)", where(str(path), row)) from None
 
 
 def where(source: str, row: int) -> str:
