@@ -2,6 +2,7 @@
 nothing in the run directory changed -- all before any model loads or any stage runs."""
 
 import json
+import shutil
 
 import pytest
 
@@ -25,7 +26,18 @@ def _files(tmp):
     pickled.mkdir()
     (pickled / "config.json").write_text("{}")
     (pickled / "pytorch_model.bin").write_bytes(b"\x80")
+    truncated = shutil.copytree("models/tiny-llama", tmp / "model-truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    notok = shutil.copytree("models/tiny-llama", tmp / "model-notok")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (notok / f).unlink()
+    badbyte = tmp / "sft_badbyte.jsonl"
+    badbyte.write_bytes(json.dumps(sft_ok).encode() + b"\n" + json.dumps(sft_ok).encode()[:-2] + b"\xff\"}\n")
+    prompts_badbyte = tmp / "prompts_bad.txt"
+    prompts_badbyte.write_bytes(b"Say hi.\n\nSay \xe9t\xe9.\n")  # Latin-1, not UTF-8
     return {
+        "prompts_badbyte": str(prompts_badbyte),
         "sft_missing_field": _write(tmp / "sft_bad.jsonl", [sft_ok, {"prompt": "Say hi."}]),
         "sft_not_json": _write(tmp / "sft_notjson.jsonl", [sft_ok, "{not json"]),
         "pref_empty_chosen": _write(tmp / "pref_bad.jsonl", [{"prompt": "Q", "chosen": "", "rejected": "no"}]),
@@ -36,6 +48,9 @@ def _files(tmp):
         "missing": str(tmp / "nope.jsonl"),
         "model_noconfig": str(nocfg),
         "model_pickled": str(pickled),
+        "model_truncated": str(truncated),
+        "model_notok": str(notok),
+        "sft_badbyte": str(badbyte),
     }
 
 
@@ -72,6 +87,10 @@ CASES = [
     (["run", "sft", "--set", "model.path=/nonexistent/model"], "model.path"),
     (["run", "sft", "--set", "model.path={model_noconfig}"], "config.json"),
     (["run", "sft", "--set", "model.path={model_pickled}"], "safetensors"),
+    (["run", "sft", "--set", "model.path={model_truncated}"], "model.safetensors"),
+    (["run", "sft", "--set", "model.path={model_notok}"], "tokenizer"),
+    (["run", "sft", "--set", "sft.data={sft_badbyte}"], "sft_badbyte.jsonl: row 1"),
+    (["generate", "--from", "base", "--prompts-file", "{prompts_badbyte}"], "prompts_bad.txt: row 1"),
     (["eval", "--set", "eval.data={missing}"], "eval.data"),
     (["eval", "--set", "eval.generation.max_new_tokens=0"], "eval.generation.max_new_tokens"),
     (["export", "--set", "export.policy=bogus"], "export.policy"),

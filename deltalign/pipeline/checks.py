@@ -38,9 +38,38 @@ def check_model(model_cfg) -> None:
         json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.path {model_cfg.path!r}: no readable config.json ({type(e).__name__})") from None
-    if not any(path.glob("*.safetensors")):
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         raise ConfigError(f"model.path {model_cfg.path!r}: no *.safetensors weights (deltalign loads weights "
                           "through safetensors only, never pickled .bin files)")
+    for f in weights:
+        check_safetensors(f)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"model.path {model_cfg.path!r}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                          "copy them from the model's source beside config.json")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+"""A tokenizer's vocabulary in any of the forms ``AutoTokenizer`` reads (tokenizer_config.json alone is not one)."""
+
+
+def check_safetensors(f: Path) -> None:
+    """``f`` holds a whole safetensors file: an 8-byte header length, a JSON header, and as many data bytes as the
+    header's largest tensor offset -- what an interrupted copy or download lacks. Reads the header only."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(fh.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ConfigError(f"{f}: not a readable safetensors file ({' '.join(str(e).split())[:120]}); "
+                          "copy or download it again") from None
+    if size != 8 + n + end:
+        raise ConfigError(f"{f}: truncated or padded safetensors file ({size} bytes, its header says "
+                          f"{8 + n + end}); copy or download it again")
 
 
 def check_reference(cfgs: dict, plan: list[str], run_dir: Path) -> None:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from deltalign.data.formats import DataError
+from deltalign.data.rows import read_utf8
 from deltalign.core import settings as configs
 from deltalign.reports.evaluation import POLICY_STAGES
 from deltalign.pipeline.checks import check_model, check_source, preflight
 from deltalign.pipeline.graph import STAGES, Pipeline, sections
+from deltalign.pipeline.rundir import RunDirError
 from deltalign.pipeline.help import help_text
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -91,7 +94,7 @@ def load_prompts(args) -> list:
     path = Path(args.prompts_file)
     if not path.is_file():
         raise FileNotFoundError(f"--prompts-file {path} does not exist")
-    lines = path.read_text().splitlines()
+    lines = read_utf8(path).splitlines()
     if path.suffix != ".jsonl":
         return [[{"role": "user", "content": ln.strip()}] for ln in lines if ln.strip()]
     prompts = []
@@ -196,15 +199,51 @@ def export_command(args, cfgs) -> int:
     return 0
 
 
-USER_ERRORS = (configs.ConfigError, DataError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (configs.ConfigError, DataError, FileNotFoundError, FileExistsError, RunDirError)
 """Bad input: a one-line message and exit code 2, no traceback (DELTALIGN_TRACEBACK=1 shows it anyway)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is (so ``finally`` blocks and atomic writes clean up as on Ctrl-C)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
+def stopped_line(args, e: KeyboardInterrupt) -> str:
+    """The one line an interrupted command ends with: where ``run`` stopped and that rerunning it resumes."""
+    from deltalign.training import checkpoint
+
+    what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+    pipe = getattr(args, "pipeline", None)
+    stage = getattr(pipe, "current", None)
+    if stage is None:
+        return f"{what}: nothing finished is lost; rerun the same command (finished stages are kept, an " \
+               "unfinished one resumes from its newest checkpoint)"
+    last = checkpoint.latest(pipe.run_dir / stage)
+    at = f"its newest checkpoint is step {checkpoint.step_of(last)}" if last else "it had no checkpoint yet"
+    return f"{what} during stage {stage} ({pipe.run_dir / stage}: {at}); rerun the same `run` command and it " \
+           + ("resumes from there" if last else "resumes the stage from its start")
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     if args.command == "run":
         unknown = [s for s in args.stages if s not in STAGES]
@@ -232,10 +271,15 @@ def main(argv: list[str] | None = None) -> int:
         kind = "config error" if isinstance(e, configs.ConfigError) else "error"
         print(f"{kind}: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if os.environ.get("DELTALIGN_TRACEBACK") == "1":
+            raise
+        print(stopped_line(args, e), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 def run_command(args, cfgs) -> int:
-    pipe = Pipeline(cfgs, args.run_dir)
+    pipe = args.pipeline = Pipeline(cfgs, args.run_dir)  # args.pipeline: where an interrupted run stopped
     preflight(cfgs, pipe.plan(args.stages), pipe.run_dir)  # before any model loads or stage runs
     pipe.run(args.stages, force=args.force)
     return 0

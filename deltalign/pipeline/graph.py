@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -97,6 +96,7 @@ class Pipeline:
         run = cfgs["run"]
         self.run_dir = Path(run_dir) if run_dir else Path(run.root) / run.name
         self.log = log if is_main_process() else (lambda *a, **k: None)
+        self.current: str | None = None  # the stage running now
         self._hashes: dict[str, str] = {}
 
     def plan(self, targets: list[str]) -> list[str]:
@@ -160,15 +160,18 @@ class Pipeline:
         rows = []
         for name in self.plan(targets):
             sd, h = StageDir(self.run_dir, name), self.hash(name)
-            m, started = sd.manifest(), sd.path / STARTED
-            if m is not None and m.get("hash") == h:
+            m, started, bad = sd.manifest(), sd.path / STARTED, sd.unreadable()
+            if bad:
+                rows.append((name, "unreadable", f"{', '.join(str(sd.path / b) for b in bad)} cannot be read: the "
+                             "stage moves to .history/ and reruns"))
+            elif m is not None and m.get("hash") == h:
                 peak = m.get("peak_memory", {}).get("host_gib")
                 rows.append((name, "done", f"{m.get('wall_time_s', 0):.0f} s" + (
                     f", peak {peak:.2f} GiB" if peak is not None else "") + f", {m.get('finished_at', '')}"))
             elif m is not None:
                 rows.append((name, "stale", "its inputs changed: reruns (this output moves to .history/)"))
             elif started.exists():
-                same = json.loads(started.read_text()).get("hash") == h
+                same = sd.started_hash() == h
                 last = checkpoint.latest(sd.path) if same else None
                 rows.append((name, "unfinished", f"resumes from step {checkpoint.step_of(last)}" if last else
                              "restarts (no checkpoint)" if same else "its inputs changed: restarts"))
@@ -201,7 +204,7 @@ class Pipeline:
             upstream = {u: StageDir(self.run_dir, u).path for u in STAGES[name].needs(self.cfgs[name])}
             upstream |= {u: StageDir(self.run_dir, u).path for u in STAGES[name].uses
                          if StageDir(self.run_dir, u).manifest() is not None}
-            t0 = time.time()
+            t0, self.current = time.time(), name  # what an interrupted run names (pipeline.cli)
             memory.reset_peak()
             metrics = stage_module(name).run(self.cfgs[name], self.cfgs["model"], sd.path, upstream)
             inputs, h = self._settled(name, inputs, h)

@@ -126,14 +126,30 @@ class RunLocked(FileExistsError):
     """Another live process is running on this run directory (the CLI prints it as a one-line error)."""
 
 
+class RunDirError(OSError):
+    """The run directory cannot be used (a file, a read-only file system, no permission, a full disk): the CLI
+    prints it as a one-line error naming the path, exit 2."""
+
+
+def _unusable(path: Path, e: OSError) -> RunDirError:
+    return RunDirError(f"run directory {path}: cannot write {e.filename or path} ({e.strerror or e}); "
+                       "free space, fix its permissions or use another --run-dir")
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """Hold ``<run_dir>/.lock`` (``flock``, with this pid written in it) for the block, or raise :class:`RunLocked`
     naming the holder's pid. The kernel drops the lock when its holder exits, however it dies, so a killed run
-    never leaves a stale lock; a refused run changes nothing in the run directory."""
+    never leaves a stale lock; a refused run changes nothing in the run directory. A run directory that cannot be
+    written raises :class:`RunDirError`."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / LOCK, "a+")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {run_dir} is a file, not a directory; name a directory (it is created)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / LOCK, "a+")
+    except OSError as e:
+        raise _unusable(run_dir, e) from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -143,13 +159,20 @@ def run_lock(run_dir: Path):
         raise RunLocked(f"run directory {run_dir} is in use by another run (pid {holder}); wait for it to finish "
                         "or use another --run-dir") from None
     try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except OSError as e:
+            raise _unusable(run_dir, e) from None
         yield
     finally:
         f.close()  # releases the lock
+
+
+UNREADABLE = object()
+"""What :meth:`StageDir.read` returns for a file that exists but does not parse (a truncated or damaged copy)."""
 
 
 class StageDir:
@@ -159,32 +182,54 @@ class StageDir:
         self.path = Path(run_dir) / stage
         self.stage = stage
 
+    def read(self, name: str):
+        """The JSON object in this stage's file ``name``: None if absent, :data:`UNREADABLE` if it does not parse
+        as an object (set aside by :meth:`prepare`, reported by ``status``)."""
+        f = self.path / name
+        if not f.exists():
+            return None
+        try:
+            value = json.loads(f.read_text())
+        except (OSError, ValueError):
+            return UNREADABLE
+        return value if isinstance(value, dict) else UNREADABLE
+
     def manifest(self) -> dict | None:
-        f = self.path / MANIFEST
-        return json.loads(f.read_text()) if f.exists() else None
+        m = self.read(MANIFEST)
+        return None if m is UNREADABLE else m
+
+    def started_hash(self) -> str:
+        """The hash an unfinished run was started with ("" if none, or unreadable)."""
+        v = self.read(STARTED)
+        return str(v.get("hash", "")) if isinstance(v, dict) else ""
+
+    def unreadable(self) -> list[str]:
+        """This stage's own bookkeeping files that exist but cannot be read."""
+        return [n for n in (MANIFEST, STARTED) if self.read(n) is UNREADABLE]
 
     def is_done(self, content_hash: str) -> bool:
         m = self.manifest()
         return m is not None and m.get("hash") == content_hash
 
     def prepare(self, content_hash: str, inputs: dict, config_yaml: str, log=print) -> None:
-        """Make the folder ready to (re)run: archive a finished or unfinished run of other inputs; keep a
-        matching unfinished run (it resumes from its checkpoint)."""
+        """Make the folder ready to (re)run: archive a finished or unfinished run of other inputs, or one whose
+        manifest or inputs file is unreadable (what a crash or a damaged copy leaves); keep a matching unfinished
+        run (it resumes from its checkpoint)."""
         if self.path.exists():
-            m = self.manifest()
-            started = self.path / STARTED
-            old_hash = (m or {}).get("hash") or (json.loads(started.read_text())["hash"] if started.exists() else "")
-            if old_hash != content_hash or m is not None:
-                self.archive(old_hash or "unknown", log)
+            m, bad = self.manifest(), self.unreadable()
+            old_hash = (m or {}).get("hash") or self.started_hash()
+            if bad or old_hash != content_hash or m is not None:
+                why = f"{', '.join(str(self.path / b) for b in bad)} unreadable" if bad else "inputs changed"
+                self.archive(old_hash or "unknown", log, why)
         self.path.mkdir(parents=True, exist_ok=True)
         atomic.write_text(self.path / "config.yaml", config_yaml)
         atomic.write_json(self.path / STARTED, {"hash": content_hash, "inputs": inputs})
 
-    def archive(self, old_hash: str, log=print) -> Path:
+    def archive(self, old_hash: str, log=print, why: str = "inputs changed") -> Path:
         dest = self.path.parent / ".history" / f"{self.stage}-{old_hash[:12]}-{int(time.time())}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.path, dest)
-        log(f"[deltalign] {self.stage}: inputs changed; previous output kept in {dest}")
+        log(f"[deltalign] {self.stage}: {why}; previous output kept in {dest}")
         return dest
 
     def finish(self, content_hash: str, inputs: dict, metrics: dict, wall_time: float,
