@@ -15,10 +15,10 @@ LAUNCH   = $(if $(ACCELERATE)$(NPROC),.venv/bin/accelerate launch $(if $(ACCELER
 ARGS     = --config $(CONFIG) $(if $(RUN),--run-dir $(RUN)) $(foreach s,$(SET),--set $(s))
 STAGES  := sft rm dpo kto ppo grpo compose
 
-.PHONY: install model test eval export demo docs doctor status compose-demo methods bench-scale help $(STAGES)
+.PHONY: install model test faults eval export demo docs doctor status compose-demo methods bench-scale help $(STAGES)
 
 help:
-	@echo "make install | model | test | demo | doctor | status | $(STAGES) | eval | export | docs | bench | methods"
+	@echo "make install | model | test | faults | demo | doctor | status | $(STAGES) | eval | export | docs | bench | methods"
 	@echo "   (CONFIG=... RUN=... SET='k=v ...')"
 	@echo "look at a policy: $(PY) -m deltalign generate --from {base,sft,dpo,ppo,grpo,export,DIR} --prompt 'TEXT' [--run-dir RUN]"
 
@@ -39,6 +39,11 @@ $(MODEL): | $(STAMP)
 
 test: $(STAMP) $(MODEL)
 	$(PY) -m pytest
+
+# Fault injection, every point: a crash (os._exit) at each write and rename a run directory sees, then `run` again
+# must give the uninterrupted result bit for bit (`make test` runs a sample of the points). Tiny model, CPU.
+faults: $(STAMP)
+	DELTALIGN_FAULTS=all $(PY) -m pytest tests/test_faults.py -q
 
 # One target per stage; `make sft rm dpo` runs them in order, each skipping if already up to date.
 $(STAGES): $(STAMP) $(MODEL)

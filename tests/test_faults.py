@@ -103,3 +103,202 @@ def test_truncated_started_json_does_not_block(finished_sft, tmp_path, capsys):
     assert main(["status", "sft", *args]) == 0
     assert main(["run", "sft", *args]) == 0
     assert json.loads((run / "sft" / "manifest.json").read_text())["status"] == "done"
+
+
+# ---------------------------------------------------------------------------------------- fault injection
+# A crash (os._exit: no cleanup handler runs) at each write or rename the run directory sees, then `run` again:
+# the result is that of an uninterrupted run, bit for bit. Each run is a fork of this warm process. `make faults`
+# (DELTALIGN_FAULTS=all) sweeps every point; the suite runs a sample.
+
+VOLATILE = {"time", "wall_time_s", "finished_at", "peak_memory", "seconds", "tokens_per_s"}
+SWEEP = [*TINY, "--set", "sft.max_steps=4", "--set", "sft.checkpoint_every=1", "--set", "sft.keep_checkpoints=1",
+         "--set", "sft.eval_checker=false"]
+
+
+def _fork(fn) -> int:
+    """``fn()``'s return value as the exit code of a forked child (137: it crashed at the injected point)."""
+    import os
+    import sys
+    import traceback
+
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            code = fn()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _run_in_fork(run, crash_at=0, points=None, args=SWEEP, stages=("sft",)) -> int:
+    from deltalign.core import atomic
+
+    def child():
+        atomic.CRASH_AT, atomic.POINTS[:] = crash_at, []
+        rc = main(["run", *stages, *args, "--run-dir", str(run)])
+        if points is not None:
+            points.write_text(json.dumps(atomic.POINTS))
+        return rc
+
+    return _fork(child)
+
+
+def _normal(value):
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [_normal(v) for v in value]
+    return value
+
+
+def _result(run) -> dict:
+    """Every file a run leaves (JSON without its timings), bytes for the rest; bookkeeping of resumes left out."""
+    out = {}
+    for f in sorted(run.rglob("*")):
+        rel = str(f.relative_to(run))
+        if not f.is_file() or rel.startswith(".history") or f.name == ".lock":
+            continue
+        if f.suffix == ".json":
+            out[rel] = _normal(json.loads(f.read_text()))
+        elif f.suffix == ".jsonl":
+            out[rel] = [_normal(json.loads(ln)) for ln in f.read_text().splitlines()]
+        else:
+            out[rel] = f.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run and the write points it passed."""
+    from deltalign.pipeline.graph import stage_module
+
+    stage_module("sft")  # imported once, here: every fork starts warm
+    root = tmp_path_factory.mktemp("reference")
+    assert _run_in_fork(root / "run", points=root / "points.json") == 0
+    return _result(root / "run"), json.loads((root / "points.json").read_text())
+
+
+def _sample(points: list[str]) -> list[int]:
+    import os
+
+    if os.environ.get("DELTALIGN_FAULTS") == "all":
+        return list(range(1, len(points) + 1))
+    want = ["inputs.json", "append", "mkdir", "state.json", "rename", "delete", "adapter_model", "manifest.json"]
+    picked = {next(i for i, p in enumerate(points, 1) if w in p) for w in want}
+    return sorted(picked | {len(points)})
+
+
+def test_a_crash_at_any_write_resumes_to_the_uninterrupted_result(reference, tmp_path):
+    expected, points = reference
+    assert len(points) > 30 and any("checkpoints" in p for p in points), points
+    failures = []
+    for k in _sample(points):
+        run = tmp_path / f"crash-{k}"
+        rc = _run_in_fork(run, crash_at=k)
+        if rc != 137:
+            failures.append(f"point {k} ({points[k - 1]}): the crashed run exited {rc}")
+            continue
+        rc = _run_in_fork(run)
+        got = _result(run) if rc == 0 else {}
+        if rc != 0 or got != expected:
+            diff = sorted(set(got) ^ set(expected)) or [f for f in got if got[f] != expected.get(f)]
+            failures.append(f"point {k} ({points[k - 1]}): rerun exited {rc}; differs in {diff[:5]}")
+        shutil.rmtree(run, ignore_errors=True)
+    assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------ damaged checkpoints: the one before is used
+KEEP2 = [*SWEEP, "--set", "sft.keep_checkpoints=2"]
+
+
+@pytest.fixture(scope="module")
+def killed_at_step_3(tmp_path_factory):
+    """A straight run and one killed during step 3 (checkpoints of steps 1 and 2 on disk), with KEEP2."""
+    from deltalign.core import atomic
+
+    root = tmp_path_factory.mktemp("keep2")
+    assert _run_in_fork(root / "straight", args=KEEP2, points=root / "points.json") == 0
+    points = json.loads((root / "points.json").read_text())
+    renamed = [i for i, p in enumerate(points, 1) if p.endswith("checkpoints/step-000002")]
+    assert _run_in_fork(root / "killed", crash_at=renamed[0] + 1, args=KEEP2) == 137
+    assert sorted(p.name for p in (root / "killed" / "sft" / "checkpoints").iterdir()) == ["step-000001",
+                                                                                          "step-000002"]
+    assert atomic.CRASH_AT == 0
+    return _result(root / "straight"), root / "killed"
+
+
+@pytest.mark.parametrize("damage", ["truncate state.json", "flip a byte of trainable.safetensors",
+                                    "older format", "delete optimizer.safetensors"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(killed_at_step_3, tmp_path, capfd,
+                                                                            damage):
+    expected, killed = killed_at_step_3
+    run = shutil.copytree(killed, tmp_path / "run")
+    ckpt = run / "sft" / "checkpoints" / "step-000002"
+    if damage == "truncate state.json":
+        (ckpt / "state.json").write_text((ckpt / "state.json").read_text()[:50])
+    elif damage == "older format":
+        state = json.loads((ckpt / "state.json").read_text())
+        (ckpt / "state.json").write_text(json.dumps(state | {"format": 1}))
+    elif damage.startswith("flip"):
+        f = ckpt / "trainable.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0xFF  # a tensor value, not the header: only the checksum sees it
+        f.write_bytes(bytes(data))
+    else:
+        (ckpt / "optimizer.safetensors").unlink()
+    assert _run_in_fork(run, args=KEEP2) == 0
+    out = capfd.readouterr().out
+    assert "step-000002: " in out and "set aside as step-000002.corrupt" in out, out
+    assert "resuming" in out and "from step-000001" in out, out
+    assert _result(run) == expected  # (the set-aside one goes with the other checkpoints once the stage is done)
+
+
+def test_files_honour_the_umask(tmp_path):
+    """A run's files and an atomic folder (what export writes through) are readable by whoever the umask lets."""
+    import os
+    import stat
+
+    from deltalign.core import atomic
+
+    def child():
+        os.umask(0o022)
+        atomic.write_json(tmp_path / "a" / "x.json", {})
+        with atomic.directory(tmp_path / "exported") as d:
+            (d / "w.bin").write_bytes(b"1")
+        return 0
+
+    assert _fork(child) == 0
+    assert stat.S_IMODE((tmp_path / "a" / "x.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "exported").stat().st_mode) == 0o755
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_the_rerun_resumes(reference, tmp_path, capfd):
+    """safetensors reports ENOSPC as its own SafetensorError: one line naming the file, exit 2; once space is
+    free, `run` resumes and the result (metrics included: each step once) is the uninterrupted one."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    expected, _ = reference
+    real = safetensors.torch.save_file
+
+    def child():
+        def full(tensors, path, *a, **k):
+            if "step-000002" in str(path) and str(path).endswith("optimizer.safetensors"):
+                raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                      'message: "No space left on device" })')
+            return real(tensors, path, *a, **k)
+
+        safetensors.torch.save_file = full
+        return main(["run", "sft", *SWEEP, "--run-dir", str(tmp_path / "run")])
+
+    assert _fork(child) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and "optimizer.safetensors" in err[-1] and "No space" in err[-1], err
+    assert not list((tmp_path / "run" / "sft" / "checkpoints").glob(".step-*"))  # no partial checkpoint left
+    assert _run_in_fork(tmp_path / "run") == 0
+    assert _result(tmp_path / "run") == expected

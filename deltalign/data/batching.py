@@ -129,3 +129,9 @@ class PadCounter:
     def share(self) -> float:
         total = self.n_tokens + self.n_pad
         return self.n_pad / total if total else 0.0
+
+    def state_dict(self) -> dict:
+        return {"n_tokens": self.n_tokens, "n_pad": self.n_pad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n_tokens, self.n_pad = int(state.get("n_tokens", 0)), int(state.get("n_pad", 0))

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from deltalign.deltas.config import AdapterConfig
+from deltalign.core.atomic import crash_point, save_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -149,14 +150,13 @@ def init_token_ids(text: str, n: int, tokenizer, vocab_size: int) -> torch.Tenso
 
 def save(delta: Delta, out_dir: str | Path, base: str, state: dict | None = None) -> None:
     """Write ``delta`` as ``adapter_config.json`` + ``adapter_model.safetensors`` into ``out_dir``."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     conf = {"deltalign_method": delta.method, "settings": asdict(delta.cfg), "base_model_name_or_path": base}
+    crash_point(f"write {out / CONFIG_FILE}")
     (out / CONFIG_FILE).write_text(json.dumps(conf, indent=2) + "\n")
     state = delta.state_dict() if state is None else state
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / WEIGHTS_FILE))
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / WEIGHTS_FILE)
 
 
 def read_config(path: str | Path) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from deltalign.deltas.config import AdapterConfig
+from deltalign.core.atomic import crash_point, save_tensors
 
 
 def peft_config(cfg: AdapterConfig):
@@ -59,11 +60,11 @@ def save(model, name: str, out_dir: str | Path, state: dict | None = None) -> No
     """Adapter ``name`` of a PeftModel in PEFT format, ``adapter_model.safetensors`` at the top level of ``out_dir``
     (peft's own save_pretrained would put an adapter not named ``default`` in a subfolder)."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    crash_point(f"write {out / 'adapter_config.json'}")
     model.peft_config[name].save_pretrained(out)
     if state is None:
         state = get_peft_model_state_dict(model, adapter_name=name)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "adapter_model.safetensors"))
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / "adapter_model.safetensors")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from deltalign.zero import vocab as zero_vocab
+from deltalign.core.atomic import save_tensors
 
 
 class ScalarHead(nn.Module):
@@ -32,9 +33,7 @@ def read(path) -> dict[str, torch.Tensor]:
 
 def write(head: nn.Module, path) -> None:
     """Save a head's tensors to ``path`` (safetensors)."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(path))
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, path)
 
 
 def _weight(head: nn.Module) -> tuple[nn.Parameter | None, bool]:

@@ -8,6 +8,7 @@ reads changed), ``generate`` (responses of base, a stage or an exported model to
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from deltalign.data.formats import DataError
 from deltalign.data.rows import read_utf8
+from deltalign.core import atomic
 from deltalign.core import settings as configs
 from deltalign.reports.evaluation import POLICY_STAGES
 from deltalign.pipeline.checks import check_model, check_source, preflight
@@ -199,8 +201,11 @@ def export_command(args, cfgs) -> int:
     return 0
 
 
-USER_ERRORS = (configs.ConfigError, DataError, FileNotFoundError, FileExistsError, RunDirError)
+USER_ERRORS = (configs.ConfigError, DataError, FileNotFoundError, FileExistsError, RunDirError, atomic.WriteFailed)
 """Bad input: a one-line message and exit code 2, no traceback (DELTALIGN_TRACEBACK=1 shows it anyway)."""
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class Terminated(KeyboardInterrupt):
@@ -270,6 +275,11 @@ def _main(argv: list[str] | None) -> int:
             raise
         kind = "config error" if isinstance(e, configs.ConfigError) else "error"
         print(f"{kind}: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or a read-only file system met by a library's own writes (an export, say)
+        if e.errno not in WRITE_ERRNOS or os.environ.get("DELTALIGN_TRACEBACK") == "1":
+            raise
+        print(f"error: {_one_line(atomic.failed(e.filename or '?', e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         if os.environ.get("DELTALIGN_TRACEBACK") == "1":

@@ -194,6 +194,8 @@ class Pipeline:
             h = self.hash(name)
             if sd.is_done(h) and not (force and name in targets):
                 self.log(f"[deltalign] {name}: up to date ({h[:12]}), skipping — {sd.path}")
+                if is_main_process():
+                    sd.drop_checkpoints()  # left by a kill between the manifest and their removal
                 results[name] = sd.manifest()["metrics"]
                 continue
             inputs = self.inputs(name)
@@ -213,6 +215,7 @@ class Pipeline:
             memory.release_free_memory()
             if is_main_process():
                 sd.finish(h, inputs, metrics, time.time() - t0, peak)
+                sd.drop_checkpoints()  # only now: a kill before the manifest resumes from the last of them
             each = f" (the largest of {len(peak['processes'])} processes)" if "processes" in peak else ""
             self.log(f"[deltalign] {name}: done in {time.time() - t0:.0f}s; peak memory "
                      + ", ".join(f"{v:.2f} GiB {k.split('_')[0]}" for k, v in peak.items() if k != "processes") + each)

@@ -30,6 +30,7 @@ import glob
 import importlib.util
 import json
 import os
+import shutil
 import time
 from importlib import metadata
 from pathlib import Path
@@ -222,12 +223,14 @@ class StageDir:
                 why = f"{', '.join(str(self.path / b) for b in bad)} unreadable" if bad else "inputs changed"
                 self.archive(old_hash or "unknown", log, why)
         self.path.mkdir(parents=True, exist_ok=True)
+        atomic.remove_temp(self.path)  # what a crash in the middle of a write left (the run resumes without it)
         atomic.write_text(self.path / "config.yaml", config_yaml)
         atomic.write_json(self.path / STARTED, {"hash": content_hash, "inputs": inputs})
 
     def archive(self, old_hash: str, log=print, why: str = "inputs changed") -> Path:
         dest = self.path.parent / ".history" / f"{self.stage}-{old_hash[:12]}-{int(time.time())}"
         dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic.crash_point(f"rename {self.path} -> {dest}")
         os.replace(self.path, dest)
         log(f"[deltalign] {self.stage}: {why}; previous output kept in {dest}")
         return dest
@@ -240,3 +243,9 @@ class StageDir:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
 
+    def drop_checkpoints(self) -> None:
+        """Remove the resume checkpoints of a finished stage (after its manifest is written)."""
+        ckpts = self.path / "checkpoints"
+        if ckpts.exists():
+            atomic.crash_point(f"delete {ckpts}")
+            shutil.rmtree(ckpts, ignore_errors=True)

@@ -256,6 +256,7 @@ def train_gates(cfg: Config, backbone, names: list[str], sources: list[composabl
                kind="setup")
     train_mode(model, dropout=False)
     pads, share = PadCounter(), cfg.shares(backbone)
+    engine.register_state("pads", pads.state_dict, pads.load_state_dict)
     for step, micro in engine.steps(batches):
         loss = train_step(engine, backbone, model, train, micro, pads, share)  # SFT's step: only the gates train
         w = gates.gates.weights()

@@ -153,6 +153,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     # 4. loop: chosen and rejected in one forward; per-pair loss summed, normalised over the step's pairs
     train_mode(model, dropout=not cfg.disable_dropout)
     pads = PadCounter()
+    engine.register_state("pads", pads.state_dict, pads.load_state_dict)
     for step, micro in engine.steps(batches):
         micro = [batch_of(train, idx, pad, engine.device, share) for idx in micro]
         total = engine.global_sum(sum(mb["input_ids"].shape[0] // 2 for mb in micro))

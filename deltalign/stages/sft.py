@@ -139,6 +139,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     # 4. loop
     train_mode(model, dropout=not cfg.disable_dropout)
     pads = PadCounter()
+    engine.register_state("pads", pads.state_dict, pads.load_state_dict)
     for step, micro in engine.steps(batches):
         engine.step({"loss": train_step(engine, backbone, model, train, micro, pads, share), "pad_share": pads.share})
 

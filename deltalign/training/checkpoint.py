@@ -10,11 +10,14 @@ nothing:
   ``master/<param>`` and the per-partition scalars ``flat/<i>/<key>`` (the step count);
 * ``rng.safetensors`` -- every process's torch RNG state (``rng/<rank>``);
 * ``state.json`` -- the step, the optimizer's hyperparameters (param groups) and other scalars, the scheduler,
-  Python's RNG state, any extra state a stage registered (e.g. PPO's KL controller), the process count.
+  Python's RNG state, any extra state a stage registered (e.g. PPO's KL controller), the process count, and the
+  sha256 of each safetensors file (verified on resume, so a damaged file is caught, not trained on).
 
 Only rank 0 writes. A checkpoint is written to a temporary directory and renamed into place, so a kill at any
-moment leaves the previous checkpoint intact; the newest ``keep`` are kept. :func:`restore` loads the newest one
-into a prepared :class:`deltalign.training.engine.Engine` and drops the metrics logged after it.
+moment leaves the previous checkpoint intact; the newest ``keep`` are kept. :func:`restore` loads the newest whole
+one into a prepared :class:`deltalign.training.engine.Engine` and drops the metrics logged after it; a checkpoint
+that is not whole (unreadable ``state.json``, a file missing or not matching its checksum, an older format) is
+renamed ``step-NNNNNN.corrupt`` with one line saying so, and the one before it is tried.
 """
 
 from __future__ import annotations
@@ -23,23 +26,63 @@ import ast
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from deltalign.core import atomic
-
 from deltalign import zero
+from deltalign.core import atomic
+from deltalign.core.fingerprints import sha256_file
+from deltalign.core.settings import ConfigError
 
 CKPT_DIR = "checkpoints"
 FORMAT = 2  # 1: optimizer.pt (torch.save) and DeepSpeed's own ds/ shards
+FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def _all(out_dir: Path) -> list[Path]:
+    return sorted(p for p in (Path(out_dir) / CKPT_DIR).glob("step-*") if re.fullmatch(r"step-\d+", p.name))
 
 
 def latest(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint in a stage's run directory, if any."""
-    found = sorted((Path(out_dir) / CKPT_DIR).glob("step-*"))
+    """The newest checkpoint folder in a stage's run directory, if any (see :func:`latest_whole`)."""
+    found = _all(out_dir)
     return found[-1] if found else None
+
+
+def check_whole(ckpt: Path) -> tuple[dict | None, str]:
+    """``(state, "")`` for a whole checkpoint, else ``(None, what is wrong)``."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        return None, f"state.json unreadable ({type(e).__name__})"
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        return None, "a checkpoint of an older deltalign (optimizer.pt, read with pickle) or not one at all"
+    for name in FILES:
+        digest = state.get("sha256", {}).get(name)
+        if not (ckpt / name).is_file():
+            return None, f"{name} is missing"
+        if digest is not None and sha256_file(ckpt / name) != digest:
+            return None, f"{name} does not match its checksum (damaged)"
+    return state, ""
+
+
+def latest_whole(out_dir: Path, set_aside: bool = False, log=print) -> tuple[Path | None, dict | None]:
+    """The newest whole checkpoint and its state (``(None, None)`` if none). With ``set_aside`` (the main
+    process, resuming), each newer one that is not whole is renamed ``<name>.corrupt`` with one line to ``log``."""
+    for ckpt in reversed(_all(out_dir)):
+        state, why = check_whole(ckpt)
+        if state is not None:
+            return ckpt, state
+        if set_aside:
+            dest = ckpt.with_name(ckpt.name + ".corrupt")
+            atomic.crash_point(f"rename {ckpt} (set aside)")
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(ckpt, dest)
+            log(f"[deltalign] {ckpt}: {why}; set aside as {dest.name}, resuming from the checkpoint before it")
+    return None, None
 
 
 def step_of(ckpt: Path) -> int:
@@ -127,8 +170,6 @@ def _load_optimizer_state(engine, tensors: dict[str, torch.Tensor], meta: dict) 
 
 def save(engine, keep: int) -> None:
     """Write a checkpoint of the engine's current step (every process calls it; only rank 0 writes)."""
-    from safetensors.torch import save_file
-
     acc = engine.accelerator
     acc.wait_for_everyone()
     state = trainable_state(engine)
@@ -140,26 +181,35 @@ def save(engine, keep: int) -> None:
     tmp = root / f".step-{engine.step_no:06d}.partial"
     if engine.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
+        atomic.crash_point(f"mkdir {tmp}")
         tmp.mkdir(parents=True)
-        save_file(state, tmp / "trainable.safetensors")
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        save_file({f"rng/{r}": s for r, s in enumerate(rngs)}, tmp / "rng.safetensors")
+        sums = {}
+        for name, tensors in zip(FILES, (state, opt_tensors, {f"rng/{r}": s for r, s in enumerate(rngs)})):
+            try:
+                atomic.save_tensors(tensors, tmp / name)
+            except atomic.WriteFailed:
+                shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint: the previous one stays the newest
+                raise
+            sums[name] = sha256_file(tmp / name)
         extra = {name: get() for name, (get, _) in engine.extra_state.items()}
         meta = {"format": FORMAT, "step": engine.step_no, "python_rng": repr(random.getstate()),
                 "extra": extra, "world": engine.world, "deepspeed": engine.deepspeed,
-                "optimizer": opt_meta, "scheduler": engine.scheduler.state_dict()}
+                "optimizer": opt_meta, "scheduler": engine.scheduler.state_dict(), "sha256": sums}
         if engine.deepspeed:
             meta["deepspeed_counters"] = zero.counters(engine.model)
         atomic.write_json(tmp / "state.json", _plain(meta, "state"))
+        atomic.crash_point(f"rename {final}")
         if final.exists():
             old = root / f".step-{engine.step_no:06d}.old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
+            atomic.crash_point(f"rename {final} (old one set aside)")
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[:-keep]:
+        for old in _all(root.parent)[:-keep]:
+            atomic.crash_point(f"delete {old}")
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
 
@@ -169,20 +219,18 @@ def restore(engine) -> bool:
     dropped. Returns whether it resumed. Every process must call it (ZeRO scatters)."""
     from safetensors.torch import load_file
 
-    ckpt = latest(engine.out)
+    ckpt, state = latest_whole(engine.out, set_aside=engine.is_main, log=print if not engine.quiet else _quiet)
     if ckpt is None:
+        _keep_metrics(engine, 0)  # a run killed before its first checkpoint: its setup rows, not its steps
         return False
-    state = json.loads((ckpt / "state.json").read_text())
-    if state.get("format") != FORMAT:
-        raise RuntimeError(f"{ckpt}: a checkpoint of an older deltalign (optimizer.pt, read with pickle); "
-                           f"delete {ckpt.parent} to start this stage afresh")
     tensors = load_file(str(ckpt / "trainable.safetensors"))
     missing = set(engine.param_names) - set(tensors)
     if missing:
         raise RuntimeError(f"{ckpt}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
     if bool(state.get("deepspeed", False)) != engine.deepspeed or int(state.get("world", 1)) != engine.world:
-        raise RuntimeError(f"{ckpt}: written with deepspeed={state.get('deepspeed', False)}, "
-                           f"{state.get('world', 1)} process(es); resume it the same way (or start afresh)")
+        raise ConfigError(f"{ckpt}: written with deepspeed={state.get('deepspeed', False)}, "
+                          f"{state.get('world', 1)} process(es), resumed with deepspeed={engine.deepspeed}, "
+                          f"{engine.world}; resume it the same way (or rerun with --force to start afresh)")
     # the trainable values (ZeRO-3: scattered into the shards), then the optimizer (ZeRO: its fp32 master too)
     zero.set_full_tensors(_trainable(engine), tensors, engine.zero_stage)
     _load_optimizer_state(engine, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
@@ -194,13 +242,34 @@ def restore(engine) -> bool:
     rank = engine.accelerator.process_index
     torch.set_rng_state(rngs[f"rng/{rank}"] if len(rngs) == engine.world else rngs["rng/0"])
     random.setstate(ast.literal_eval(state["python_rng"]))
+    engine.restored_extra = state["extra"]
     for name, (_, put) in engine.extra_state.items():
         put(state["extra"].get(name, {}))
     engine.step_no = state["step"]
-    if engine.is_main and (engine.out / "metrics.jsonl").exists():
-        rows = [r for r in (engine.out / "metrics.jsonl").read_text().splitlines() if r.strip()]
-        kept = [r for r in rows if json.loads(r)["step"] <= engine.step_no]
-        atomic.write_text(engine.out / "metrics.jsonl", "".join(r + "\n" for r in kept))
+    _keep_metrics(engine, engine.step_no)
     if not engine.quiet:
         print(f"[deltalign] resuming {engine.out} from {ckpt.name} (step {engine.step_no})", flush=True)
     return True
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _keep_metrics(engine, step: int) -> None:
+    """Keep the metrics rows up to ``step`` (a half-written last line goes too), so that each step is logged once
+    after the resume; the rows kept are noted in ``engine.kept_rows`` (not logged again)."""
+    f = engine.out / "metrics.jsonl"
+    if not f.exists():
+        return
+    kept = []
+    for line in f.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+            engine.kept_rows.add((row.get("kind"), row.get("step", 0)))
+    if engine.is_main:
+        atomic.write_text(f, "".join(r + "\n" for r in kept))

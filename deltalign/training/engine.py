@@ -43,13 +43,13 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from deltalign.core import atomic
 from deltalign.training import checkpoint
 
 from deltalign import zero
@@ -78,6 +78,8 @@ class Engine:
         self._n = 0
         self._t0 = time.time()
         self._bar = None
+        self.restored_extra: dict = {}  # the extra state of the checkpoint resumed from (register_state puts it)
+        self.kept_rows: set[tuple[str, int]] = set()  # (kind, step) of the metrics rows kept from before a resume
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
@@ -169,6 +171,8 @@ class Engine:
     def register_state(self, name: str, get: Callable[[], dict], put: Callable[[dict], None]) -> None:
         """Include a stage's own state (e.g. a KL controller) in checkpoints; ``put`` is called on resume."""
         self.extra_state[name] = (get, put)
+        if name in self.restored_extra:  # registered after prepare() resumed: put it now
+            put(self.restored_extra[name])
 
     # --- the loop -------------------------------------------------------------------------------------------
     def steps(self, batches_for_epoch: Callable[[int], list]) -> Iterator[tuple[int, list]]:
@@ -271,11 +275,18 @@ class Engine:
         """Append one JSON line to metrics.jsonl (main process only) and show it on the progress bar."""
         if not self.is_main:
             return
+        if kind != "train" and ((kind, self.step_no) in self.kept_rows
+                                or kind == "setup" and any(k == "setup" for k, _ in self.kept_rows)):
+            return  # logged before the crash this run resumed from (the setup row, a baseline measured again)
         row = {"kind": kind, "step": self.step_no, "time": round(time.time() - self._t0, 2)}
         row.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()})
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        atomic.crash_point(f"append {self.out / 'metrics.jsonl'}")
+        try:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise atomic.failed(self.out / "metrics.jsonl", e) from None
         if self._bar is not None and not self.quiet:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)}, refresh=False)
 
@@ -286,7 +297,6 @@ class Engine:
         return to_device(batch, self.device)
 
     def finish(self) -> None:
-        """Wait for every process; drop the checkpoints of a run that completed."""
+        """Wait for every process. The checkpoints stay until the stage's manifest is written
+        (:meth:`deltalign.pipeline.graph.Pipeline.run` drops them then), so a kill in between loses no step."""
         self.accelerator.wait_for_everyone()
-        if self.is_main:
-            shutil.rmtree(self.out / checkpoint.CKPT_DIR, ignore_errors=True)
