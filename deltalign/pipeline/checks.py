@@ -13,6 +13,7 @@ stage's ``bad_rows`` rule, so a bad row in DPO's data stops the run before SFT t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from deltalign import zero
@@ -72,6 +73,51 @@ def check_safetensors(f: Path) -> None:
                           f"{8 + n + end}); copy or download it again")
 
 
+def weight_names(path: Path) -> list[str]:
+    """The tensor names of a checkpoint directory, from its safetensors headers (no weights read)."""
+    names = []
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            names += [k for k in json.loads(fh.read(n)) if k != "__metadata__"]
+    return names
+
+
+def matches(target: list[str] | str, module: str) -> bool:
+    """peft's rule (``check_target_module_exists``): a string is a regex the whole name must match; a list entry
+    matches the name itself or its last components (``q_proj`` matches ``model.layers.0.self_attn.q_proj``)."""
+    if isinstance(target, str):
+        return re.fullmatch(target, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target)
+
+
+def check_target_modules(cfgs: dict, plan: list[str]) -> None:
+    """Each planned stage's ``adapter.target_modules`` (lora, dora, ia3) names modules the checkpoint has, checked
+    on the names in its weight index before any weights load. A tied ``lm_head`` (absent from the index) counts."""
+    from deltalign.model.backbone import resolve_path
+
+    planned = [(f"{n}.{field}", a.target_modules) for n in plan for field in ("adapter", "critic_adapter")
+               if (a := getattr(cfgs[n], field, None)) is not None and getattr(a, "method", "") in ("lora", "dora", "ia3")
+               and a.target_modules != "all-linear"]
+    if not planned:
+        return
+    path = resolve_path(cfgs["model"].path)
+    modules = {k.rsplit(".", 1)[0] for k in weight_names(path)} | {"lm_head"}
+    for setting, target in planned:
+        key = f"{setting}.target_modules"
+        if isinstance(target, str):
+            try:
+                re.compile(target)
+            except re.error as e:
+                raise ConfigError(f"{key}={target!r} is not a valid regular expression ({e})") from None
+        missing = [t for t in ([target] if isinstance(target, str) else target) if not any(
+            matches(t if isinstance(target, str) else [t], m) for m in modules)]
+        if missing:
+            leaves = sorted({m.rsplit(".", 1)[-1] for m in modules if "layers." in m})
+            raise ConfigError(f"{key}: no module of {cfgs['model'].path} matches {', '.join(map(repr, missing))} "
+                              f"(its layers' modules: {', '.join(leaves)}; or all-linear)")
+
+
 def check_reference(cfgs: dict, plan: list[str], run_dir: Path) -> None:
     """The house rule: once an SFT delta exists, the reference policy is that delta, frozen -- never the bare
     base with adapters off. ``dpo.reference: base`` (or ``kto.reference: base``) is refused in a run that has (or
@@ -120,11 +166,28 @@ def check_data(cfgs: dict, plan: list[str]) -> None:
             if source:
                 split = cfg.split if field == "data" else "test"
                 check_source(source, shape, f"{name}.{field}", split, getattr(cfg, "bad_rows", "error"))
+                if field == "data" and getattr(cfg, "truncation", "") == "drop" and shape != "prompt":
+                    check_rows_left(name, cfg, cfgs["model"], shape)
+
+
+def check_rows_left(name: str, cfg, model_cfg, shape: str) -> None:
+    """Under ``truncation: drop`` the training rows are tokenised here (the tokenizer only, no weights): a stage
+    none of whose rows fit ``max_length`` fails now, naming the settings, not after its model loaded."""
+    from deltalign.data.tokenize import load_tokenizer
+    from deltalign.model.backbone import resolve_path
+
+    tok = load_tokenizer(resolve_path(model_cfg.path), model_cfg.trust_remote_code)
+    split = cfg.read(cfg.data, cfg.split, shape, tok)
+    if not split.items:
+        raise DataError(f"{name}.truncation=drop leaves no row: all {split.counts['dropped']} rows are longer than "
+                        f"{name}.max_length={cfg.max_length} tokens (raise it, or use truncation=completion)",
+                        cfg.data)
 
 
 def preflight(cfgs: dict, plan: list[str], run_dir: Path) -> None:
     """All of the above, cheapest first."""
     check_model(cfgs["model"])
+    check_target_modules(cfgs, plan)
     check_reference(cfgs, plan, Path(run_dir))
     check_rules(cfgs, plan)
     check_data(cfgs, plan)
