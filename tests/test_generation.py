@@ -56,28 +56,24 @@ def test_lockstep_runs_the_others_batches_and_steps_and_gives_the_same_tokens(bb
     ids = prompts(bb)[:5]
     cfg = GenerationConfig(max_new_tokens=24, batch_size=2, temperature=0.7)
     plain = generate(bb, ids, cfg, seed=3)
-    calls = {"encode": 0, "all_done": 0}
-    real = bb.encode
-
-    def encode(*a, **k):
-        calls["encode"] += 1
-        return real(*a, **k)
+    calls = {"forward": 0, "all_done": 0}
 
     def all_done(flag: bool) -> bool:  # the other process finishes each batch only at the last token
         calls["all_done"] += 1
         return False
 
-    bb.encode = encode
+    hook = bb.model.model.layers[0].register_forward_pre_hook(lambda m, a: calls.__setitem__("forward",
+                                                                                            calls["forward"] + 1))
     try:
         with in_lockstep(all_done, lambda n: n + 2):
             synced = generate(bb, ids, cfg, seed=3)
             nothing = generate(bb, [], cfg)  # a process with no rows still runs every batch
     finally:
-        del bb.encode
+        hook.remove()
     assert synced == plain and nothing == []
     assert max(len(r) for r in plain) < cfg.max_new_tokens  # plain stopped early: lockstep really stepped on
     batches = (3 + 2) + (0 + 2)  # 3 batches of its own + 2 dummies; then 0 + 2 dummies
-    assert calls["encode"] == batches * cfg.max_new_tokens  # prefill + 23 cached steps, every batch
+    assert calls["forward"] == batches * cfg.max_new_tokens  # prefill + 23 cached steps, every batch
     assert calls["all_done"] == batches * cfg.max_new_tokens
 
 
@@ -143,13 +139,19 @@ def test_row_sampler_draws_from_the_tempered_nucleus_distribution(temperature, t
     if expected is None:
         expected = torch.softmax(probs.log() / temperature, -1).tolist()
     n = 20_000
-    sampler = RowSampler(list(range(n)), temperature, top_p)
-    picks = sampler(None, probs.log().expand(n, -1).clone()).argmax(-1)  # greedy on the processed scores
-    freq = torch.bincount(picks, minlength=4).float() / n
-    # binomial std at n=20000 is <= 0.0036; 0.015 is > 4 sigma
-    torch.testing.assert_close(freq, torch.tensor(expected), atol=0.015, rtol=0)
-    if top_p < 1:
-        assert freq[2] == 0 and freq[3] == 0
+    sampler = RowSampler(list(range(n)), temperature, top_p, steps=2)
+    scores = torch.cat([probs.log(), torch.tensor([float("-inf")])]).expand(n, -1).clone()  # a 5th, suppressed token
+    rows = torch.arange(n)
+    for step in (0, 1):
+        picks = sampler.draw(scores, rows, step)
+        freq = torch.bincount(picks, minlength=5).float() / n
+        # binomial std at n=20000 is <= 0.0036; 0.015 is > 4 sigma
+        torch.testing.assert_close(freq, torch.tensor([*expected, 0.0]), atol=0.015, rtol=0)
+        if top_p < 1:
+            assert freq[2] == 0 and freq[3] == 0
+    assert not torch.equal(sampler.draw(scores, rows, 0), sampler.draw(scores, rows, 1))  # a fresh draw per step
+    some = torch.tensor([5, 17, 3])  # a row's draw depends on its own stream only, not on the rows beside it
+    assert torch.equal(sampler.draw(scores[:3], some, 1), sampler.draw(scores, rows, 1)[some])
 
 
 def test_eval_mode_during_generation_and_restored():
@@ -277,3 +279,91 @@ def test_every_method_samples_per_prompt_seed_whatever_the_batch(method):
     full = generate(b, ids, cfg, row_seeds=seeds)
     assert generate(b, ids, GenerationConfig(max_new_tokens=8, temperature=1.0, batch_size=3), row_seeds=seeds) == full
     assert [generate(b, [p], cfg, row_seeds=[s])[0] for p, s in zip(ids, seeds)] == full
+
+
+# --- decoding: shared prompts, rows that leave, and transformers' generate -------------------------------------
+
+def lora_backbone(attn: str = "sdpa") -> Backbone:
+    """The sharp backbone with a large LoRA delta, attending with ``attn``."""
+    b = sharp_backbone()
+    b.causal_lm.config._attn_implementation = attn
+    b.add_adapter("policy", AdapterConfig(r=4, dropout=0.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in b.adapter_parameters("policy").values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)  # greedy responses of 5 to 18 tokens
+    return b
+
+
+def hf_greedy(b: Backbone, ids: list[list[int]], n: int) -> list[list[int]]:
+    """transformers' own greedy ``generate`` (dynamic KV cache, left padding, pad suppressed, stop tokens), cut
+    after the first stop token."""
+    tok = b.tokenizer
+    stops = stop_token_ids(tok)
+    width = max(map(len, ids))
+    x = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in ids])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+    with torch.no_grad():
+        y = b.model.generate(input_ids=x, attention_mask=mask, do_sample=False, max_new_tokens=n, eos_token_id=stops,
+                             pad_token_id=tok.pad_token_id, suppress_tokens=[tok.pad_token_id], top_k=None,
+                             top_p=None, temperature=None)[:, width:].tolist()
+    out = []
+    for r in y:
+        k = next((i for i, t in enumerate(r) if t in stops), None)
+        out.append(r if k is None else r[:k + 1])
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_greedy_tokens_equal_transformers_generate_with_groups_and_rows_leaving(attn, monkeypatch):
+    """Every prompt three times in one batch (GRPO's groups): one prefill per distinct prompt, rows of different
+    lengths, the finished ones leaving the batch (LEAVE_SHARE 0: whenever one finishes); tokens equal transformers'
+    greedy generate. sdpa decodes from the shared-prompt cache (its attention counted), eager from
+    transformers' own cache."""
+    from deltalign import decoding, generation
+
+    b = lora_backbone(attn)
+    ids = prompts(b)
+    rows = [p for p in ids for _ in range(3)]
+    monkeypatch.setattr(generation, "LEAVE_SHARE", 0)
+    kept, calls = [], {"attend": 0, "prefill_rows": 0}
+    real_keep, real_attend = decoding.GroupCache.keep, decoding.attend
+    monkeypatch.setattr(decoding.GroupCache, "keep", lambda self, r: (kept.append(len(r)), real_keep(self, r)))
+    monkeypatch.setattr(decoding, "attend", lambda *a: (calls.__setitem__("attend", calls["attend"] + 1),
+                                                        real_attend(*a))[1])
+    real_encode = b.encode
+
+    def encode(input_ids, *a, **k):
+        if "past" not in k:
+            calls["prefill_rows"] += input_ids.shape[0]
+        return real_encode(input_ids, *a, **k)
+
+    monkeypatch.setattr(b, "encode", encode)
+    with b.using("policy"):
+        ours = generate(b, rows, GenerationConfig(max_new_tokens=20, batch_size=len(rows)))
+    assert calls["prefill_rows"] == len(ids)  # each distinct prompt prefilled once
+    expected = hf_greedy(b, rows, 20)
+    assert ours == expected
+    assert len({len(r) for r in ours}) > 3  # rows finished at different steps
+    if attn == "sdpa":
+        assert calls["attend"] > 0 and kept and len(set(kept)) > 1  # rows left, in several rounds
+    else:
+        assert calls["attend"] == 0
+
+
+def test_a_groups_samples_depend_on_their_seeds_alone():
+    """G samples of one prompt decoded together (one prefill, shared keys/values, rows leaving) are each what that
+    row gives alone with its seed; sampling with top-p too."""
+    b = lora_backbone()
+    ids = prompts(b)[:4]
+    rows = [p for p in ids for _ in range(4)]
+    seeds = [1000 + 7 * i for i in range(len(rows))]
+    cfg = GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.95, batch_size=len(rows))
+    with b.using("policy"):
+        together = generate(b, rows, cfg, row_seeds=seeds)
+        alone = [generate(b, [p], cfg, row_seeds=[s])[0] for p, s in zip(rows, seeds)]
+        odd = generate(b, rows[::3], GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.95, batch_size=2),
+                       row_seeds=seeds[::3])
+    assert together == alone
+    assert odd == together[::3]
+    assert len({tuple(r) for r in together[:4]}) > 1  # a group's samples differ from each other

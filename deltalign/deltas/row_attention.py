@@ -50,6 +50,7 @@ def _dispatch(original):
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         return attend_rows(original, module, query, key, value, view, **kwargs)
 
+    attention.__dict__.update(original.__dict__)  # the marks of the wrappers below it (decoding's)
     attention.row_view = True
     return attention
 

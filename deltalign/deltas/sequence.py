@@ -68,7 +68,7 @@ def sharded_embeds(lm, input_ids: torch.Tensor) -> torch.Tensor | None:
     return lookup(weight, input_ids)
 
 
-def _tokens(lm, input_ids: torch.Tensor) -> dict:
+def token_input(lm, input_ids: torch.Tensor) -> dict:
     """The model's token input: the ids, or under ZeRO-3 their embeddings from :func:`sharded_embeds`."""
     embeds = sharded_embeds(lm, input_ids)
     return {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
@@ -83,7 +83,7 @@ def run(lm, delta, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: 
     if past is not None:
         mask = torch.cat([past.mask, attention_mask.to(past.mask)], dim=1)
         pos = past.next_position + positions(attention_mask)
-        out = model(**_tokens(lm, input_ids), attention_mask=mask, position_ids=pos, past_key_values=past.cache,
+        out = model(**token_input(lm, input_ids), attention_mask=mask, position_ids=pos, past_key_values=past.cache,
                     use_cache=True)
         return out.last_hidden_state, Past(out.past_key_values, mask, pos[:, -1:] + 1)
 
@@ -119,7 +119,7 @@ def run_shared(lm, delta, shared: dict) -> torch.Tensor:
     tree, pos = shared["mask"], shared["position_ids"]
     front = delta.front_embeds(n_rows) if delta is not None else None
     kv = delta.prefix_kv(n_rows) if delta is not None else None
-    tokens, cache, n_front = _tokens(lm, shared["input_ids"]), None, 0
+    tokens, cache, n_front = token_input(lm, shared["input_ids"]), None, 0
     if front is not None:  # the soft prompt: causal among itself, seen by every node; positions after it
         n_front = front.shape[1]
         embeds = tokens.get("inputs_embeds", None)

@@ -2,16 +2,19 @@
 
 :func:`generate` takes prompt token ids and returns response token ids: left-padded batches (prompts sorted by
 length to waste less padding, results returned in the input order), KV cache on, ``torch.no_grad()``, the backbone
-in eval mode for the call (each module's train/eval flag is restored afterwards). Decoding runs through
-:meth:`deltalign.model.backbone.Backbone.encode` (prefill, then one token a step from the cache), so every delta method
-generates, prompt learning included (a prefix or soft prompt goes in front of the left padding), and greedy
-tokens equal a step-by-step argmax over full ``Backbone.forward`` passes. A response ends right after
+in eval mode for the call (each module's train/eval flag is restored afterwards). Each distinct prompt of a batch
+is prefilled once through :meth:`deltalign.backbone.Backbone.encode` (a GRPO group's G samples share it), then
+every row decodes one token a step from the cache of :mod:`deltalign.decoding` (the prompt's keys and values held
+once for its rows), and a row that finished leaves the batch. Every delta method generates, prompt learning
+included (a prefix or soft prompt goes in front of the left padding), and greedy tokens equal a step-by-step
+argmax over full ``Backbone.forward`` passes and transformers' ``generate``. A response ends right after
 its first stop token (the tokenizer's eos and, if different, the chat template's end-of-turn token, e.g.
 ``<|im_end|>``) and contains no padding. The pad token is never generated (it is suppressed), so a pad id in a
 batch is always padding. ``temperature == 0`` is greedy. Sampling draws from the plain temperature/top-p
-distribution (no top-k) by the Gumbel-max trick, with one random stream per prompt (``row_seeds``, by default
-``seed`` and the prompt's index): a prompt's response depends on its seed alone, not on which other prompts share
-its batch or process — so a rollout is the same in one process and in two. The caller's RNG state is untouched.
+distribution (no top-k) by the inverse CDF, with one random stream per prompt (``row_seeds``, by default
+``seed`` and the prompt's index; :class:`RowSampler`): a prompt's response depends on its seed alone, not on
+which other prompts share its batch or process -- so a rollout is the same in one process and in two. The
+caller's RNG state is untouched.
 
 Deltas are chosen by the caller: ``with backbone.using(name): generate(...)``.
 
@@ -31,8 +34,9 @@ from typing import Callable
 
 import torch
 
-from deltalign.model.modes import eval_mode
-from deltalign.core.settings import setting
+from deltalign import decoding
+from deltalign.modes import eval_mode
+from deltalign.pipeline.config import setting
 from deltalign.data.tokenize import tokenize_prompt
 from deltalign.rewards.checker import score_batch
 
@@ -91,30 +95,37 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 class RowSampler:
-    """Logits processor that turns greedy decoding into sampling from softmax(logits / T) restricted to the top-p
-    nucleus, each row with its own generator: argmax(log p + Gumbel noise) is a sample from p (Gumbel-max)."""
+    """Sampling from softmax(logits / T) restricted to the top-p nucleus, each row with its own random stream: row i
+    draws ``steps`` uniforms from a generator seeded ``seeds[i]`` up front, and its token at step t is the
+    inverse CDF of the distribution at its t-th uniform. One uniform per row and step (the Gumbel-max trick of
+    earlier versions drew one per vocabulary entry): a step's draw for the whole batch is one vectorised call, and a
+    row's tokens still depend on its seed alone, not on the batch or process it is decoded in."""
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
-        self.generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in seeds]
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, steps: int, device=None):
+        self.uniforms = torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(s) % (2**63)),
+                                                dtype=torch.float64) for s in seeds]).to(device)
         self.temperature, self.top_p = temperature, top_p
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        if self.top_p < 1:
-            sorted_lp, order = logp.sort(dim=-1, descending=True)
-            before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()  # mass of the more likely tokens
-            drop_sorted = before >= self.top_p
-            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-            logp = logp.masked_fill(drop, float("-inf"))
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))
-        return logp + gumbel.to(logp)
+    def draw(self, scores: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+        """Tokens [B] for ``scores`` [B, V] (-inf: never drawn) of rows ``rows`` (indices into the seeds) at
+        ``step``."""
+        p = torch.softmax(scores.double() / self.temperature, dim=-1)
+        order = None
+        if self.top_p < 1:  # keep the most likely tokens until their mass reaches top_p
+            p, order = p.sort(dim=-1, descending=True)
+            p = p.masked_fill(p.cumsum(-1) - p >= self.top_p, 0.0)
+        cdf = p.cumsum(-1)
+        u = self.uniforms[rows, step].clamp(min=1e-300)[:, None] * cdf[:, -1:]  # in (0, total]
+        pick = torch.searchsorted(cdf, u).clamp(max=p.shape[-1] - 1)  # first entry whose cdf reaches u
+        return (pick if order is None else order.gather(-1, pick)).squeeze(-1)
 
 
 def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed: int = 0,
              row_seeds: list[int] | None = None) -> list[list[int]]:
     """Response ids for each prompt (in input order), ending with the stop token if one was generated.
-    Sampling: prompt i draws from its own stream, seeded ``row_seeds[i]`` (default ``seed * 1_000_003 + i``)."""
+    Sampling: prompt i draws from its own stream, seeded ``row_seeds[i]`` (default ``seed * 1_000_003 + i``).
+    Equal prompts (a GRPO group's) in one batch of ``cfg.batch_size`` rows are prefilled once and share their
+    keys and values (:mod:`deltalign.decoding`)."""
     cfg.validate()
     sync = _LOCKSTEP.get()
     if not prompt_ids and sync is None:
@@ -128,7 +139,8 @@ def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed:
     tok = backbone.tokenizer
     stops = stop_token_ids(tok)
     device = next(backbone.parameters()).device
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))  # longest first: OOM shows early
+    # longest first (an out-of-memory shows early), equal prompts next to each other
+    order = sorted(range(len(prompt_ids)), key=lambda i: (-len(prompt_ids[i]), prompt_ids[i]))
     out: list[list[int] | None] = [None] * len(prompt_ids)
     n_batches = math.ceil(len(order) / cfg.batch_size)
     all_done = None
@@ -140,46 +152,73 @@ def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed:
             idx = order[start:start + cfg.batch_size]
             if not idx:  # lockstep: the other processes still have rows; a dummy row keeps the forwards in step
                 one = torch.full((1, 1), tok.pad_token_id, dtype=torch.long, device=device)
-                decode_batch(backbone, one, torch.ones_like(one), cfg.max_new_tokens, stops, tok.pad_token_id,
-                             all_done=all_done)
+                decode_batch(backbone, one, torch.ones_like(one), torch.zeros(1, dtype=torch.long, device=device),
+                             cfg.max_new_tokens, stops, tok.pad_token_id, all_done=all_done)
                 continue
-            width = max(len(prompt_ids[i]) for i in idx)
-            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                n = len(prompt_ids[i])
-                ids[row, width - n:] = torch.tensor(prompt_ids[i], dtype=torch.long)
-                mask[row, width - n:] = 1
-            sampler = RowSampler([row_seeds[i] for i in idx], cfg.temperature, cfg.top_p) if cfg.temperature else None
-            new = decode_batch(backbone, ids.to(device), mask.to(device), cfg.max_new_tokens, stops, tok.pad_token_id,
-                               sampler, all_done)
+            distinct: list[list[int]] = []
+            src = []
+            for i in idx:
+                if not distinct or distinct[-1] != prompt_ids[i]:
+                    distinct.append(prompt_ids[i])
+                src.append(len(distinct) - 1)
+            width = len(distinct[0])
+            ids = torch.full((len(distinct), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(distinct), width), dtype=torch.long)
+            for row, p in enumerate(distinct):
+                ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[row, width - len(p):] = 1
+            sampler = RowSampler([row_seeds[i] for i in idx], cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                                 device) if cfg.temperature else None
+            new = decode_batch(backbone, ids.to(device), mask.to(device), torch.tensor(src, device=device),
+                               cfg.max_new_tokens, stops, tok.pad_token_id, sampler, all_done)
             for row, i in enumerate(idx):
                 out[i] = _cut(new[row].tolist(), stops)
     return out  # type: ignore[return-value]
 
 
-def decode_batch(backbone, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: list[int], pad: int,
-                 sampler: "RowSampler | None" = None, all_done: Callable[[bool], bool] | None = None) -> torch.Tensor:
-    """New tokens [B, <= max_new_tokens] for a left-padded batch: prefill, then one token a step from the KV cache.
+LEAVE_SHARE = 1 / 8
+"""Finished rows leave the decoding batch once they are at least this share of it (each removal copies the rows'
+cache; until then they decode padding)."""
+
+
+def decode_batch(backbone, ids: torch.Tensor, mask: torch.Tensor, src: torch.Tensor, max_new_tokens: int,
+                 stops: list[int], pad: int, sampler: "RowSampler | None" = None,
+                 all_done: Callable[[bool], bool] | None = None) -> torch.Tensor:
+    """New tokens [B, <= max_new_tokens] of rows continuing the left-padded distinct prompts ``ids`` [U, W] (row b
+    continues prompt ``src[b]``): one prefill per prompt, then one token a step (:mod:`deltalign.decoding`).
     Greedy over the logits with the pad token suppressed, or a draw by ``sampler``; a row that produced a stop
-    token gets pads after it; stops early once every row has (with ``all_done``: every row of every process)."""
+    token gets pads after it and leaves the batch; stops early once every row has (with ``all_done``: every row
+    of every process)."""
+    lm = backbone.causal_lm
+    delta = backbone.deltas[backbone.active] if backbone.active in backbone.deltas else None
     hidden, past = backbone.encode(ids, mask, cache=True)
+    logits = backbone.lm_logits(hidden[:, -1]).index_select(0, src)
+    del hidden
+    state = decoding.start(lm, past, src, max_new_tokens)
+    del past
+    B = len(src)
     stop = torch.tensor(stops, device=ids.device)
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    new = []
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=ids.device)
+    alive = torch.arange(B, device=ids.device)  # the batch's rows still decoding, by their index in the output
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)  # of the rows in `alive`
+    steps = 0
     for step in range(max_new_tokens):
-        scores = backbone.lm_logits(hidden[:, -1])
-        scores[:, pad] = float("-inf")  # the pad token is never generated: a pad id is always padding
-        if sampler is not None:
-            scores = sampler(None, scores)
-        token = scores.argmax(-1).masked_fill(done, pad)
-        new.append(token)
+        logits[:, pad] = float("-inf")  # the pad token is never generated: a pad id is always padding
+        token = logits.argmax(-1) if sampler is None else sampler.draw(logits, alive, step)
+        token = token.masked_fill(done, pad)
+        out[alive, step] = token
+        steps = step + 1
         done |= torch.isin(token, stop)
         finished = bool(done.all()) if all_done is None else all_done(bool(done.all()))
         if finished or step == max_new_tokens - 1:
             break
-        hidden, past = backbone.encode(token[:, None], torch.ones_like(token)[:, None], past=past)
-    return torch.stack(new, dim=1)
+        n_done = int(done.sum())
+        if n_done and n_done >= LEAVE_SHARE * len(alive) and n_done < len(alive):  # finished rows leave
+            keep = (~done).nonzero().flatten()
+            state.keep(keep)
+            alive, token, done = alive[keep], token[keep], done[keep]
+        logits = backbone.lm_logits(state.step(lm, delta, token)[:, -1])
+    return out[:, :steps]
 
 
 def _cut(ids: list[int], stops: list[int]) -> list[int]:
