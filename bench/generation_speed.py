@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load(model: str, seed: int = 0):
-    from deltalign.backbone import AdapterConfig, Backbone, ModelConfig
+    from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 
     b = Backbone.load(ModelConfig(path=model))
     torch.manual_seed(seed)
@@ -46,7 +46,7 @@ def load(model: str, seed: int = 0):
 
 
 def hh_prompts(tok, n: int, max_prompt_length: int = 192) -> list[list[int]]:
-    from deltalign.rollout import load_prompts
+    from deltalign.sampling.rollout import load_prompts
 
     cfg = SimpleNamespace(data=str(ROOT / "data/hh/train.jsonl"), eval_data="", split="train",
                           max_prompt_length=max_prompt_length, bad_rows="skip")
@@ -63,7 +63,7 @@ def cut(rows: list[list[int]], stops: list[int]) -> list[list[int]]:
 
 
 def hf_generate(b, rows: list[list[int]], new: int, sample: bool, seed: int) -> list[list[int]]:
-    from deltalign.generation import stop_token_ids
+    from deltalign.sampling.generation import stop_token_ids
 
     tok = b.tokenizer
     width = max(map(len, rows))
@@ -80,7 +80,7 @@ def hf_generate(b, rows: list[list[int]], new: int, sample: bool, seed: int) -> 
 
 
 def ours_generate(b, rows: list[list[int]], new: int, sample: bool, seed: int) -> list[list[int]]:
-    from deltalign.generation import GenerationConfig, generate
+    from deltalign.sampling.generation import GenerationConfig, generate
 
     cfg = GenerationConfig(max_new_tokens=new, temperature=1.0 if sample else 0.0, top_p=1.0, batch_size=len(rows))
     return generate(b, rows, cfg, row_seeds=[seed * 1000 + i for i in range(len(rows))])

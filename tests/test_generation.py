@@ -320,7 +320,7 @@ def test_greedy_tokens_equal_transformers_generate_with_groups_and_rows_leaving(
     lengths, the finished ones leaving the batch (LEAVE_SHARE 0: whenever one finishes); tokens equal transformers'
     greedy generate. sdpa decodes from the shared-prompt cache (its attention counted), eager from
     transformers' own cache."""
-    from deltalign import decoding, generation
+    from deltalign.sampling import decoding, generation
 
     b = lora_backbone(attn)
     ids = prompts(b)

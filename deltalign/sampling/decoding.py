@@ -1,6 +1,6 @@
 """The decoding loop's KV cache: each distinct prompt's keys and values once, each row's own tokens in place.
 
-:func:`deltalign.generation.generate` prefills every *distinct* prompt of a batch once (a GRPO group's G rows
+:func:`deltalign.sampling.generation.generate` prefills every *distinct* prompt of a batch once (a GRPO group's G rows
 share one prompt) and then decodes the rows one token a step. :func:`start` turns the prefill's cache into the
 state that the steps continue:
 

@@ -3,8 +3,8 @@
 :func:`generate` takes prompt token ids and returns response token ids: left-padded batches (prompts sorted by
 length to waste less padding, results returned in the input order), KV cache on, ``torch.no_grad()``, the backbone
 in eval mode for the call (each module's train/eval flag is restored afterwards). Each distinct prompt of a batch
-is prefilled once through :meth:`deltalign.backbone.Backbone.encode` (a GRPO group's G samples share it), then
-every row decodes one token a step from the cache of :mod:`deltalign.decoding` (the prompt's keys and values held
+is prefilled once through :meth:`deltalign.model.backbone.Backbone.encode` (a GRPO group's G samples share it), then
+every row decodes one token a step from the cache of :mod:`deltalign.sampling.decoding` (the prompt's keys and values held
 once for its rows), and a row that finished leaves the batch. Every delta method generates, prompt learning
 included (a prefix or soft prompt goes in front of the left padding), and greedy tokens equal a step-by-step
 argmax over full ``Backbone.forward`` passes and transformers' ``generate``. A response ends right after
@@ -34,9 +34,9 @@ from typing import Callable
 
 import torch
 
-from deltalign import decoding
-from deltalign.modes import eval_mode
-from deltalign.pipeline.config import setting
+from deltalign.sampling import decoding
+from deltalign.model.modes import eval_mode
+from deltalign.core.settings import setting
 from deltalign.data.tokenize import tokenize_prompt
 from deltalign.rewards.checker import score_batch
 
@@ -125,7 +125,7 @@ def generate(backbone, prompt_ids: list[list[int]], cfg: GenerationConfig, seed:
     """Response ids for each prompt (in input order), ending with the stop token if one was generated.
     Sampling: prompt i draws from its own stream, seeded ``row_seeds[i]`` (default ``seed * 1_000_003 + i``).
     Equal prompts (a GRPO group's) in one batch of ``cfg.batch_size`` rows are prefilled once and share their
-    keys and values (:mod:`deltalign.decoding`)."""
+    keys and values (:mod:`deltalign.sampling.decoding`)."""
     cfg.validate()
     sync = _LOCKSTEP.get()
     if not prompt_ids and sync is None:
@@ -185,7 +185,7 @@ def decode_batch(backbone, ids: torch.Tensor, mask: torch.Tensor, src: torch.Ten
                  stops: list[int], pad: int, sampler: "RowSampler | None" = None,
                  all_done: Callable[[bool], bool] | None = None) -> torch.Tensor:
     """New tokens [B, <= max_new_tokens] of rows continuing the left-padded distinct prompts ``ids`` [U, W] (row b
-    continues prompt ``src[b]``): one prefill per prompt, then one token a step (:mod:`deltalign.decoding`).
+    continues prompt ``src[b]``): one prefill per prompt, then one token a step (:mod:`deltalign.sampling.decoding`).
     Greedy over the logits with the pad token suppressed, or a draw by ``sampler``; a row that produced a stop
     token gets pads after it and leaves the batch; stops early once every row has (with ``all_done``: every row
     of every process)."""
