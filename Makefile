@@ -98,7 +98,9 @@ export: $(STAMP) $(MODEL)
 # Benchmark against TRL (bench/): TRL lives only in .bench-venv, built from bench/requirements.txt, never in
 # deltalign's dependencies. `make bench` = medians of 3 alternating fresh runs per side; `make bench QUICK=1` =
 # one run each, fewer steps (development). Results: bench/results/<date>-<time>[-quick].md and .json.
+# WORKLOAD=embedded|hh|0.5b (bench/common.py WORKLOADS): hh / 0.5b write bench/results/<workload>-<date>-<time>*.
 QUICK       ?=
+WORKLOAD    ?= embedded
 BENCH_STAMP := .bench-venv/.installed
 
 .PHONY: bench
@@ -111,4 +113,4 @@ $(BENCH_STAMP): bench/requirements.txt
 	touch $@
 
 bench: $(STAMP) $(MODEL) $(BENCH_STAMP)
-	$(PY) bench/run.py $(if $(filter 1 yes true,$(QUICK)),--quick)
+	$(PY) bench/run.py --workload $(WORKLOAD) $(if $(filter 1 yes true,$(QUICK)),--quick)

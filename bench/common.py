@@ -83,6 +83,9 @@ class Settings:
     """What ``--model`` said (``random:0.5b``), for the result files; empty = ``model``."""
     model_params: int = 0
     """Parameter count of a ``random:`` model (0: not recorded)."""
+    workload: str = "embedded"
+    """Which of :data:`WORKLOADS` (data, model): names the result files and the plans (bench/plan.py)."""
+    """Parameter count of a ``random:`` model (0: not recorded)."""
     device: str = "cpu"
     """``cpu`` or ``cuda``: where every child runs (ours: accelerate picks the GPU when there is one)."""
     dtype: str = "float32"
@@ -99,6 +102,9 @@ class Settings:
     ppo_steps: int = 3
     threads: int = 2
     lr: float = 1e-4
+    train_gradient_checkpointing: bool = False
+    """SFT, RM and DPO: activation checkpointing on both sides (ours ``model.gradient_checkpointing``, TRL's
+    ``gradient_checkpointing``); on for the 0.5b workload."""
     seed: int = 0
     sft_data: str = "embedded:sft_train"
     pref_data: str = "embedded:pref_train"
@@ -140,6 +146,38 @@ class Settings:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+HH = "data/hh/train.jsonl"
+WORKLOADS = {
+    "embedded": {},
+    "hh": {"sft_data": HH, "pref_data": HH, "max_length": 512, "batch_size": 8, "ppo_mini_batch_size": 8,
+           "max_new_tokens": 128, "max_prompt_length": 384},
+    "0.5b": {"sft_data": HH, "pref_data": HH, "max_length": 512, "batch_size": 4, "ppo_mini_batch_size": 4,
+             "max_new_tokens": 128, "max_prompt_length": 384, "train_gradient_checkpointing": True,
+             "model": "random:0.5b"},
+}
+"""``make bench WORKLOAD=...``: the settings a workload changes. ``embedded``: the synthetic task (short rows, the
+checker); ``hh``: real dialogues, the HH-harmless slice (data/hh/train.jsonl; SFT on prompt + chosen); ``0.5b``:
+the same dialogues on a random Llama of about half a billion parameters (SmolLM2's tokenizer; a GPU machine has
+no checkpoint to load), SFT / RM / DPO with activation checkpointing on both sides (without it TRL's DPO needs more
+than 24 GiB). Both HH workloads keep rows whole up to 512 tokens (prompts up to 384, 128 new tokens in PPO); the
+plan (bench/plan.py) takes only rows that fit, so no side truncates."""
+WORKLOAD_STAGES = {"embedded": ["sft", "rm", "dpo", "ppo", "grpo"], "hh": ["sft", "rm", "dpo", "ppo"],
+                   "0.5b": ["sft", "rm", "dpo", "ppo"]}
+"""The stages each workload runs by default: GRPO's reward is the embedded checker, which HH rows have no
+constraint for, so the HH workloads leave it out."""
+PLANNED = ("sft", "rm", "dpo", "ppo")
+"""Stages whose rows come from a batch plan (bench/plan.py); GRPO reads the workload's source (its checker needs
+the embedded rows' constraints)."""
+
+
+def data_for(stage: str, s: "Settings") -> str:
+    """The data a stage reads on every side: its plan file when run.py made one, else the workload's source."""
+    plan = s.extra.get("plans", {}).get(stage)
+    if plan:
+        return plan
+    return s.sft_data if stage == "sft" else s.pref_data
 
 
 def torch_dtype(name: str):

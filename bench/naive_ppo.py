@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Settings, StepTimer, emit, model_dims, set_threads, torch_dtype  # noqa: E402
+from common import ROOT, Settings, StepTimer, data_for, emit, model_dims, set_threads, torch_dtype  # noqa: E402
 from ours import ppo_work  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def main() -> int:
     opt = torch.optim.AdamW(params, lr=s.lr)
 
     # prompts
-    examples = prompt_examples(load_rows(s.pref_data), s.pref_data)
+    examples = prompt_examples(load_rows(data_for('ppo', s)), data_for('ppo', s))
     prompts = [tokenize_prompt(ex.prompt, tok, ex.conversational) for ex in examples]
     prompts = [p for p in prompts if len(p) <= s.max_prompt_length]
     g = torch.Generator().manual_seed(s.seed)

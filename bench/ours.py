@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, Settings, StepTimer, emit, model_dims, seq_flops, set_threads, tree_flops  # noqa: E402
+from common import (ROOT, Settings, StepTimer, data_for, emit, model_dims, seq_flops, set_threads,  # noqa: E402
+                    tree_flops)
 
 
 def overrides(stage: str, s: Settings) -> list[str]:
@@ -33,21 +34,23 @@ def overrides(stage: str, s: Settings) -> list[str]:
          f"{stage}.checkpoint_every=0", f"{stage}.log_every=1000", f"{stage}.eval_data="]
     lora = [f"{stage}.adapter.method=lora", f"{stage}.adapter.r={s.lora_r}", f"{stage}.adapter.alpha={s.lora_alpha}",
             f"{stage}.adapter.dropout={s.lora_dropout}", f"{stage}.adapter.target_modules={s.target_modules}"]
+    if stage in ("sft", "rm", "dpo"):
+        o.append(f"model.gradient_checkpointing={str(s.train_gradient_checkpointing).lower()}")
     if stage == "sft":
-        o += lora + [f"sft.data={s.sft_data}", f"sft.max_steps={s.steps}", f"sft.batch_size={s.batch_size}",
+        o += lora + [f"sft.data={data_for('sft', s)}", f"sft.max_steps={s.steps}", f"sft.batch_size={s.batch_size}",
                      f"sft.max_length={s.max_length}", "sft.eval_checker=false"]
     elif stage == "rm":
-        o += lora + [f"rm.data={s.pref_data}", f"rm.max_steps={s.steps}", f"rm.batch_size={s.batch_size}",
+        o += lora + [f"rm.data={data_for('rm', s)}", f"rm.max_steps={s.steps}", f"rm.batch_size={s.batch_size}",
                      f"rm.max_length={s.max_length}", "rm.init=fresh", f"rm.stats_pairs={s.batch_size}",
                      f"rm.eval_batch_size={s.batch_size}"]
     elif stage == "dpo":
         # reference = the base with adapters off and a fresh policy adapter: what TRL does with a peft model and
         # no ref_model, so both sides run the same reference forward every step
-        o += lora + [f"dpo.data={s.pref_data}", f"dpo.max_steps={s.steps}", f"dpo.batch_size={s.batch_size}",
+        o += lora + [f"dpo.data={data_for('dpo', s)}", f"dpo.max_steps={s.steps}", f"dpo.batch_size={s.batch_size}",
                      f"dpo.max_length={s.max_length}", "dpo.reference=base", "dpo.init=fresh", "dpo.loss=sigmoid",
                      f"dpo.beta={s.dpo_beta}", "dpo.nll_weight=0", "dpo.eval_checker=false"]
     elif stage == "ppo":
-        o += [f"ppo.data={s.pref_data}", f"ppo.max_steps={s.ppo_steps}", f"ppo.batch_size={s.batch_size}",
+        o += [f"ppo.data={data_for('ppo', s)}", f"ppo.max_steps={s.ppo_steps}", f"ppo.batch_size={s.batch_size}",
                      f"ppo.mini_batch_size={s.ppo_mini_batch_size}", f"ppo.ppo_epochs={s.ppo_epochs}",
                      f"ppo.max_prompt_length={s.max_prompt_length}", f"ppo.rollout.max_new_tokens={s.max_new_tokens}",
                      f"ppo.rollout.temperature={s.temperature}", "ppo.rollout.top_p=1.0",
@@ -57,7 +60,8 @@ def overrides(stage: str, s: Settings) -> list[str]:
     elif stage == "grpo":
         # the policy is a trainable copy of the (untrained) sft adapter; beta 0 (no reference forward), the
         # embedded checker as the only reward (no reward model loaded), one minibatch per pass, DAPO token loss
-        o += [f"grpo.data={s.pref_data}", f"grpo.max_steps={s.grpo_steps}", f"grpo.batch_size={s.grpo_batch_size}",
+        o += [f"grpo.data={data_for('grpo', s)}", f"grpo.max_steps={s.grpo_steps}",
+              f"grpo.batch_size={s.grpo_batch_size}",
               f"grpo.num_generations={s.grpo_num_generations}", f"grpo.grpo_epochs={s.grpo_epochs}",
               "grpo.mini_batch_size=0", f"grpo.max_prompt_length={s.max_prompt_length}",
               f"grpo.rollout.max_new_tokens={s.max_new_tokens}", f"grpo.rollout.temperature={s.temperature}",
@@ -247,6 +251,10 @@ def main() -> int:
     timer = StepTimer()
     dims = model_dims(s.model)
     install_hooks(args.stage, timer, dims, s, cfgs[args.stage])
+    if s.extra.get("plans", {}).get(args.stage):  # the plan's batches, in its order (bench/plan.py)
+        import plan
+
+        plan.follow(args.stage)
     from deltalign.pipeline.graph import stage_module
 
     upstream = {}

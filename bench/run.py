@@ -38,7 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RANDOM_PREFIX, ROOT, Settings, parse_result, spawn  # noqa: E402
+from common import (PLANNED, RANDOM_PREFIX, ROOT, WORKLOAD_STAGES, WORKLOADS, Settings, parse_result,  # noqa: E402
+                    spawn)
 
 BENCH = ROOT / "bench"
 
@@ -310,6 +311,35 @@ def work_notes(raw: dict, s: Settings) -> list[str]:
     return out
 
 
+def data_label(s: Settings) -> str:
+    src = s.sft_data if s.sft_data == s.pref_data else f"{s.sft_data} / {s.pref_data}"
+    return src.replace("embedded:", "embedded ") + (", activation checkpointing in SFT / RM / DPO on both sides"
+                                                     if s.train_gradient_checkpointing else "")
+
+
+def plan_note(s: Settings) -> str:
+    """One sentence on the batch plans this run used (bench/plan.py), for the result file."""
+    stats = s.extra.get("plan_stats") or {}
+    if not stats:
+        return ""
+    each = "; ".join(f"{k}: {v['steps']} x {v['batch']} rows of {v['rows_fit']} that fit {v['limit']} tokens "
+                     f"(mean {v['mean_length']:.0f})" for k, v in stats.items())
+    return (" Every side trains the same rows in the same batches in the same order (bench/plan.py; PPO: the same "
+            f"prompts, TRL's own sampling order): {each}.")
+
+
+def result_tag(workload: str, device: str, model: str) -> str:
+    """The prefix of a run's result files: empty for the default run (embedded, cpu, SmolLM2: the main table's
+    ``<date>-<time>``); ``<workload>-`` for another workload on its default model and the cpu; else
+    ``[<workload>-]<device>-<model>-``. Only the empty prefix gives a name docs/refresh.py takes for the main table
+    ([0-9]*.json); ``hh-[0-9]*.json`` is the hh table's."""
+    wl = "" if workload == "embedded" else f"{workload}-"
+    if device == "cpu" and model == WORKLOADS[workload].get("model", DEFAULT_MODEL):
+        return wl
+    slug = model.replace(RANDOM_PREFIX, "random-").strip("/").replace("/", "-")
+    return f"{wl}{device}-{slug}-"
+
+
 # --- main -------------------------------------------------------------------------------------------------------
 
 def main() -> int:
@@ -324,21 +354,28 @@ def main() -> int:
                                                                  "untimed (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all usable cores)")
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--workload", choices=list(WORKLOADS), default="embedded",
+                    help="what the stages train on: embedded (the synthetic task), hh (HH-harmless dialogues, "
+                         "data/hh/train.jsonl) or 0.5b (the dialogues on a random ~0.5B Llama); bench/common.py")
+    ap.add_argument("--stages", default=None, help="default: the workload's (bench/common.py WORKLOAD_STAGES)")
     ap.add_argument("--no-trl", action="store_true", help="run our side only")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="where every child runs: cpu (float32, the default) or cuda (bfloat16 on both sides)")
-    ap.add_argument("--model", default=DEFAULT_MODEL,
+    ap.add_argument("--model", default=None,
                     help=f"checkpoint directory (default {DEFAULT_MODEL}) or random:SIZE, a random Llama of about "
                          "SIZE parameters (tiny, 0.1b, 0.5b, ...) with SmolLM2's tokenizer, built once under "
                          "bench/.cache (rule: bench/common.py random_shape)")
     ap.add_argument("--out", default=str(BENCH / "results"))
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     args = ap.parse_args()
+    wl = WORKLOADS[args.workload]
+    args.model = args.model or wl.get("model", DEFAULT_MODEL)
+    args.stages = args.stages or ",".join(WORKLOAD_STAGES[args.workload])
 
     runs = args.runs or (1 if args.quick else 3)
     s = Settings(threads=args.threads or len(os.sched_getaffinity(0)), device=args.device,
-                 dtype="bfloat16" if args.device == "cuda" else "float32", model=args.model, model_name=args.model)
+                 dtype="bfloat16" if args.device == "cuda" else "float32", model=args.model, model_name=args.model,
+                 workload=args.workload, **{k: v for k, v in wl.items() if k != "model"})
     if args.quick:  # development: one run per side, a smaller batch and a lighter PPO step (both sides alike)
         s = dataclasses.replace(s, **QUICK)
     s.steps = args.steps or s.steps
@@ -359,9 +396,7 @@ def main() -> int:
         print(f"[bench] TRL's side will not run: {trl_skip}", file=sys.stderr, flush=True)
 
     started = dt.datetime.now(dt.timezone.utc)
-    default = args.device == "cpu" and args.model == DEFAULT_MODEL
-    slug = args.model.replace(RANDOM_PREFIX, "random-").strip("/").replace("/", "-")
-    tag = "" if default else f"{args.device}-{slug}-"  # never a name docs/refresh.py takes ([0-9]*.json)
+    tag = result_tag(args.workload, args.device, args.model)
     stamp = tag + started.strftime("%Y-%m-%d-%H%M") + ("-quick" if args.quick else "")
     logs = BENCH / ".cache" / "logs" / stamp
     load_before = os.getloadavg()
@@ -373,6 +408,16 @@ def main() -> int:
                   file=sys.stderr)
             return 2
         s.model, s.model_params = built["path"], built["n_params"]
+    planned = [x for x in stages if x in PLANNED]
+    if planned:  # the rows and batches every side trains on (bench/plan.py), made once per settings
+        made = run_child([OURS_PY, str(BENCH / "plan.py"), "--settings", s.to_json(), "--stages", ",".join(planned)],
+                         logs / "plan.log", args.timeout)
+        if "error" in made:
+            print(f"[bench] could not make the batch plans: {made['error']}\n{made.get('log_tail', '')}",
+                  file=sys.stderr)
+            return 2
+        s.extra["plans"] = {k: v["path"] for k, v in made["plans"].items()}
+        s.extra["plan_stats"] = made["plans"]
     info = machine(args.device, trl=not trl_skip)
     print(f"[bench] {info['cpu']}, {info['usable_cpus']} cpus, {info['ram_gb']} GB"
           + (f", {info['gpu']}" if "gpu" in info else "") + f"; device={s.device}, model={model_label(s)}, "
@@ -438,7 +483,9 @@ def main() -> int:
     peak_what = (f"bf16 matmul peak ({gpu['name'] if gpu else 'GPU'})" if s.device == "cuda"
                  else f"{'fp32' if s.dtype == 'float32' else s.dtype} matmul peak ({s.threads} thread(s))")
     md = [f"# deltalign vs TRL{' ' + trl_v if trl_v else ''} — {started:%Y-%m-%d %H:%M} UTC" + (" (QUICK mode)" if args.quick else "")
-          + ("" if default else f" — {s.device}, {model_label(s)}, {s.dtype}"),
+          + ("" if not tag else f" — {s.workload}, {s.device}, {model_label(s)}, {s.dtype}"),
+          "",
+          f"Workload: **{s.workload}** (bench/common.py WORKLOADS)." + plan_note(s),
           "",
           f"Device: **{s.device}**" + (f" ({gpu['name']}, {gpu['memory_gb']} GB)" if gpu else "")
           + f". Model: **{model_label(s)}** (`{s.model}`). Dtype: **{s.dtype}** (both sides).",
@@ -451,7 +498,7 @@ def main() -> int:
           f"{max(loads, default=0):.2f} / {load_after[0]:.2f}"
           + (" — **other work was running: these numbers are contended**" if contended else "") + ".",
           "",
-          f"Same model ({model_label(s)}, {s.dtype}), data (embedded sft_train / pref_train), LoRA r={s.lora_r} "
+          f"Same model ({model_label(s)}, {s.dtype}), data ({data_label(s)}), LoRA r={s.lora_r} "
           f"alpha={s.lora_alpha} dropout={s.lora_dropout} on {s.target_modules}, batch {s.batch_size} "
           f"(rows / pairs / prompts), max length {s.max_length}, {s.steps} steps per process "
           f"(PPO {s.ppo_steps}; the first step of each is warm-up, not timed), {s.threads} thread(s); "

@@ -8,7 +8,8 @@ accelerate versions as deltalign's ``.venv``). TRL is never imported by deltalig
 What is matched to our side (``bench/common.py`` Settings): the checkpoint (fp32), LoRA rank / alpha / dropout /
 targets (``all-linear``), rows or pairs per optimizer step, max sequence length, optimizer steps, learning rate,
 AdamW (``adamw_torch``), grad-norm clipping 1.0, CPU threads. TRL defaults that differ from ours and would change
-the work done are turned back: ``gradient_checkpointing=False`` (TRL's SFT/DPO/Reward configs default to True),
+the work done are turned back: ``gradient_checkpointing=False`` unless the workload sets it (TRL's SFT/DPO/Reward
+configs default to True),
 ``bf16=False`` on cpu (TRL defaults to True; on ``--device cuda`` runs the base is loaded in bf16 and
 ``bf16=True``, as ours runs a bf16 base there), no packing, no padding-free. Dropout: TRL's reward and DPO trainers
 switch it off by default (``disable_dropout=True``), as ours do (``rm/dpo.disable_dropout``); SFT keeps it on both
@@ -35,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (ROOT, Settings, StepTimer, emit, model_dims, pref_rows_for_trl, seq_flops,  # noqa: E402
+from common import (ROOT, Settings, StepTimer, data_for, emit, model_dims, pref_rows_for_trl, seq_flops,  # noqa: E402
                     set_threads, sft_rows_for_trl, torch_dtype)
 
 
@@ -62,7 +63,8 @@ def lora(s: Settings, task_type: str = "CAUSAL_LM"):
 def common_args(s: Settings, out: str) -> dict:
     return dict(output_dir=out, max_steps=s.steps, per_device_train_batch_size=s.batch_size,
                 gradient_accumulation_steps=1, learning_rate=s.lr, lr_scheduler_type="cosine", warmup_steps=0.05,
-                optim="adamw_torch", max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=False,
+                optim="adamw_torch", max_grad_norm=1.0, weight_decay=0.0,
+                gradient_checkpointing=s.train_gradient_checkpointing,
                 bf16=s.dtype == "bfloat16", fp16=False, use_cpu=s.device == "cpu", logging_steps=1000, save_strategy="no", eval_strategy="no",
                 report_to="none", seed=s.seed, dataloader_num_workers=0, disable_tqdm=False)
 
@@ -77,10 +79,17 @@ def timing_callback(timer: StepTimer):
     return Timing()
 
 
-def counting(trainer_cls, timer: StepTimer, dims: dict, kind: str):
+def counting(trainer_cls, timer: StepTimer, dims: dict, kind: str, planned: bool = False):
     """``trainer_cls`` with ``training_step`` counting the real tokens (and model FLOPs) of every batch."""
 
     class Counting(trainer_cls):
+        def _get_train_sampler(self, *a, **k):  # a plan (bench/plan.py): its rows in file order, B a step
+            if planned:
+                from torch.utils.data import SequentialSampler
+
+                return SequentialSampler(self.train_dataset)
+            return super()._get_train_sampler(*a, **k)
+
         def training_step(self, model, inputs, *a, **k):
             L = [int(x) for x in inputs["attention_mask"].sum(1).tolist()]
             if kind == "sft":
@@ -116,8 +125,8 @@ def run_sft(s: Settings, timer: StepTimer, dims: dict, out: str) -> None:
     tok = tokenizer(s)
     args = SFTConfig(**common_args(s, out), max_length=s.max_length, packing=False, padding_free=False,
                      completion_only_loss=True)
-    trainer = counting(SFTTrainer, timer, dims, "sft")(
-        model=load_lm(s), args=args, train_dataset=Dataset.from_list(sft_rows_for_trl(s.sft_data)),
+    trainer = counting(SFTTrainer, timer, dims, "sft", planned=bool(s.extra.get("plans", {}).get("sft")))(
+        model=load_lm(s), args=args, train_dataset=Dataset.from_list(sft_rows_for_trl(data_for('sft', s))),
         processing_class=tok, peft_config=lora(s), callbacks=[timing_callback(timer)])
     trainer.train()
 
@@ -128,8 +137,8 @@ def run_rm(s: Settings, timer: StepTimer, dims: dict, out: str) -> None:
 
     tok = tokenizer(s)
     args = RewardConfig(**common_args(s, out), max_length=s.max_length, disable_dropout=True)
-    trainer = counting(RewardTrainer, timer, dims, "rm")(
-        model=load_seq_cls(s, tok), args=args, train_dataset=Dataset.from_list(pref_rows_for_trl(s.pref_data)),
+    trainer = counting(RewardTrainer, timer, dims, "rm", planned=bool(s.extra.get("plans", {}).get("rm")))(
+        model=load_seq_cls(s, tok), args=args, train_dataset=Dataset.from_list(pref_rows_for_trl(data_for('rm', s))),
         processing_class=tok, peft_config=lora(s, "SEQ_CLS"), callbacks=[timing_callback(timer)])
     trainer.train()
 
@@ -141,9 +150,9 @@ def run_dpo(s: Settings, timer: StepTimer, dims: dict, out: str) -> None:
     tok = tokenizer(s)
     args = DPOConfig(**common_args(s, out), max_length=s.max_length, beta=s.dpo_beta, loss_type=["sigmoid"],
                      precompute_ref_log_probs=False, disable_dropout=True, padding_free=False)
-    trainer = counting(DPOTrainer, timer, dims, "dpo")(
+    trainer = counting(DPOTrainer, timer, dims, "dpo", planned=bool(s.extra.get("plans", {}).get("dpo")))(
         model=load_lm(s), ref_model=None, args=args,
-        train_dataset=Dataset.from_list(pref_rows_for_trl(s.pref_data)), processing_class=tok,
+        train_dataset=Dataset.from_list(pref_rows_for_trl(data_for('dpo', s))), processing_class=tok,
         peft_config=lora(s), callbacks=[timing_callback(timer)])
     trainer.train()
 
@@ -161,7 +170,7 @@ def run_ppo(s: Settings, timer: StepTimer, dims: dict, out: str) -> None:
     from ours import ppo_work
 
     tok = tokenizer(s, padding_side="left")
-    rows = pref_rows_for_trl(s.pref_data)
+    rows = pref_rows_for_trl(data_for('ppo', s))
     ids = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True) for r in rows]
     ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in ids]
     ids = [x for x in ids if len(x) <= s.max_prompt_length]
@@ -228,7 +237,7 @@ def run_grpo(s: Settings, timer: StepTimer, dims: dict, out: str) -> dict:
 
     G, E = s.grpo_num_generations, s.grpo_epochs
     tok = tokenizer(s, padding_side="left")
-    rows = pref_rows_for_trl(s.pref_data)
+    rows = pref_rows_for_trl(data_for('grpo', s))
 
     def n_tokens(prompt) -> int:
         x = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
