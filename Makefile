@@ -85,9 +85,10 @@ methods: $(STAMP) $(MODEL)
 bench-scale: $(STAMP) $(MODEL)
 	$(PY) bench/scale.py $(if $(filter 1 yes true,$(QUICK)),--quick)
 
-# Rewrite the figures in README.md and docs/*.md from the result files (docs/results/, bench/results/).
+# Rewrite the figures in README.md and docs/*.md from the result files (docs/results/, bench/results/);
+# DEMO=runs/demo first copies that run's record (written by `make demo`) into docs/results/.
 docs:
-	$(PY) docs/refresh.py
+	$(PY) docs/refresh.py $(if $(DEMO),--publish $(DEMO))
 
 # Merge the most recently finished policy (of ppo, grpo, dpo; else sft; SET=export.policy=sft to choose) and the reward model
 # into standalone HF model directories in <run>/export/ (re-exports when a stage changed). Then try it:

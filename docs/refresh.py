@@ -8,10 +8,11 @@ A generated block in a markdown file reads::
 
 and NAME is one of :data:`GENERATORS`, each reading one kind of result file:
 
-* ``demo``: ``docs/results/demo.json``, written by ``make demo`` (``--record-demo RUN_DIR`` below): the held-out
+* ``demo``: ``docs/results/demo.json``, the record ``make demo`` writes into its run folder (``--record-demo
+  RUN_DIR`` below: ``RUN_DIR/demo.json``), copied here by ``make docs DEMO=runs/demo`` (``--publish``): the held-out
   comparison table ``python -m deltalign eval`` printed, with stage wall times, machine and commit;
 * ``rl``: ``docs/results/rl.json``, the same after ``make ppo grpo eval CONFIG=configs/demo.yaml RUN=runs/demo``
-  on the demo run (``--record-demo runs/demo --name rl``);
+  on the demo run (``--record-demo runs/demo --name rl``, then ``--publish runs/demo --name rl``);
 * ``bench``: the newest full (not QUICK) ``bench/results/*.json`` of ``make bench``: the table vs TRL;
 * ``bench-steps``: the same file's seconds per optimizer step of our SFT and DPO;
 * ``zero-memory``: the predicted memory per GPU under each ZeRO stage, computed from parameter counts;
@@ -202,8 +203,9 @@ GENERATORS = {"demo": demo, "rl": lambda: demo("rl"), "bench": bench, "bench-ste
 
 # --- recording and rewriting ------------------------------------------------------------------------------------
 
-def record_demo(run_dir: Path, wall_s: float | None, name: str = "demo") -> None:
-    """Write docs/results/<name>.json from a finished run directory on which ``eval`` ran."""
+def record_demo(run_dir: Path, wall_s: float | None, name: str = "demo") -> Path:
+    """Write ``<run_dir>/<name>.json`` from a finished run directory on which ``eval`` ran; nothing outside the run
+    directory changes (``make demo`` leaves ``git status`` clean). :func:`publish` copies it into the docs."""
     table = json.loads((run_dir / "eval_table.json").read_text())
     stage_wall, stage_peak = {}, {}
     for stage in ("sft", "rm", "dpo", "ppo", "grpo", "export"):
@@ -216,14 +218,22 @@ def record_demo(run_dir: Path, wall_s: float | None, name: str = "demo") -> None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     rows = {k: {x: v for x, v in row.items() if x != "samples"} for k, row in table.items()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for png in sorted((run_dir / "plots").glob("*.png")):  # the training curves the eval command drew
-        shutil.copyfile(png, RESULTS / f"{name}-{png.name}")
-    (RESULTS / f"{name}.json").write_text(json.dumps({
+    out = run_dir / f"{name}.json"
+    out.write_text(json.dumps({
         "table": rows, "n_prompts": next(iter(rows.values()))["n"], "stage_wall_s": stage_wall,
         "stage_peak_gib": stage_peak, "wall_s": wall_s,
         "machine": machine(), "commit": commit, "date": time.strftime("%Y-%m-%d"),
     }, indent=1) + "\n")
+    return out
+
+
+def publish(run_dir: Path, name: str = "demo") -> None:
+    """A maintainer's step (``make docs DEMO=<run>``): copy a run's record and its training curves into
+    docs/results/, where the generated blocks read them."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / f"{name}.json", RESULTS / f"{name}.json")
+    for png in sorted((run_dir / "plots").glob("*.png")):  # the training curves the eval command drew
+        shutil.copyfile(png, RESULTS / f"{name}-{png.name}")
 
 
 def refresh(check: bool = False) -> list[str]:
@@ -242,12 +252,18 @@ def refresh(check: bool = False) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 if a generated block is not current")
-    p.add_argument("--record-demo", metavar="RUN_DIR", help="record a finished demo run first")
+    p.add_argument("--record-demo", metavar="RUN_DIR",
+                   help="write RUN_DIR/<name>.json from a finished demo run (and nothing else)")
+    p.add_argument("--publish", metavar="RUN_DIR", help="copy RUN_DIR's record into docs/results/ first")
     p.add_argument("--wall", type=float, help="total wall seconds of the run (with --record-demo)")
     p.add_argument("--name", default="demo", help="results name: docs/results/<name>.json (with --record-demo)")
     args = p.parse_args(argv)
     if args.record_demo:
-        record_demo(Path(args.record_demo), args.wall, args.name)
+        print(f"recorded {record_demo(Path(args.record_demo), args.wall, args.name)} (`make docs DEMO="
+              f"{args.record_demo}` puts it in the docs)")
+        return 0
+    if args.publish:
+        publish(Path(args.publish), args.name)
     stale = refresh(check=args.check)
     if args.check and stale:
         print(f"generated blocks out of date in {', '.join(stale)}: run `make docs`", file=sys.stderr)

@@ -57,9 +57,15 @@ def test_a_recorded_demo_carries_each_stage_wall_time_and_peak_memory(tmp_path, 
                                                                 "peak_memory": {"host_gib": peak}}))
     row = {"checker_score": 0.5, "kl_to_reference": 0.1, "mean_response_tokens": 10.0, "n": 4}
     (run / "eval_table.json").write_text(json.dumps({"base": row, "sft": row}))
+    (run / "plots").mkdir()
+    (run / "plots" / "sft.png").write_bytes(b"png")
     refresh.record_demo(run, 300.0, "x")
-    recorded = json.loads((tmp_path / "results" / "x.json").read_text())
+    assert not (tmp_path / "results").exists()  # `make demo` changes no tracked file: the record stays in the run
+    recorded = json.loads((run / "x.json").read_text())
     assert recorded["stage_peak_gib"] == {"sft": 2.25, "dpo": 2.5}
+    refresh.publish(run, "x")  # `make docs DEMO=<run>`: a maintainer's step
+    assert json.loads((tmp_path / "results" / "x.json").read_text()) == recorded
+    assert (tmp_path / "results" / "x-sft.png").read_bytes() == b"png"
     block = refresh.demo("x")
     assert "Stage wall times: sft 2.0 min, dpo 1.7 min" in block
     assert "peak memory per stage (host): sft 2.25 GiB, dpo 2.50 GiB" in block
