@@ -21,24 +21,27 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["sft", "rm", "dpo", "ppo", "grpo"]
+STAGES = ["sft", "rm", "dpo", "ppo", "grpo", "kto"]
 COMMON = ["--config", "configs/tiny.yaml",
           *[x for s in STAGES for x in ("--set", f"{s}.max_steps=3", "--set", f"{s}.lr=2e-4")],
           "--set", "sft.adapter.dropout=0", "--set", "rm.adapter.dropout=0",  # dropout RNG differs per process
           "--set", "sft.eval_limit=4", "--set", "dpo.eval_limit=4", "--set", "rm.stats_pairs=16",
           "--set", "dpo.eval_checker=false", "--set", "ppo.eval_limit=4", "--set", "grpo.eval_limit=4",
+          "--set", "kto.eval_limit=4", "--set", "kto.eval_checker=false",
           # GRPO scored by the reward model (the checker gives the tiny model's bytes 0: no signal), with the KL term
           "--set", "grpo.rm_weight=1.0", "--set", "grpo.rules.checker=0", "--set", "grpo.beta=0.05",
           "--set", "grpo.num_generations=2"]
 # 1 process x 2 micro-batches == 2 processes x 1. PPO and GRPO (a step is one rollout batch per process): the data is
 # 8 prompts, so every step rolls out all 8 -- one batch of 8 in one process, 4 + 4 in two; rollouts are seeded per
 # prompt, so they are the same; one minibatch per update (the whole batch), two updates per step.
-SINGLE = [*[x for s in STAGES[:3] for x in ("--set", f"{s}.grad_accum=2")],
+SINGLE = [*[x for s in ("sft", "rm", "dpo", "kto") for x in ("--set", f"{s}.grad_accum=2")],
           "--set", "ppo.batch_size=8", "--set", "ppo.mini_batch_size=8", "--set", "grpo.batch_size=8"]
 MULTI = ["--set", "ppo.batch_size=4", "--set", "ppo.mini_batch_size=4", "--set", "grpo.batch_size=4"]
 COMPARED = {"sft": ["loss", "grad_norm"], "rm": ["loss", "grad_norm"], "dpo": ["loss", "grad_norm"],
             "ppo": ["policy_loss", "value_loss", "grad_norm", "score", "kl", "response_length", "entropy"],
-            "grpo": ["policy_loss", "grad_norm", "score", "kl", "response_length", "entropy", "zero_std"]}
+            "grpo": ["policy_loss", "grad_norm", "score", "kl", "response_length", "entropy", "zero_std"],
+            # KTO's reference point is a mean over the step's rows on every process, so it is the same split 1 x 2 or 2 x 1
+            "kto": ["loss", "grad_norm", "kl"]}
 # GRPO's score is the reward model's, normalised by its saved std: ZeRO-3 scores 4-row batches from differently
 # blocked matmuls than one process's 8-row batches (measured: 3e-5 relative)
 REL = {("grpo", "score"): 1e-4}
@@ -289,7 +292,7 @@ KILLS = [("sft", ["sft"]), ("dpo", ["sft", "rm", "dpo"]), ("ppo", ["sft", "rm", 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One single-process run and one 2-process run per ZeRO stage, each of sft -> rm -> dpo -> ppo -> grpo (3
+    """One single-process run and one 2-process run per ZeRO stage, each of sft -> rm -> dpo -> ppo -> grpo -> kto (3
     steps each). Both 2-process runs checkpoint selectively (the reference not at all): ZeRO-3's weight gathers
     inside the checkpointed layers replay where the backward puts them (deltalign/model/recompute.py); the
     ZeRO-3 run is killed three times before it completes: at sft's step 3 (after the step-2 checkpoint), then --
