@@ -33,6 +33,16 @@ def batch(tiny_backbone):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def tensor_storages(shape=None) -> set[int]:
+    """The storages of every live tensor (of ``shape``). ``type(t)``, not ``isinstance``: isinstance reads
+    ``__class__``, which torch's deprecated module aliases (``torch.distributed.reduce_op``) answer with a warning."""
+    import gc
+
+    gc.collect()
+    return {t.untyped_storage().data_ptr() for t in gc.get_objects()
+            if issubclass(type(t), torch.Tensor) and (shape is None or t.shape == shape)}
+
+
 def run_cli(args, env=None, check=True):
     """Run `python -m deltalign ...` in a subprocess (as a user would)."""
     import subprocess

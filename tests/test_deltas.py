@@ -243,7 +243,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(method, batch):
         bb.add_adapter("d", cfg(method))
         nudge(bb, "d")
         bb.train()
-        assert bb.causal_lm.is_gradient_checkpointing == bool(checkpointing)
+        assert bb.causal_lm.is_activation_checkpointing == bool(checkpointing)
         logits_, targets, _ = labelled_logits(bb, bb, batch)
         sft_loss_sum(logits_, targets)[0].backward()
         grads.append({n: p.grad.clone() for n, p in bb.adapter_parameters("d").items()})

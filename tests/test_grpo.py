@@ -2,7 +2,6 @@
 zero-variance groups counted and resampled, only the policy delta trains, and a killed run resumes to the same
 adapter."""
 
-import gc
 import hashlib
 import json
 import os
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, tensor_storages
 from deltalign.sampling import rollout
 from deltalign.model.backbone import Backbone, ModelConfig
 from deltalign.data.sharing import share_prefixes
@@ -67,19 +66,14 @@ def test_config_rules():
 
 
 def test_one_backbone_holds_every_role_and_only_what_is_needed(upstream):
-    def storages(shape=None):
-        gc.collect()
-        return {t.untyped_storage().data_ptr() for t in gc.get_objects()
-                if isinstance(t, torch.Tensor) and (shape is None or t.shape == shape)}
-
     # tensors alive before do not count: under pytest, a traceback kept from an import inside the fixture's
     # first add_adapter can hold the fixture's backbone (test_ppo's version fails when run on its own)
-    before = storages()
+    before = tensor_storages()
     bb, rm = grpo.load_roles(grpo.Config(**FAST, rm_weight=1.0, beta=0.1), TINY, upstream)
     assert sorted(bb.adapters) == ["grpo", "rm", "sft"] and bb.active == "grpo"
     assert sorted(bb.heads) == ["rm"] and rm.backbone is bb  # no critic
     embed = bb.causal_lm.get_input_embeddings().weight
-    assert storages(embed.shape) - before == {embed.untyped_storage().data_ptr()}  # one copy of the base weights
+    assert tensor_storages(embed.shape) - before == {embed.untyped_storage().data_ptr()}  # one copy of the base weights
     for name, trainable in [("sft", False), ("rm", False), ("grpo", True)]:
         assert all(p.requires_grad == trainable for p in bb.adapter_parameters(name).values()), name
     assert not any(p.requires_grad for p in bb.heads["rm"].parameters())

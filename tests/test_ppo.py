@@ -1,7 +1,6 @@
 """PPO: four roles on one backbone, rollout tensors, composite rewards, training touches only policy and critic,
 and a killed run resumes to the same result."""
 
-import gc
 import hashlib
 import json
 import shutil
@@ -10,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, tensor_storages
 from deltalign.model.backbone import Backbone, ModelConfig
 from deltalign.model.labelled import response_logprobs
 from deltalign.data.batching import pad_batch
@@ -62,19 +61,14 @@ def test_explained_variance_hand_values():
 
 
 def test_one_backbone_holds_all_four_roles(upstream):
-    def storages(shape=None):
-        gc.collect()
-        return {t.untyped_storage().data_ptr() for t in gc.get_objects()
-                if isinstance(t, torch.Tensor) and (shape is None or t.shape == shape)}
-
     # tensors alive before do not count: a traceback kept by pytest from an import inside the fixture can hold the
     # fixture's own backbone, depending on which tests ran first
-    before = storages()
+    before = tensor_storages()
     bb, rm = ppo.load_roles(ppo.Config(**FAST), TINY, upstream)
     assert sorted(bb.adapters) == ["critic", "ppo", "rm", "sft"] and bb.active == "ppo"
     assert sorted(bb.heads) == ["critic", "rm"] and rm.backbone is bb
     embed = bb.causal_lm.get_input_embeddings().weight
-    assert storages(embed.shape) - before == {embed.untyped_storage().data_ptr()}  # one copy of the base weights
+    assert tensor_storages(embed.shape) - before == {embed.untyped_storage().data_ptr()}  # one copy of the base weights
     for name, trainable in [("sft", False), ("rm", False), ("ppo", True), ("critic", True)]:
         assert all(p.requires_grad == trainable for p in bb.adapter_parameters(name).values()), name
     # the critic starts as the normalised reward: (w.h + b - mean) / std, with mean 0.5 and std 2

@@ -547,7 +547,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(batch):
         bb = Backbone.load(ModelConfig(path="tiny", gradient_checkpointing=gc))
         bb.add_adapter("sft", AdapterConfig(r=4, alpha=8, dropout=0.0))
         bb.train()
-        assert bb.causal_lm.is_gradient_checkpointing == gc
+        assert bb.causal_lm.is_activation_checkpointing == gc
         logits, targets, _ = labelled_logits(bb, bb, batch)
         sft_loss_sum(logits, targets)[0].backward()
         grads.append({n: p.grad.clone() for n, p in bb.adapter_parameters("sft").items() if p.requires_grad})

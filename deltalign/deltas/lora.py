@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deltalign.core.quiet import peft_wrapping
 from deltalign.deltas.config import AdapterConfig
 from deltalign.core.atomic import crash_point, save_tensors
 
@@ -41,7 +42,8 @@ def add(model, name: str, config):
     from peft import get_peft_model
 
     if not hasattr(model, "peft_config"):
-        return get_peft_model(model, config, adapter_name=name)
+        with peft_wrapping():
+            return get_peft_model(model, config, adapter_name=name)
     model.add_adapter(name, config)
     return model
 
@@ -51,7 +53,8 @@ def load(model, name: str, path: Path, trainable: bool):
     from peft import PeftModel
 
     if not hasattr(model, "peft_config"):
-        return PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
+        with peft_wrapping():
+            return PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
     model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
     return model
 

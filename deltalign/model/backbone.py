@@ -97,7 +97,7 @@ def load_base(cfg: ModelConfig):
     model.eval()  # no dropout in the frozen base; adapters have their own dropout switched by train()
     if cfg.gradient_checkpointing:
         kwargs = checkpointing_kwargs(cfg.gradient_checkpointing)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         model.enable_input_require_grads()
     return model, load_tokenizer(path, cfg.trust_remote_code)
 

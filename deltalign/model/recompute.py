@@ -70,7 +70,7 @@ def _keep_frozen_matmuls() -> tuple[_Keep, _Reuse]:
 
 
 def checkpointing_kwargs(mode: bool | str) -> dict:
-    """``gradient_checkpointing_kwargs`` for transformers' ``gradient_checkpointing_enable`` in ``mode``."""
+    """``activation_checkpointing_kwargs`` for transformers' ``activation_checkpointing_enable`` in ``mode``."""
     kwargs: dict = {"use_reentrant": False}
     if mode == "selective":
         kwargs["context_fn"] = _keep_frozen_matmuls
