@@ -97,7 +97,7 @@ def check_target_modules(cfgs: dict, plan: list[str]) -> None:
     from deltalign.model.backbone import resolve_path
 
     planned = [(f"{n}.{field}", a.target_modules) for n in plan for field in ("adapter", "critic_adapter")
-               if (a := getattr(cfgs[n], field, None)) is not None and getattr(a, "method", "") in ("lora", "dora", "ia3")
+               if getattr(a := getattr(cfgs[n], field, None), "method", "") in ("lora", "dora", "ia3")
                and a.target_modules != "all-linear"]
     if not planned:
         return

@@ -267,7 +267,11 @@ class Engine:
         fail_at = os.environ.get("DELTALIGN_TEST_KILL_AT_STEP")  # tests simulate a kill -9 right here: "N" or
         if fail_at:                                                   # "STAGE:N" (that stage's step N only)
             stage, _, at = fail_at.rpartition(":")
-            if int(at) == self.step_no and stage in ("", self.out.name):
+            rank = os.environ.get("DELTALIGN_TEST_KILL_RANK")  # only this process (the others run on)
+            if int(at) == self.step_no and stage in ("", self.out.name) and rank in (
+                    None, str(self.accelerator.process_index)):
+                if os.environ.get("DELTALIGN_TEST_KILL_STAMP"):  # when, for the teardown time the test reports
+                    Path(os.environ["DELTALIGN_TEST_KILL_STAMP"]).write_text(repr(time.time()))
                 os._exit(137)
 
     # --- logging --------------------------------------------------------------------------------------------
