@@ -34,10 +34,13 @@ def _files(tmp):
         (notok / f).unlink()
     badbyte = tmp / "sft_badbyte.jsonl"
     badbyte.write_bytes(json.dumps(sft_ok).encode() + b"\n" + json.dumps(sft_ok).encode()[:-2] + b"\xff\"}\n")
+    (tmp / "empty.yaml").write_text("# nothing here yet\n")
     prompts_badbyte = tmp / "prompts_bad.txt"
     prompts_badbyte.write_bytes(b"Say hi.\n\nSay \xe9t\xe9.\n")  # Latin-1, not UTF-8
     return {
         "prompts_badbyte": str(prompts_badbyte),
+        "empty_yaml": str(tmp / "empty.yaml"),
+        "sft_long_prompt": _write(tmp / "sft_long.jsonl", [sft_ok, {"prompt": "x" * 5000, "completion": "y"}]),
         "sft_missing_field": _write(tmp / "sft_bad.jsonl", [sft_ok, {"prompt": "Say hi."}]),
         "sft_not_json": _write(tmp / "sft_notjson.jsonl", [sft_ok, "{not json"]),
         "pref_empty_chosen": _write(tmp / "pref_bad.jsonl", [{"prompt": "Q", "chosen": "", "rejected": "no"}]),
@@ -77,6 +80,7 @@ CASES = [
     (["run", "rm", "--set", "rm.init=maybe"], "rm.init"),
     (["run", "sft", "dpo", "--set", "dpo.reference=base"], "dpo.reference"),  # the house rule
     (["run", "sft", "--config", "configs/nope.yaml"], "configs/nope.yaml"),
+    (["run", "sft", "--config", "{empty_yaml}"], "empty.yaml is empty"),
     (["run", "sft", "--set", "sft.data={missing}"], "nope.jsonl"),
     (["run", "sft", "--set", "sft.data={sft_missing_field}"], "sft_bad.jsonl: row 1"),
     (["run", "sft", "--set", "sft.eval_data={sft_not_json}"], "sft_notjson.jsonl: row 1"),
@@ -91,6 +95,7 @@ CASES = [
     (["run", "sft", "--set", "model.path={model_notok}"], "tokenizer"),
     (["run", "sft", "--set", "sft.data={sft_badbyte}"], "sft_badbyte.jsonl: row 1"),
     (["run", "sft", "--set", "sft.truncation=drop", "--set", "sft.max_length=4"], "sft.truncation=drop leaves no row"),
+    (["run", "sft", "--set", "sft.data={sft_long_prompt}"], "sft_long.jsonl: row 1"),
     (["run", "sft", "--set", "sft.adapter.target_modules=[qproj]"], "sft.adapter.target_modules: no module"),
     (["run", "sft", "dpo", "--set", "dpo.adapter.target_modules=[q_proj,vproj]"], "'vproj'"),
     (["run", "sft", "--set", "sft.adapter.target_modules=.*attn\\.qproj"], "sft.adapter.target_modules"),

@@ -361,3 +361,15 @@ def test_zero3_one_rank_killed_the_other_does_not_hang_and_the_run_resumes(tmp_p
                           stages=["sft"], timeout=300))
     assert "resuming" in q.stdout + q.stderr
     assert [r["step"] for r in z.train_rows(tmp_path / "run", "sft")] == [1, 2, 3]
+
+
+def test_max_length_beyond_the_positions_of_a_rope_model_warns(tmp_path, capsys, monkeypatch):
+    """tiny is a Llama (RoPE) with 512 positions: max_length 4096 runs, with one warning line before any weights
+    load (run and doctor)."""
+    monkeypatch.setattr(graph.Pipeline, "run", lambda self, targets, force=False: {})
+    assert main(["run", "sft", *TINY, "--set", "sft.max_length=4096", "--run-dir", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: sft.max_length=4096 is beyond the 512 positions") and "RoPE" in err, err
+    assert len(err.splitlines()) == 1
+    assert main(["doctor", "sft", *TINY, "--set", "sft.max_length=4096", "--run-dir", str(tmp_path / "r")]) == 0
+    assert "warn  sft.max_length=4096 is beyond the 512 positions" in capsys.readouterr().out

@@ -255,9 +255,12 @@ def _read(path: Path, chain: tuple = ()) -> list[tuple[str, dict]]:
     if path.resolve() in chain:
         raise ConfigError(f"include cycle: {' -> '.join(map(str, chain + (path.resolve(),)))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
+    if data is None:  # an empty file (or only comments): most likely not what was meant, never the defaults silently
+        raise ConfigError(f"config {path} is empty: name at least one section (e.g. `include: default.yaml`), or "
+                          "leave --config out for configs/default.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     inc = data.pop("include", None)

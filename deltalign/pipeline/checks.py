@@ -166,27 +166,53 @@ def check_data(cfgs: dict, plan: list[str]) -> None:
             if source:
                 split = cfg.split if field == "data" else "test"
                 check_source(source, shape, f"{name}.{field}", split, getattr(cfg, "bad_rows", "error"))
-                if field == "data" and getattr(cfg, "truncation", "") == "drop" and shape != "prompt":
-                    check_rows_left(name, cfg, cfgs["model"], shape)
+                if shape != "prompt" and hasattr(cfg, "max_length"):
+                    check_rows_left(name, cfg, cfgs["model"], shape, field, split)
 
 
-def check_rows_left(name: str, cfg, model_cfg, shape: str) -> None:
-    """Under ``truncation: drop`` the training rows are tokenised here (the tokenizer only, no weights): a stage
-    none of whose rows fit ``max_length`` fails now, naming the settings, not after its model loaded."""
+def check_rows_left(name: str, cfg, model_cfg, shape: str, field: str = "data", split: str = "train") -> None:
+    """The rows are tokenised here under the stage's ``max_length`` / ``truncation`` / ``bad_rows`` (the tokenizer
+    only, no weights): a prompt too long to fit is named now, and a stage whose training rows are all dropped
+    fails naming the settings -- not after its model loaded."""
+    from deltalign.data.splits import load_split
     from deltalign.data.tokenize import load_tokenizer
     from deltalign.model.backbone import resolve_path
 
     tok = load_tokenizer(resolve_path(model_cfg.path), model_cfg.trust_remote_code)
-    split = cfg.read(cfg.data, cfg.split, shape, tok)
-    if not split.items:
-        raise DataError(f"{name}.truncation=drop leaves no row: all {split.counts['dropped']} rows are longer than "
+    read = load_split(getattr(cfg, field), split, shape, tok, cfg.max_length, cfg.truncation, cfg.bad_rows,
+                      lambda line: None)
+    if field == "data" and not read.items and read.counts["dropped"]:
+        raise DataError(f"{name}.truncation=drop leaves no row: all {read.counts['dropped']} rows are longer than "
                         f"{name}.max_length={cfg.max_length} tokens (raise it, or use truncation=completion)",
                         cfg.data)
 
 
-def preflight(cfgs: dict, plan: list[str], run_dir: Path) -> None:
-    """All of the above, cheapest first."""
+def position_warnings(cfgs: dict, plan: list[str]) -> list[str]:
+    """A planned ``max_length`` beyond the model's ``max_position_embeddings``: a warning on a RoPE model (it runs,
+    on positions it never saw), a :class:`ConfigError` on one with learned positions (they do not exist)."""
+    from deltalign.model.backbone import resolve_path
+
+    conf = json.loads((resolve_path(cfgs["model"].path) / "config.json").read_text())
+    n = conf.get("max_position_embeddings") or conf.get("n_positions")
+    out = []
+    for name in plan:
+        length = getattr(cfgs[name], "max_length", 0)
+        if not n or length <= n:
+            continue
+        what = f"{name}.max_length={length} is beyond the {n} positions of model.path {cfgs['model'].path!r}"
+        if "rope_theta" not in conf and "rope_scaling" not in conf and "rope_parameters" not in conf:
+            raise ConfigError(f"{what} (learned position embeddings: there are no more); use at most {n}")
+        out.append(f"warning: {what} (RoPE: it runs, on positions the model never trained on)")
+    return out
+
+
+def preflight(cfgs: dict, plan: list[str], run_dir: Path, log=None) -> None:
+    """All of the above, cheapest first; warnings go to ``log`` (default: stderr)."""
+    import sys
+
     check_model(cfgs["model"])
+    for line in position_warnings(cfgs, plan):
+        (log or (lambda m: print(m, file=sys.stderr)))(line)
     check_target_modules(cfgs, plan)
     check_reference(cfgs, plan, Path(run_dir))
     check_rules(cfgs, plan)

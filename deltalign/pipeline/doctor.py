@@ -176,6 +176,11 @@ def doctor(cfgs: dict, plan: list[str], run_dir: Path, out=print) -> int:
     if model_cfg.dtype != "float32" and not torch.cuda.is_available():
         report("note", f"model.dtype={model_cfg.dtype} on a CPU: no fast low-precision matmul here, float32 is faster")
     check_tokenizer(tok, report)
+    try:
+        for line in checks.position_warnings(cfgs, plan):
+            report("warn", line.removeprefix("warning: "))
+    except ValueError as e:
+        report("FAIL", str(e))
     for check in (lambda: checks.check_target_modules(cfgs, plan), lambda: checks.check_reference(cfgs, plan, run_dir),
                   lambda: checks.check_rules(cfgs, plan)):
         try:
