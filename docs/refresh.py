@@ -14,6 +14,8 @@ and NAME is one of :data:`GENERATORS`, each reading one kind of result file:
 * ``rl``: ``docs/results/rl.json``, the same after ``make ppo grpo eval CONFIG=configs/demo.yaml RUN=runs/demo``
   on the demo run (``--record-demo runs/demo --name rl``, then ``--publish runs/demo --name rl``);
 * ``bench``: the newest full (not QUICK) ``bench/results/*.json`` of ``make bench``: the table vs TRL;
+* ``bench-hh`` / ``bench-0.5b``: the newest ``bench/results/<workload>-*.json`` of ``make bench WORKLOAD=...``
+  (the newest full run, else the newest QUICK one, marked as such);
 * ``bench-steps``: the same file's seconds per optimizer step of our SFT and DPO;
 * ``zero-memory``: the predicted memory per GPU under each ZeRO stage, computed from parameter counts;
 * ``ppo-profile``: the newest ``bench/profile_ppo.py`` table (PPO time, FLOP/s share and peak memory by phase);
@@ -118,6 +120,18 @@ def bench() -> str:
     return out
 
 
+def workload(name: str) -> str:
+    """The newest ``make bench WORKLOAD=name`` table: the newest full run, else the newest QUICK one, marked so."""
+    files = sorted((ROOT / "bench" / "results").glob(f"{name}-[0-9]*.json"))
+    full = [p for p in files if not p.stem.endswith("quick")]
+    if not files:
+        return f"_No `make bench WORKLOAD={name}` result yet._\n"
+    f = (full or files)[-1]
+    note = "" if full else (f"**QUICK run** (`make bench WORKLOAD={name} QUICK=1`: one run per side, batch 4, a few "
+                            "timed steps): indicative, not a result; the full run has not been made yet.\n\n")
+    return note + _bench_table(f)
+
+
 def bench_steps() -> str:
     f = _bench_file()
     if f is None:
@@ -196,6 +210,7 @@ def _bench_methods():
 
 
 GENERATORS = {"demo": demo, "rl": lambda: demo("rl"), "bench": bench, "bench-steps": bench_steps,
+              "bench-hh": lambda: workload("hh"), "bench-0.5b": lambda: workload("0.5b"),
               "zero-memory": zero_memory, "scale": scale, "compose": compose, "ppo-profile": ppo_profile,
               "methods": lambda: _bench_methods().results_block(),
               "methods-capabilities": lambda: _bench_methods().capability_table()}

@@ -132,3 +132,21 @@ def test_prompt_learning_deltas_share_too(tiny_backbone):
     for name, cfg in DELTAS.items():
         bb.add_adapter(f"d-{name}", cfg)
         assert bb.can_share_prefixes(), name
+
+
+def test_a_batch_that_shares_little_runs_padded():
+    """Packing has a cost of its own (the trie's gathers, attention over rows): a batch whose shared prefixes save
+    less than MIN_SAVING of its tokens runs padded; pairs sharing their prompt run packed."""
+    from deltalign.data.sharing import MIN_SAVING, packed, saving
+
+    torch.manual_seed(0)
+    rows = [[1, 2] + torch.randint(3, 90, (38,)).tolist() for _ in range(4)]  # 2 of 40 tokens shared
+    little = pad_batch(rows, 0)
+    assert saving(little["input_ids"], little["attention_mask"]) == pytest.approx(6 / 160)
+    assert "shared" not in packed(little, True)
+    prompt = torch.randint(3, 90, (30,)).tolist()
+    pairs = pad_batch([prompt + torch.randint(3, 90, (10,)).tolist() for _ in range(2)], 0)
+    assert saving(pairs["input_ids"], pairs["attention_mask"]) == pytest.approx(30 / 80)
+    assert 30 / 80 > MIN_SAVING
+    assert "shared" in packed(pairs, True)
+    assert "shared" not in packed(pad_batch([prompt, prompt[:10]], 0), False)

@@ -25,6 +25,11 @@ import numpy as np
 import torch
 
 BUDGET = 1024  # nodes per packed row (a longer single row gets a packed row of its own)
+MIN_SAVING = 0.15
+"""A batch runs packed only when its shared prefixes save at least this share of its tokens: packing costs
+gathers and attention over rows of its own, so HH dialogues, which share only a chat template's few tokens (5-8%
+of a batch), ran ~10% slower packed than padded (bench/README.md); pairs (their prompt: 30-50%) and the
+embedded rows (a common system prompt: ~40%) gain."""
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -54,6 +59,16 @@ def _pack(seqs: list[list[int]]) -> tuple[list[int], list[int], list[int], list[
         nodes.append(own)
         prev, path = seq, own
     return tokens, parent, depth, nodes
+
+
+def saving(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """The share of a right-padded batch's real tokens that its rows' shared prefixes would save (the trie of all
+    rows, before :data:`BUDGET` cuts it into packed rows)."""
+    lengths = attention_mask.sum(1).tolist()
+    seqs = sorted(row[:n] for row, n in zip(input_ids.tolist(), lengths))
+    total = sum(lengths)
+    shared = sum(_common(a, b) for a, b in zip(seqs, seqs[1:]))
+    return shared / total if total else 0.0
 
 
 def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, budget: int = BUDGET,
@@ -137,9 +152,10 @@ class PrefixSharing:
 
 
 def packed(batch: dict, on: bool) -> dict:
-    """``batch`` with its packed form under ``shared`` when ``on`` (what :func:`deltalign.model.labelled.shared_of` and
-    the forward read); the batch itself unchanged otherwise."""
-    if on:
+    """``batch`` with its packed form under ``shared`` when ``on`` and packing saves at least :data:`MIN_SAVING` of
+    its tokens (what :func:`deltalign.model.labelled.shared_of` and the forward read); the batch itself unchanged
+    otherwise."""
+    if on and saving(batch["input_ids"], batch["attention_mask"]) >= MIN_SAVING:
         batch["shared"] = share_prefixes(batch["input_ids"], batch["attention_mask"])
     return batch
 

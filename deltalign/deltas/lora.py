@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from deltalign.core.quiet import peft_wrapping
 from deltalign.deltas.config import AdapterConfig
 from deltalign.core.atomic import crash_point, save_tensors
@@ -37,15 +39,45 @@ def method_of_peft(conf: dict) -> str:
     raise ValueError(f"unsupported peft adapter type {kind or '?'!r} (deltalign loads LORA and IA3 peft folders)")
 
 
+class MaskDropout(torch.nn.Dropout):
+    """nn.Dropout's semantics (train mode: zero each element with probability p, scale the rest by 1 / (1 - p);
+    eval: identity), on the CPU from 16 random bits per element (four per 64-bit draw) compared with p rounded to
+    1/65536, kept as a bool mask for the backward. peft's ``lora_dropout`` is an nn.Dropout, whose CPU kernel draws
+    a float Bernoulli mask one element at a time: on 150-700-token rows the slowest op of a LoRA step after the
+    matmuls (bench/README.md). On a GPU, torch's own fused dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return torch.nn.functional.dropout(x, self.p, True)
+        drop = round(self.p * 65536)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= drop - 32768
+        return torch.where(keep, x, 0.0).mul_(65536 / (65536 - drop))
+
+
+def mask_dropout(model, name: str):
+    """``model`` with adapter ``name``'s peft dropout modules (p > 0) replaced by :class:`MaskDropout`."""
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        old = drops[name] if isinstance(drops, torch.nn.ModuleDict) and name in drops else None
+        if type(old) is torch.nn.Dropout and old.p > 0:
+            drops[name] = MaskDropout(old.p)
+            drops[name].train(old.training)
+    return model
+
+
 def add(model, name: str, config):
     """``model`` with a fresh peft adapter ``name``: wrapped into a PeftModel the first time, then added to it."""
     from peft import get_peft_model
 
     if not hasattr(model, "peft_config"):
         with peft_wrapping():
-            return get_peft_model(model, config, adapter_name=name)
+            return mask_dropout(get_peft_model(model, config, adapter_name=name), name)
     model.add_adapter(name, config)
-    return model
+    return mask_dropout(model, name)
 
 
 def load(model, name: str, path: Path, trainable: bool):
@@ -54,9 +86,10 @@ def load(model, name: str, path: Path, trainable: bool):
 
     if not hasattr(model, "peft_config"):
         with peft_wrapping():
-            return PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
+            return mask_dropout(PeftModel.from_pretrained(model, str(path), adapter_name=name,
+                                                          is_trainable=trainable), name)
     model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
-    return model
+    return mask_dropout(model, name)
 
 
 def save(model, name: str, out_dir: str | Path, state: dict | None = None) -> None:
