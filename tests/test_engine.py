@@ -33,7 +33,7 @@ def _one_step(tiny_backbone, micro_batches, grad_accum, tmp_path):
     model = eng.prepare(bb, n_steps=1)
     for _, micro in eng.steps(lambda epoch: micro_batches):
         total = eng.global_sum(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro))
-        for mb in eng.accumulate(micro):
+        for mb in micro:
             logits, targets, _ = labelled_logits(bb, model, mb)
             eng.backward(sft_loss_sum(logits, targets)[0], total)
         grads = {n: p.grad.clone() for n, p in bb.adapter_parameters("sft").items() if p.grad is not None}

@@ -156,7 +156,7 @@ def test_reward_model_export_gives_the_pipeline_scores(run, tmp_path):
 
     head = load_file(str(rm_copy / "head.safetensors"))
     save_file({"proj.weight": head["proj.weight"], "proj.bias": torch.zeros(1)}, str(rm_copy / "head.safetensors"))
-    export.export_reward_model(export.Config(), TINY, rm_copy, tmp_path / "rm_export", "card")
+    export.merged_reward_model(export.Config(), TINY, rm_copy, tmp_path / "rm_export", "card")
     got0, model0 = hf_scores(tmp_path / "rm_export", batch)
     assert not hasattr(model0.config, "deltalign_score_bias")
     torch.testing.assert_close(got0, ours - bias, atol=1e-5, rtol=1e-5)
@@ -222,6 +222,40 @@ def test_existing_destination_is_refused_unless_overwrite(run, tmp_path, capsys)
     # the run's own export is refused too if out points inside it
     with pytest.raises(ValueError, match="inside"):
         export.check_out(export.Config(out=str(run / "export" / "x")), run / "export")
+
+
+def test_export_is_run_export_one_front_door(run, tmp_path, capsys):
+    """``deltalign export`` and ``deltalign run export`` are one code path: the same lines, and ``export.out`` gets a
+    copy of the export as it stands after the run (fresh or up to date), never a forced re-export."""
+    mine = tmp_path / "run"
+    shutil.copytree(run, mine)
+    dest = tmp_path / "dest"
+    args = ["--config", "configs/tiny.yaml", *sum((["--set", o] for o in FAST), []), "--run-dir", str(mine),
+            "--set", f"export.out={dest}"]
+    assert main(["run", "export", *args]) == 0  # export.out is part of the export's hash: exported afresh here
+    assert (dest / "model" / "config.json").exists()
+    capsys.readouterr()
+    manifest = (mine / "export" / "manifest.json").read_text()
+    said = {}
+    for words in (["run", "export"], ["export"]):
+        shutil.rmtree(dest)
+        assert main([*words, *args]) == 0
+        said[words[0]] = capsys.readouterr().out
+        assert (mine / "export" / "manifest.json").read_text() == manifest  # up to date: copied, not re-exported
+        assert (dest / "model" / "config.json").exists() and (dest / "adapter" / "adapter_config.json").exists()
+    assert said["run"] == said["export"]
+    assert f"exported policy 'dpo' to {mine / 'export' / 'model'}" in said["run"] and f"copied to {dest}" in said["run"]
+
+
+def test_a_destination_in_the_way_fails_before_any_stage_runs(tmp_path, capsys):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    args = ["--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "run"), "--set", "export.policy=sft",
+            "--set", f"export.out={dest}"]
+    for words in (["run", "export"], ["export"]):
+        assert main([*words, *args]) == 2
+        assert "already exists" in capsys.readouterr().err
+        assert not (tmp_path / "run" / "sft").exists()  # sft (needed by export.policy=sft) never started
 
 
 def test_generate_prints_responses_for_base_a_stage_and_an_export(run, tmp_path, capsys):

@@ -28,7 +28,25 @@ BUILDERS = {"sft": (sft_examples, tokenize_sft), "pref": (preference_examples, t
 
 
 @dataclass
-class RowRules(PrefixSharing):
+class Sources:
+    """Where a stage's rows come from, training and held-out (every stage with data inherits these settings; the
+    row shapes each reads are its module's ``READS``, checked before the run)."""
+
+    data: str = "embedded:pref_train"
+    """Training rows: a .json/.jsonl/.parquet file, ``embedded:<split>``, or a `datasets` id. sft and compose
+    (``method: gates``): demonstrations (``messages``, or ``prompt``/``completion``); rm, dpo: preference pairs
+    (prompt/chosen/rejected, plain or conversational, or HH-style); kto: unpaired rows (prompt/completion/label)
+    or pairs (each split into a desirable and an undesirable row); ppo, grpo: prompts (any of these shapes, the
+    responses ignored)."""
+    eval_data: str = "embedded:pref_eval"
+    """Held-out rows in the same shapes ('' to skip held-out evaluation): prompts the trained delta answers after
+    training (checker, KL, reward-model scores), and the held-out loss (sft, compose) or reward accuracy (rm, dpo)."""
+    split: str = "train"
+    """Split to read when ``data`` is a `datasets` id."""
+
+
+@dataclass
+class RowRules(Sources, PrefixSharing):
     """How a stage reads its rows, training and held-out alike (a stage's Config inherits these settings)."""
 
     max_length: int = setting(256, ge=2)

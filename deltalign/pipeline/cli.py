@@ -1,8 +1,8 @@
 """Command line: ``python -m deltalign run STAGE [STAGE ...] [--config FILE] [--set k=v ...] [--run-dir DIR]``.
 
-Also ``eval`` (held-out comparison + training-curve plots), ``export`` (the export stage, re-run when any stage it
-reads changed), ``generate`` (responses of base, a stage or an exported model to your prompts), ``plots``,
-``doctor`` (checks before a run) and ``status`` (what ``run`` would do).
+Also ``eval`` (held-out comparison + training-curve plots), ``export`` (``run export``: the export stage, re-run
+when any stage it reads changed, and its copy to ``--out``), ``generate`` (responses of base, a stage or an
+exported model to your prompts), ``plots``, ``doctor`` (checks before a run) and ``status`` (what ``run`` would do).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from deltalign.core import atomic
 from deltalign.core import settings as configs
 from deltalign.reports.evaluation import POLICY_STAGES
 from deltalign.pipeline.checks import check_model, check_source, preflight
-from deltalign.pipeline.graph import STAGES, Pipeline, sections
+from deltalign.pipeline.graph import STAGES, Pipeline, is_main_process, sections
 from deltalign.pipeline.rundir import RunDirError
 from deltalign.pipeline.help import help_text
 
@@ -58,7 +58,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
     e.add_argument("--limit", type=int, default=0,
                    help="use at most this many held-out prompts (default: eval.limit)")
-    x = sub.add_parser("export", help="merge the policy (and reward model) into standalone HF model directories")
+    x = sub.add_parser("export", help="merge the policy (and reward model) into standalone HF model directories "
+                                      "(the same as `run export`)")
+    x.set_defaults(stages=["export"])
     g = sub.add_parser("generate", help="responses of base, a stage or an exported model to your prompts")
     pl = sub.add_parser("plots", help="write <run dir>/plots/<stage>.png training curves of every finished stage")
     d = sub.add_parser("doctor", help="check the environment, the model directory and the data of a config "
@@ -73,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
     x.add_argument("--policy", choices=["auto", *POLICY_STAGES],
                    help="adapter to merge (default: auto, the most recently finished of ppo, grpo, dpo; else sft)")
-    x.add_argument("--out", help="also copy the export to this directory (outside the run directory)")
+    x.add_argument("--out", help="also copy the export to this directory (outside the run directory; default: "
+                                 "export.out)")
     x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the exported weights")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     x.add_argument("--force", action="store_true", help="export again even if the export is up to date")
@@ -175,30 +178,19 @@ def generate_command(args, cfgs) -> int:
     return 0
 
 
-def export_command(args, cfgs) -> int:
-    from deltalign.stages import export
-
-    pipe = Pipeline(cfgs, args.run_dir)
-    cfg, stage_dir = cfgs["export"], pipe.run_dir / "export"
-    export.check_out(cfg, stage_dir)  # export.out from the YAML: written by the stage itself
-    out = export.check_out(export.Config(out=args.out, overwrite=args.overwrite), stage_dir) if args.out else None
-    # the export's hash covers its config and the finished stages it reads (Stage.hash_uses), so the pipeline
-    # re-exports when any of them changed; export.out in the YAML asks for a fresh copy there
-    metrics = pipe.run(["export"], force=args.force or bool(cfg.out))["export"]
-    if out is not None:  # --out copies the (possibly cached) export: no re-export, nothing archived
-        metrics["out"] = str(export.copy_export(stage_dir, out, args.overwrite))
-    where = pipe.run_dir / "export"
+def export_summary(metrics: dict, stage_dir: Path, out: Path | None) -> str:
+    """What a run with the export stage says at its end: where the policy (and reward model) went."""
     if metrics["model"].get("merged") is False:  # prefix / prompt / bottleneck: the adapter and its base
-        print(f"exported policy {metrics['policy']!r} to {where / 'adapter'}: {metrics['model']['message']}")
+        lines = [f"exported policy {metrics['policy']!r} to {stage_dir / 'adapter'}: {metrics['model']['message']}"]
     else:
-        print(f"exported policy {metrics['policy']!r} to {where / 'model'} "
-              f"(max abs logit diff vs adapter model {metrics['model']['max_abs_logit_diff']:.3g})")
+        lines = [f"exported policy {metrics['policy']!r} to {stage_dir / 'model'} "
+                 f"(max abs logit diff vs adapter model {metrics['model']['max_abs_logit_diff']:.3g})"]
     if "reward_model" in metrics:
         note = metrics["reward_model"].get("message", "")
-        print(f"exported reward model to {where / 'reward_model'}" + (f": {note}" if note else ""))
-    if metrics.get("out"):
-        print(f"copied to {metrics['out']}")
-    return 0
+        lines.append(f"exported reward model to {stage_dir / 'reward_model'}" + (f": {note}" if note else ""))
+    if out is not None:
+        lines.append(f"copied to {out}")
+    return "\n".join(lines)
 
 
 USER_ERRORS = (configs.ConfigError, DataError, FileNotFoundError, FileExistsError, RunDirError, atomic.WriteFailed)
@@ -265,8 +257,9 @@ def _main(argv: list[str] | None) -> int:
             args.overrides.append(f"export.{flag}={getattr(args, flag)}")
     if getattr(args, "overwrite", False) and not args.out:  # applies to export.out from the YAML
         args.overrides.append("export.overwrite=true")
-    # export and generate also report their own bad arguments as ValueError (e.g. an --out inside the run)
-    handled = USER_ERRORS + ((ValueError,) if args.command in ("export", "generate") else ())
+    # the export stage and generate also report their own bad arguments as ValueError
+    handled = USER_ERRORS + ((ValueError,) if args.command == "generate" or "export" in getattr(args, "stages", ())
+                             else ())
     try:
         cfgs = configs.load(sections(), args.config, args.overrides)
         return COMMANDS[args.command](args, cfgs)
@@ -289,9 +282,22 @@ def _main(argv: list[str] | None) -> int:
 
 
 def run_command(args, cfgs) -> int:
+    """``run STAGE ...``, and ``export``, which is ``run export`` (its flags are export settings; ``--out``, or
+    ``export.out``, gets a copy of the export as it stands after the run, fresh or up to date): one code path."""
+    from deltalign.stages import export
+
     pipe = args.pipeline = Pipeline(cfgs, args.run_dir)  # args.pipeline: where an interrupted run stopped
-    preflight(cfgs, pipe.plan(args.stages), pipe.run_dir)  # before any model loads or stage runs
-    pipe.run(args.stages, force=args.force)
+    plan = pipe.plan(args.stages)
+    preflight(cfgs, plan, pipe.run_dir)  # before any model loads or stage runs
+    stage_dir, overwrite = pipe.run_dir / "export", getattr(args, "overwrite", False)
+    # a destination in the way fails now, not after the stages before the export
+    out = export.check_out(cfgs["export"], stage_dir, getattr(args, "out", None), overwrite) if "export" in plan \
+        else None
+    results = pipe.run(args.stages, force=args.force)
+    if "export" in results and is_main_process():
+        if out is not None:  # a copy of the export as it stands: no re-export, nothing archived
+            export.copy_export(stage_dir, out, overwrite or cfgs["export"].overwrite)
+        print(export_summary(results["export"], stage_dir, out))
     return 0
 
 
@@ -340,7 +346,7 @@ def status_command(args, cfgs) -> int:
     return 0
 
 
-COMMANDS = {"doctor": doctor_command, "run": run_command, "eval": eval_command, "export": export_command,
+COMMANDS = {"doctor": doctor_command, "run": run_command, "eval": eval_command, "export": run_command,
             "generate": generate_command, "plots": plots_command, "status": status_command}
 
 

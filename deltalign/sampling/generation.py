@@ -279,3 +279,11 @@ def checker_eval(backbone, examples: list, cfg: GenerationConfig, adapter: str |
         "scores": scores,
         "response_ids": ids,
     }
+
+
+def checker_row(backbone, examples: list, cfg: GenerationConfig, adapter: str | None = None) -> dict:
+    """The checker's part of a held-out row: :func:`checker_eval`'s ``checker_score``, ``mean_response_tokens``
+    and first 3 ``samples``."""
+    res = checker_eval(backbone, examples, cfg, adapter)
+    return {"checker_score": res["checker_score"], "mean_response_tokens": res["mean_response_tokens"],
+            "samples": res["samples"][:3]}

@@ -18,19 +18,14 @@ from typing import Literal
 import torch
 
 from deltalign.data.sharing import PrefixSharing, share_prefixes
+from deltalign.data.splits import Sources
 from deltalign.core.settings import setting
 
 
 @dataclass
-class PromptData(PrefixSharing):
-    """Where an online RL stage's prompts come from (its Config inherits these settings)."""
+class PromptData(Sources, PrefixSharing):
+    """Where an online RL stage's prompts come from and which it keeps (its Config inherits these settings)."""
 
-    data: str = "embedded:pref_train"
-    """Prompts: prompt-only rows, or SFT / preference rows (their responses are ignored)."""
-    eval_data: str = "embedded:pref_eval"
-    """Held-out prompts for the final checker / KL / reward report ('' to skip)."""
-    split: str = "train"
-    """Split to read when ``data`` is a `datasets` id."""
     max_prompt_length: int = setting(192, ge=1)
     """Prompts longer than this many tokens are dropped (and counted)."""
     bad_rows: Literal["error", "skip"] = "error"

@@ -47,12 +47,13 @@ from typing import Literal
 from deltalign.core import atomic
 from deltalign.model.backbone import Backbone, ModelConfig
 from deltalign.model.modes import train_mode
-from deltalign.data.batching import PadCounter, length_grouped_batches
+from deltalign.data.batching import PadCounter
 from deltalign.data.splits import RowRules
 from deltalign.deltas import composable, fusion
 from deltalign.training.engine import Engine
+from deltalign.stages.skeleton import epoch_batches
 from deltalign.training.train_config import TrainConfig
-from deltalign.sampling.generation import GenerationConfig, checker_eval
+from deltalign.sampling.generation import GenerationConfig, checker_row
 from deltalign.core.settings import setting
 from deltalign.stages.sft import heldout_loss, train_step
 
@@ -98,14 +99,8 @@ class Config(RowRules, TrainConfig):
     lr: float = setting(5e-2, gt=0)
     """gates: peak learning rate of the gate logits (AdamW; a logit moves about lr per step, so far above an
     adapter's)."""
-    data: str = "embedded:sft_train"
-    """gates: SFT-shaped demonstrations (``messages``, or ``prompt``/``completion``) of what the composition should
-    do -- typically a small mix of both sources' tasks. Ignored by the other methods."""
+    data: str = "embedded:sft_train"  # (settings declared in data.splits.Sources; SFT rows, as sft)
     eval_data: str = "embedded:sft_eval"
-    """Held-out SFT rows: the held-out loss and the checker score of each source and of the composition ('' to
-    skip)."""
-    split: str = "train"
-    """Split to read when ``data`` is a `datasets` id."""
     eval_batch_size: int = setting(16, ge=1)
     """Rows per batch for held-out loss."""
     eval_checker: bool = True
@@ -244,11 +239,7 @@ def train_gates(cfg: Config, backbone, names: list[str], sources: list[composabl
     tok = backbone.tokenizer
     data = cfg.read(cfg.data, cfg.split, "sft", tok)
     train = data.items
-    lengths = [len(x["input_ids"]) for x in train]
-
-    def batches(epoch: int) -> list[list[int]]:
-        return length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-
+    batches = epoch_batches([len(x["input_ids"]) for x in train], cfg)
     n_steps = engine.total_steps(len(batches(0)))
     model = engine.prepare(backbone, n_steps)
     engine.log({"train_examples": len(train), "skipped": data.counts["skipped"], "dropped": data.counts["dropped"],
@@ -285,9 +276,7 @@ def evaluate(cfg: Config, backbone, policies: dict[str, str]) -> dict:
             row = {"heldout_loss": heldout_loss(backbone, backbone, held.items, cfg.eval_batch_size, device,
                                                 cfg.shares(backbone)) if held.items else None}
         if cfg.eval_checker and examples:
-            res = checker_eval(backbone, examples, cfg.generation, name)
-            row |= {"checker_score": res["checker_score"], "mean_response_tokens": res["mean_response_tokens"],
-                    "samples": res["samples"][:3]}
+            row |= checker_row(backbone, examples, cfg.generation, name)
         report[label] = row
     return report
 

@@ -22,33 +22,26 @@ from pathlib import Path
 
 import torch
 
-from deltalign.core import atomic
-from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
+from deltalign.model.backbone import AdapterConfig, ModelConfig
 from deltalign.model.labelled import response_logprobs
 from deltalign.model.modes import eval_mode, train_mode
 from deltalign.data.batching import length_grouped_batches, pair_batch, to_device
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
 from deltalign.training.engine import Engine
+from deltalign.stages.skeleton import (REFERENCE, epoch_batches, evaluate_and_save, policy_and_reference,
+                                       report_policies)
 from deltalign.training.train_config import TrainConfig
 from deltalign.sampling.generation import GenerationConfig
 from deltalign.losses import dpo_sigmoid_loss, ipo_loss, orpo_odds_loss, simpo_loss
-from deltalign.reports.evaluation import policy_report, report_scalars
 from deltalign.core.settings import setting
 
 NAME = "dpo"
 READS = {"data": "pref", "eval_data": "pref"}  # setting -> row shape (checked before the run)
-REFERENCE = "sft"  # the reference IS the SFT adapter (frozen), under its own name
 
 
 @dataclass
 class Config(RowRules, TrainConfig):
-    data: str = "embedded:pref_train"
-    """Preference pairs: prompt/chosen/rejected (plain or conversational) or HH-style rows."""
-    eval_data: str = "embedded:pref_eval"
-    """Held-out pairs: prompts for generation, pairs for held-out reward accuracy ('' to skip)."""
-    split: str = "train"
-    """Split to read when ``data`` is a `datasets` id."""
     loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"
     """``sigmoid`` (DPO, Rafailov et al. 2023), ``ipo`` (Azar et al. 2023), ``simpo`` (Meng et al. 2024,
     reference-free) or ``orpo`` (Hong et al. 2024: the chosen NLL plus ``orpo_lambda`` x the odds-ratio term on
@@ -206,25 +199,14 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     engine = Engine(cfg, out_dir)
 
     # 1. load: one backbone; the reference frozen, the policy a separate trainable copy
-    backbone = Backbone.load(model_cfg)
-    if cfg.reference == "sft":
-        backbone.load_adapter(REFERENCE, upstream["sft"], trainable=False)
-    if cfg.init == "sft":
-        backbone.load_adapter(NAME, upstream["sft"], trainable=True)
-    else:
-        torch.manual_seed(cfg.seed)
-        backbone.add_adapter(NAME, cfg.adapter, trainable=True)
-    backbone.activate(NAME)
+    backbone = policy_and_reference(model_cfg, NAME, cfg, upstream)
     tok, share = backbone.tokenizer, cfg.shares(backbone)
 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
     data, held = cfg.read(cfg.data, cfg.split, "pref", tok), cfg.read(cfg.eval_data, "test", "pref", tok)
     train, eval_ex = data.items, held.examples
-    lengths = [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in train]
-
-    def batches(epoch: int) -> list[list[int]]:
-        return length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-
+    batches = epoch_batches([len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"]))
+                             for p in train], cfg)
     model = engine.prepare(backbone, engine.total_steps(len(batches(0))))
     engine.log({"train_pairs": len(train), "skipped": data.counts["skipped"], "dropped": data.counts["dropped"],
                 "heldout_skipped": held.counts["skipped"], "steps": engine.n_steps,
@@ -248,7 +230,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         chosen_tokens = engine.global_sum(sum(len(train[i]["chosen_ids"]) for idx in micro for i in idx))
         sums = {"loss": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0, "accuracy": 0.0}
         nll_sum = 0.0
-        for idx in engine.accumulate(micro):
+        for idx in micro:
             mb = to_device(packed(pair_batch([train[i] for i in idx], tok.pad_token_id), share), engine.device)
             ref = reference(idx)
             policy = response_logprobs(backbone, model, mb)
@@ -271,20 +253,12 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         engine.step(metrics | {"margin": metrics["reward_chosen"] - metrics["reward_rejected"]})
 
     # 5. evaluate the policy against its reference on held-out prompts, then save
-    metrics: dict = {}
-    with engine.evaluating(bool(eval_ex[: cfg.eval_limit or None]) or bool(held.items)) as evaluate:
-        if evaluate:
-            reference = REFERENCE if cfg.reference == "sft" else None
-            policies = {NAME: NAME} if cfg.reference == "none" else {"reference": reference, NAME: NAME}
-            metrics = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
-                                    policies, reference=reference,
-                                    rm_dir=upstream.get("rm"), checker=cfg.eval_checker)
-            if held.items:
-                metrics["heldout_pairs"] = heldout_pairs(backbone, model, held.items, cfg, engine.device)
-            engine.log(report_scalars(metrics), kind="eval")
-    engine.save_delta(NAME, out_dir)
-    if engine.is_main:
-        metrics["data"] = {"train": data.counts, "eval": held.counts}
-        atomic.write_json(out_dir / "eval.json", metrics)
-    engine.finish()
-    return metrics
+    report: dict = {"data": {"train": data.counts, "eval": held.counts}}
+    examples, reference = eval_ex[: cfg.eval_limit or None], REFERENCE if cfg.reference == "sft" else None
+    policies = {NAME: NAME} if cfg.reference == "none" else {"reference": reference, NAME: NAME}
+    evaluate = report_policies(engine, report, backbone, examples, cfg.generation, policies, reference,
+                               more=lambda: {"heldout_pairs": heldout_pairs(backbone, model, held.items, cfg,
+                                                                            engine.device)} if held.items else {},
+                               rm_dir=upstream.get("rm"), checker=cfg.eval_checker)
+    return evaluate_and_save(engine, out_dir, report, evaluate, bool(examples) or bool(held.items),
+                             deltas=[(NAME, out_dir, None)])

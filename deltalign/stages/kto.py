@@ -27,13 +27,13 @@ from typing import Literal
 
 import torch
 
-from deltalign.core import atomic
-from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
-from deltalign.data.batching import length_grouped_batches, pad_batch, to_device
+from deltalign.model.backbone import AdapterConfig, ModelConfig
+from deltalign.data.batching import pad_batch, to_device
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
 from deltalign.training.engine import Engine
-from deltalign.reports.evaluation import policy_report, report_scalars
+from deltalign.stages.skeleton import (REFERENCE, epoch_batches, evaluate_and_save, policy_and_reference,
+                                       report_policies)
 from deltalign.sampling.generation import GenerationConfig
 from deltalign.model.labelled import response_logprobs
 from deltalign.losses import kto_kl_sum, kto_loss, kto_mismatched_rows, kto_reference_point
@@ -43,18 +43,10 @@ from deltalign.training.train_config import TrainConfig
 
 NAME = "kto"
 READS = {"data": "kto", "eval_data": "prompt"}  # setting -> row shape (checked before the run)
-REFERENCE = "sft"  # the reference IS the SFT delta (frozen), under its own name
 
 
 @dataclass
 class Config(RowRules, TrainConfig):
-    data: str = "embedded:pref_train"
-    """Unpaired rows (prompt / completion / label) or preference pairs (each split into a desirable and an
-    undesirable row)."""
-    eval_data: str = "embedded:pref_eval"
-    """Held-out rows whose prompts the policy answers after training ('' to skip)."""
-    split: str = "train"
-    """Split to read when ``data`` is a `datasets` id."""
     lr: float = setting(5e-5, gt=0)
     """Peak learning rate of the policy delta (DPO's default: the same kind of update)."""
     batch_size: int = setting(8, ge=1)
@@ -116,26 +108,14 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     engine = Engine(cfg, out_dir)
 
     # 1. load: one backbone; the reference frozen, the policy a separate trainable copy
-    backbone = Backbone.load(model_cfg)
-    if cfg.reference == "sft":
-        backbone.load_adapter(REFERENCE, upstream["sft"], trainable=False)
-    if cfg.init == "sft":
-        backbone.load_adapter(NAME, upstream["sft"], trainable=True)
-    else:
-        torch.manual_seed(cfg.seed)
-        backbone.add_adapter(NAME, cfg.adapter, trainable=True)
-    backbone.activate(NAME)
+    backbone = policy_and_reference(model_cfg, NAME, cfg, upstream)
     tok, share = backbone.tokenizer, cfg.shares(backbone)
     ref_name = REFERENCE if cfg.reference == "sft" else None
 
     # 2. data: unpaired rows (pairs split in two); held-out prompts follow the same rules
     data, held = cfg.read(cfg.data, cfg.split, "kto", tok), cfg.read(cfg.eval_data, "test", "prompt", tok)
     train, eval_ex = data.items, held.examples
-    lengths = [len(x["input_ids"]) for x in train]
-
-    def batches(epoch: int) -> list[list[int]]:
-        return length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-
+    batches = epoch_batches([len(x["input_ids"]) for x in train], cfg)
     model = engine.prepare(backbone, engine.total_steps(len(batches(0))))
     engine.log({"train_rows": len(train), "desirable": sum(x["desirable"] for x in train),
                 "skipped": data.counts["skipped"], "dropped": data.counts["dropped"], "steps": engine.n_steps,
@@ -164,7 +144,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         total = engine.global_sum(sum(len(idx) for idx in micro))
         sums = {"loss": 0.0, "reward_desirable": 0.0, "reward_undesirable": 0.0}
         n_good = 0
-        for idx in engine.accumulate(micro):
+        for idx in micro:
             with torch.no_grad(), eval_mode(model):
                 ref = logprobs(idx, idx, ref_name)
             policy = logprobs(idx, idx, NAME)
@@ -183,16 +163,9 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                      "reward_undesirable": sums["reward_undesirable"] / max(n_bad, 1)})
 
     # 4. evaluate the policy against its reference on held-out prompts, then save
-    metrics: dict = {}
-    with engine.evaluating(bool(eval_ex[: cfg.eval_limit or None]) and cfg.eval_checker) as evaluate:
-        if evaluate:
-            metrics = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
-                                    {"reference": ref_name, NAME: NAME}, reference=ref_name,
-                                    rm_dir=upstream.get("rm"), checker=cfg.eval_checker)
-            engine.log(report_scalars(metrics), kind="eval")
-    engine.save_delta(NAME, out_dir)
-    if engine.is_main:
-        metrics["data"] = {"train": data.counts, "eval": held.counts}
-        atomic.write_json(out_dir / "eval.json", metrics)
-    engine.finish()
-    return metrics
+    report: dict = {"data": {"train": data.counts, "eval": held.counts}}
+    examples = eval_ex[: cfg.eval_limit or None]
+    evaluate = report_policies(engine, report, backbone, examples, cfg.generation, {"reference": ref_name, NAME: NAME},
+                               ref_name, rm_dir=upstream.get("rm"), checker=cfg.eval_checker)
+    return evaluate_and_save(engine, out_dir, report, evaluate, bool(examples) and cfg.eval_checker,
+                             deltas=[(NAME, out_dir, None)])

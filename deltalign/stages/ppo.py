@@ -38,14 +38,13 @@ from typing import Literal
 
 import torch
 
-from deltalign.core import atomic
 from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.model.modes import train_mode
 from deltalign.data.batching import length_grouped_batches
 from deltalign.training.engine import Engine
+from deltalign.stages.skeleton import evaluate_and_save, report_policies
 from deltalign.core.memory import release_free_memory
 from deltalign.training.train_config import TrainConfig
-from deltalign.reports.evaluation import policy_report, report_scalars
 from deltalign.sampling.generation import GenerationConfig, decode, generate, stop_token_ids
 from deltalign.losses import (AdaptiveKLController, FixedKLController, gae_advantages, kl_penalty_rewards,
                               masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss)
@@ -314,16 +313,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         engine.step(metrics, update=False)
 
     # 4. evaluate (greedy, held-out prompts) and save policy, critic adapter and head
-    report: dict = {}
-    with engine.evaluating(bool(eval_ex[: cfg.eval_limit or None])) as evaluate:  # every rank enters (ZeRO-3)
-        if evaluate:
-            report = policy_report(backbone, eval_ex[: cfg.eval_limit or None], cfg.generation,
-                                   {"reference": REFERENCE, NAME: NAME}, reference=REFERENCE, reward_model=rm)
-            engine.log(report_scalars(report), kind="eval")
-    engine.save_delta(NAME, out_dir)
-    engine.save_delta(CRITIC, out_dir / CRITIC, head_file=out_dir / CRITIC / HEAD_FILE)
-    if engine.is_main:
-        report["data"] = data["counts"]
-        atomic.write_json(out_dir / "eval.json", report)
-    engine.finish()
-    return report
+    report, examples = {"data": data["counts"]}, eval_ex[: cfg.eval_limit or None]
+    evaluate = report_policies(engine, report, backbone, examples, cfg.generation,
+                               {"reference": REFERENCE, NAME: NAME}, REFERENCE, reward_model=rm)
+    return evaluate_and_save(engine, out_dir, report, evaluate, bool(examples),
+                             deltas=[(NAME, out_dir, None), (CRITIC, out_dir / CRITIC, out_dir / CRITIC / HEAD_FILE)])

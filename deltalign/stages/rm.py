@@ -10,14 +10,12 @@ prompt + response. Sections: 1. load; 2. data; 3. evaluation before training; 4.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
 
 import torch
 
-from deltalign.core import atomic
 from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.model.labelled import shared_of
 from deltalign.model.modes import eval_mode, train_mode
@@ -25,6 +23,7 @@ from deltalign.data.batching import PadCounter, length_grouped_batches, pair_bat
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
 from deltalign.training.engine import Engine
+from deltalign.stages.skeleton import epoch_batches, evaluate_and_save, measured_once
 from deltalign.training.train_config import TrainConfig
 from deltalign.losses import bradley_terry_loss
 from deltalign.core.settings import setting
@@ -38,12 +37,6 @@ READS = {"data": "pref", "eval_data": "pref"}  # setting -> row shape (checked b
 class Config(RowRules, TrainConfig):
     lr: float = setting(1e-4, gt=0)
     """Peak learning rate (AdamW). 1e-4 is the usual LoRA reward-model rate (1e-5 for full fine-tuning), 1 epoch."""
-    data: str = "embedded:pref_train"
-    """Training pairs: a .json/.jsonl/.parquet file, ``embedded:<split>``, or a `datasets` id."""
-    eval_data: str = "embedded:pref_eval"
-    """Held-out pairs in the same shapes ('' to skip held-out evaluation)."""
-    split: str = "train"
-    """Split to read when ``data`` is a `datasets` id."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The delta this stage trains (``rm``), when ``init: fresh``; with ``init: sft`` it is a copy of the SFT
     adapter and keeps the SFT adapter's own settings (these are then unused)."""
@@ -125,11 +118,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     if not cfg.margin:
         for x in train:
             x["margin"] = None
-    lengths = [len(x["prompt_ids"]) + max(len(x["chosen_ids"]), len(x["rejected_ids"])) for x in train]
-
-    def batches(epoch: int) -> list[list[int]]:
-        return length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-
+    batches = epoch_batches([len(x["prompt_ids"]) + max(len(x["chosen_ids"]), len(x["rejected_ids"]))
+                             for x in train], cfg)
     n_steps = engine.total_steps(len(batches(0)))
     model = engine.prepare(backbone, n_steps)
     engine.log({"train_pairs": len(train), "skipped": data.counts["skipped"], "dropped": data.counts["dropped"],
@@ -138,17 +128,14 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                kind="setup")
 
     # 3. before training: the initial adapter (SFT copy or base) with the fresh head; kept across a resume
-    evals: dict = {"init": cfg.init, "data": {"train": data.counts, "eval": held_split.counts}}
-    before_file = out_dir / "eval_before.json"
-    if before_file.exists():
-        evals["before"] = json.loads(before_file.read_text())
-    else:
-        with engine.evaluating(bool(held)) as evaluate:  # every rank enters (ZeRO-3)
-            if evaluate:
-                evals["before"] = heldout(model, held, cfg, pad, engine.device, share)
-                engine.log(evals["before"] or {}, kind="eval_before")
-        if engine.is_main:
-            atomic.write_json(before_file, evals["before"])
+    def measure(kind: str) -> dict | None:
+        row = heldout(model, held, cfg, pad, engine.device, share)
+        engine.log(row or {}, kind=kind)
+        return row
+
+    evals: dict = {"init": cfg.init, "data": {"train": data.counts, "eval": held_split.counts},
+                   "before": measured_once(engine, out_dir / "eval_before.json", lambda: measure("eval_before"),
+                                           bool(held))}
 
     # 4. loop: chosen and rejected in one forward; per-pair loss summed, normalised over the step's pairs
     train_mode(model, dropout=not cfg.disable_dropout)
@@ -159,7 +146,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         total = engine.global_sum(sum(mb["input_ids"].shape[0] // 2 for mb in micro))
         sums = dict.fromkeys(("loss", "accuracy", "chosen_reward", "rejected_reward", "margin"), 0.0)
         n = 0
-        for mb in engine.accumulate(micro):
+        for mb in micro:
             pads.add(mb["n_tokens"], mb["n_pad"])
             r_c, r_r = pair_scores(model, mb)
             loss, _ = bradley_terry_loss(r_c, r_r, mb.get("margin"), cfg.magnitude_coef)
@@ -172,19 +159,13 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         engine.step({k: v / max(n, 1) for k, v in sums.items()} | {"pad_share": pads.share})
 
     # 5. evaluate, measure the reward scale on the training responses, save
-    with engine.evaluating() as evaluate:  # every rank enters (ZeRO-3)
-        if evaluate:
-            evals["after"] = heldout(model, held, cfg, pad, engine.device, share)
-            engine.log(evals["after"] or {}, kind="eval")
-            rc, rr = score_all(model, train[: cfg.stats_pairs or None], cfg.eval_batch_size, pad, engine.device,
-                               share)
-            scores = torch.cat([rc, rr])
-            evals["reward_stats"] = {"mean": float(scores.mean()), "std": float(scores.std(correction=0)),
-                                     "n": scores.numel()}
-            engine.log(evals["reward_stats"], kind="reward_stats")
-    engine.save_delta(NAME, out_dir, head_file=out_dir / HEAD_FILE)
-    if engine.is_main:
-        atomic.write_json(out_dir / STATS_FILE, evals["reward_stats"])
-        atomic.write_json(out_dir / "eval.json", evals)
-    engine.finish()
-    return evals
+    def evaluate() -> None:
+        evals["after"] = measure("eval")
+        rc, rr = score_all(model, train[: cfg.stats_pairs or None], cfg.eval_batch_size, pad, engine.device, share)
+        scores = torch.cat([rc, rr])
+        evals["reward_stats"] = {"mean": float(scores.mean()), "std": float(scores.std(correction=0)),
+                                 "n": scores.numel()}
+        engine.log(evals["reward_stats"], kind="reward_stats")
+
+    return evaluate_and_save(engine, out_dir, evals, evaluate, deltas=[(NAME, out_dir, out_dir / HEAD_FILE)],
+                             files={STATS_FILE: "reward_stats"})

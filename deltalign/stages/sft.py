@@ -6,13 +6,11 @@ Sections: 1. load the backbone and attach the adapter; 2. data; 3. baseline eval
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from deltalign.core import atomic
 from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.model.labelled import labelled_hidden
 from deltalign.model.modes import eval_mode, train_mode
@@ -20,8 +18,9 @@ from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batc
 from deltalign.data.sharing import packed
 from deltalign.data.splits import RowRules
 from deltalign.training.engine import Engine
+from deltalign.stages.skeleton import epoch_batches, evaluate_and_save, measured_once
 from deltalign.training.train_config import TrainConfig
-from deltalign.sampling.generation import GenerationConfig, checker_eval
+from deltalign.sampling.generation import GenerationConfig, checker_row
 from deltalign.core.settings import setting
 
 NAME = "sft"
@@ -30,12 +29,8 @@ READS = {"data": "sft", "eval_data": "sft"}  # setting -> row shape (checked bef
 
 @dataclass
 class Config(RowRules, TrainConfig):
-    data: str = "embedded:sft_train"
-    """Training data: a .json/.jsonl/.parquet file, ``embedded:<split>``, or a `datasets` id."""
+    data: str = "embedded:sft_train"  # (settings declared in data.splits.Sources; SFT's own defaults)
     eval_data: str = "embedded:sft_eval"
-    """Held-out data in the same shapes ('' to skip held-out evaluation)."""
-    split: str = "train"
-    """Split to read when ``data`` is a `datasets` id."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The delta this stage trains (a fresh ``sft`` adapter)."""
     disable_dropout: bool = False
@@ -72,7 +67,7 @@ def train_step(engine, backbone, model, items: list[dict], micro: list[list[int]
     batches = [batch_of(items, idx, backbone.tokenizer.pad_token_id, engine.device, share) for idx in micro]
     total = engine.global_sum(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in batches))
     loss_total = 0.0
-    for mb in engine.accumulate(batches):
+    for mb in batches:
         pads.add(mb["n_tokens"], mb["n_pad"])
         loss_sum = token_loss(backbone, model, mb)[0]
         engine.backward(loss_sum, total)
@@ -106,11 +101,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
     data, held = cfg.read(cfg.data, cfg.split, "sft", tok), cfg.read(cfg.eval_data, "test", "sft", tok)
     train, heldout, eval_ex = data.items, held.items, held.examples
-    lengths = [len(x["input_ids"]) for x in train]
-
-    def batches(epoch: int) -> list[list[int]]:
-        return length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-
+    batches = epoch_batches([len(x["input_ids"]) for x in train], cfg)
     n_steps = engine.total_steps(len(batches(0)))
     model = engine.prepare(backbone, n_steps)
     engine.log({"train_examples": len(train), "skipped": data.counts["skipped"], "dropped": data.counts["dropped"],
@@ -119,22 +110,22 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                kind="setup")
 
     # 3. baseline: the base model (adapters off) on held-out data, measured once (kept across a resume)
-    evals: dict = {"data": {"train": data.counts, "eval": held.counts}}
     gen_examples = eval_ex[: cfg.eval_limit or None]
-    base_file = out_dir / "eval_base.json"
-    if base_file.exists():
-        evals["base"] = json.loads(base_file.read_text())
-    else:
-        with engine.evaluating(bool(heldout) or (cfg.eval_checker and bool(gen_examples))) as evaluate:
-            if evaluate:  # every rank entered (ZeRO-3)
-                with backbone.using(None):
-                    evals["base"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size,
-                                                                  engine.device, share) if heldout else None}
-                    if cfg.eval_checker and gen_examples:
-                        evals["base"] |= _checker(backbone, gen_examples, cfg, None)
-                engine.log(evals["base"], kind="eval_base")
-        if engine.is_main:
-            atomic.write_json(base_file, evals["base"])
+    forwards = bool(heldout) or (cfg.eval_checker and bool(gen_examples))
+
+    def measure(adapter: str | None, kind: str, **extra) -> dict:
+        """Held-out loss and checker row of ``adapter`` (None: the base), logged as ``kind``."""
+        with backbone.using(adapter):
+            row = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size, engine.device,
+                                                share) if heldout else None} | extra
+            if cfg.eval_checker and gen_examples:
+                row |= checker_row(backbone, gen_examples, cfg.generation, adapter)
+        engine.log(row, kind=kind)
+        return row
+
+    evals: dict = {"data": {"train": data.counts, "eval": held.counts},
+                   "base": measured_once(engine, out_dir / "eval_base.json", lambda: measure(None, "eval_base"),
+                                         forwards)}
 
     # 4. loop
     train_mode(model, dropout=not cfg.disable_dropout)
@@ -144,21 +135,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         engine.step({"loss": train_step(engine, backbone, model, train, micro, pads, share), "pad_share": pads.share})
 
     # 5. evaluate and save
-    with engine.evaluating(bool(heldout) or (cfg.eval_checker and bool(gen_examples))) as evaluate:
-        if evaluate:  # every rank entered (ZeRO-3)
-            evals["sft"] = {"heldout_loss": heldout_loss(backbone, model, heldout, cfg.eval_batch_size, engine.device,
-                                                          share) if heldout else None, "pad_share": pads.share}
-            if cfg.eval_checker and gen_examples:
-                evals["sft"] |= _checker(backbone, gen_examples, cfg, NAME)
-            engine.log(evals["sft"], kind="eval")
-    engine.save_delta(NAME, out_dir)
-    if engine.is_main:
-        atomic.write_json(out_dir / "eval.json", evals)
-    engine.finish()
-    return evals
+    def evaluate() -> None:
+        evals[NAME] = measure(NAME, "eval", pad_share=pads.share)
 
-
-def _checker(backbone, examples, cfg: Config, adapter: str | None) -> dict:
-    res = checker_eval(backbone, examples, cfg.generation, adapter)
-    return {"checker_score": res["checker_score"], "mean_response_tokens": res["mean_response_tokens"],
-            "samples": res["samples"][:3]}
+    return evaluate_and_save(engine, out_dir, evals, evaluate, forwards, deltas=[(NAME, out_dir, None)])

@@ -6,7 +6,7 @@ A stage writes its own loop; the engine supplies the parts that are the same eve
     model = engine.prepare(backbone, n_steps=engine.total_steps(n_batches))
     for step, micro_batches in engine.steps(batches_for_epoch):
         total = engine.global_sum(sum(count(mb) for mb in micro_batches))
-        for mb in engine.accumulate(micro_batches):
+        for mb in micro_batches:
             loss_sum = ...                      # a SUM over the micro-batch's tokens / pairs
             engine.backward(loss_sum, total)    # normalised once, over the whole optimizer step
         engine.step({"loss": ...})              # clip, optimizer, schedule, log, checkpoint
@@ -14,7 +14,9 @@ A stage writes its own loop; the engine supplies the parts that are the same eve
 
 Gradient accumulation is normalised once and correctly: each micro-batch contributes ``loss_sum / total`` where
 ``total`` counts the tokens (or pairs) of the whole optimizer step across every process, so a micro-batch with
-more tokens weighs more, exactly as if the step were one big batch.
+more tokens weighs more, exactly as if the step were one big batch. Nothing is synchronised per micro-batch:
+gradients are reduced across processes once per update, in :meth:`Engine.update` (DeepSpeed with
+``managed_gradient_accumulation: false``, plain data parallel by the engine's own all-reduce).
 
 Every step is a full global batch: each process always gets exactly ``grad_accum`` micro-batches. When an epoch's
 micro-batch count is not a multiple of ``processes x grad_accum``, its last step is filled up with the epoch's
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ from typing import Callable, Iterator
 import torch
 
 from deltalign.core import atomic
-from deltalign.training import checkpoint
+from deltalign.training import checkpoint, faults
 
 from deltalign import zero
 from deltalign.training.processes import Processes, start_accelerator
@@ -210,12 +211,6 @@ class Engine:
         """Element-wise sum of a tensor over all processes (every process must call it); no gradient."""
         return self.processes.all_sum(t)
 
-    def accumulate(self, micro_batches: list) -> Iterator:
-        """Iterate micro-batches. Nothing is synchronised per micro-batch: gradients are reduced across processes
-        once per update, in :meth:`update` (DeepSpeed with ``managed_gradient_accumulation: false``, plain data
-        parallel by the engine's own all-reduce)."""
-        yield from micro_batches
-
     def backward(self, loss_sum: torch.Tensor, total: float) -> None:
         """Backward of this micro-batch's share of the step loss: ``loss_sum / total`` (times world: the
         reduction across processes is a mean)."""
@@ -264,15 +259,7 @@ class Engine:
             self._bar.update(1)
         if self.cfg.checkpoint_every and self.step_no % self.cfg.checkpoint_every == 0 and self.step_no < self.n_steps:
             checkpoint.save(self, self.cfg.keep_checkpoints)
-        fail_at = os.environ.get("DELTALIGN_TEST_KILL_AT_STEP")  # tests simulate a kill -9 right here: "N" or
-        if fail_at:                                                   # "STAGE:N" (that stage's step N only)
-            stage, _, at = fail_at.rpartition(":")
-            rank = os.environ.get("DELTALIGN_TEST_KILL_RANK")  # only this process (the others run on)
-            if int(at) == self.step_no and stage in ("", self.out.name) and rank in (
-                    None, str(self.accelerator.process_index)):
-                if os.environ.get("DELTALIGN_TEST_KILL_STAMP"):  # when, for the teardown time the test reports
-                    Path(os.environ["DELTALIGN_TEST_KILL_STAMP"]).write_text(repr(time.time()))
-                os._exit(137)
+        faults.kill_point(self.out.name, self.step_no, self.accelerator.process_index)  # tests only
 
     # --- logging --------------------------------------------------------------------------------------------
     def log(self, metrics: dict, kind: str = "train") -> None:
