@@ -74,3 +74,53 @@ def test_the_walkthrough_runs_as_written(tmp_path, capsys, sft_shape, pref_shape
     report = json.loads((tmp_path / "runs" / "mine" / "dpo" / "eval.json").read_text())
     assert report["data"]["train"]["skipped"] == 1 and report["data"]["train"]["rows"] == 10
     assert (tmp_path / "runs" / "mine" / "export" / "model" / "config.json").exists()
+
+
+# --- HH-style rows as SFT data: the chosen dialogue, the loss on its last assistant turn (or on all of them) ------
+
+HH_ROW = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: And?\n\nAssistant: Yes.",
+          "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: And?\n\nAssistant: No."}
+
+
+def test_an_hh_row_is_an_sft_row_of_its_chosen_dialogue():
+    from deltalign.data.formats import sft_examples
+
+    (ex,) = sft_examples([HH_ROW], "hh.jsonl")
+    assert ex.conversational and ex.completion == "Yes." and ex.prompt_field == "chosen"
+    assert ex.prompt == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                         {"role": "user", "content": "And?"}]
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    (ex2,) = sft_examples([{"chosen": msgs, "rejected": msgs[:1] + [{"role": "assistant", "content": "Go."}]}], "m")
+    assert ex2.prompt == msgs[:1] and ex2.completion == "Hello."  # message-list preference rows too
+
+
+def test_loss_on_all_labels_every_assistant_turn():
+    from deltalign.core.tiny import build_tokenizer
+    from deltalign.data.formats import sft_examples
+    from deltalign.data.tokenize import tokenize_sft
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    (ex,) = sft_examples([HH_ROW], "hh.jsonl")
+    last, every = tokenize_sft(ex, tok, 256), tokenize_sft(ex, tok, 256, loss_on="all")
+    assert every["input_ids"] == last["input_ids"]
+
+    def labelled(item):
+        return tok.decode([t for t in item["labels"] if t != -100])
+
+    assert labelled(last) == "Yes.<|im_end|>\n"
+    assert labelled(every) == "Hello.<|im_end|>\nYes.<|im_end|>\n"
+    n = len(every["input_ids"])
+    cut = tokenize_sft(ex, tok, n - 3, truncation="keep_end", loss_on="all")  # the prompt cut from the left
+    assert len(cut["input_ids"]) == n - 3 and cut["labels"][-3:] == every["labels"][-3:]
+    assert [t for t in cut["labels"] if t != -100] == [t for t in every["labels"][3:] if t != -100]
+
+
+def test_an_hh_row_whose_final_answer_is_empty_names_its_row():
+    from deltalign.data.formats import sft_examples
+    from deltalign.data.rows import DataError
+
+    bad = {"chosen": "\n\nHuman: Hi\n\nAssistant:  ", "rejected": "\n\nHuman: Hi\n\nAssistant: No."}
+    with pytest.raises(DataError, match=r"hh.jsonl: row 1: field 'chosen': the final assistant answer is empty"):
+        sft_examples([HH_ROW, bad], "hh.jsonl")
+    assert len(sft_examples([HH_ROW, bad], "hh.jsonl", bad_rows="skip", log=lambda line: None)) == 1

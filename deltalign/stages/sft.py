@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -36,6 +37,9 @@ class Config(RowRules, TrainConfig):
     """Held-out data in the same shapes ('' to skip held-out evaluation)."""
     split: str = "train"
     """Split to read when ``data`` is a `datasets` id."""
+    loss_on: Literal["last", "all"] = "last"
+    """Which turns of a conversation carry the loss: ``last`` (the final assistant answer) or ``all`` (every
+    assistant turn; e.g. HH-style dialogues)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The delta this stage trains (a fresh ``sft`` adapter)."""
     disable_dropout: bool = False
@@ -104,7 +108,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     share = cfg.shares(backbone)
 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
-    data, held = cfg.read(cfg.data, cfg.split, "sft", tok), cfg.read(cfg.eval_data, "test", "sft", tok)
+    kind = "sft" if cfg.loss_on == "last" else "sft_all"
+    data, held = cfg.read(cfg.data, cfg.split, kind, tok), cfg.read(cfg.eval_data, "test", kind, tok)
     train, heldout, eval_ex = data.items, held.items, held.examples
     lengths = [len(x["input_ids"]) for x in train]
 
