@@ -49,6 +49,11 @@ def _files(tmp):
         "kto_no_label": _write(tmp / "kto.jsonl", [{"prompt": "Q", "completion": "A", "label": True},
                                                    {"prompt": "Q", "completion": "B"}]),
         "missing": str(tmp / "nope.jsonl"),
+        "sft_hh_empty": _write(tmp / "sft_hh.jsonl", [
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: No."},
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: ", "rejected": "\n\nHuman: Hi\n\nAssistant: No."}]),
+        "heldout_all_bad": _write(tmp / "heldout_bad.jsonl", [{"prompt": "Q", "chosen": "", "rejected": "no"},
+                                                              {"prompt": "", "completion": "A"}]),
         "model_noconfig": str(nocfg),
         "model_pickled": str(pickled),
         "model_truncated": str(truncated),
@@ -102,6 +107,10 @@ CASES = [
     (["generate", "--from", "base", "--prompts-file", "{prompts_badbyte}"], "prompts_bad.txt: row 1"),
     (["eval", "--set", "eval.data={missing}"], "eval.data"),
     (["eval", "--set", "eval.generation.max_new_tokens=0"], "eval.generation.max_new_tokens"),
+    (["run", "sft", "--set", "sft.data={sft_hh_empty}"], "sft_hh.jsonl: row 1: field 'chosen': the final assistant"),
+    (["eval", "--set", "eval.data={heldout_all_bad}", "--set", "eval.bad_rows=skip"], "heldout_bad.jsonl"),
+    (["eval", "--set", "eval.judge={model_noconfig}"], "eval.judge: "),  # an empty folder
+    (["eval", "--set", "eval.judge={model_pickled}"], "not a finished stage"),
     (["export", "--set", "export.policy=bogus"], "export.policy"),
     (["run", "dpo", "--set", "dpo.loss=orpo", "--set", "dpo.reference=sft"], "dpo.reference"),  # ORPO: none
     (["run", "grpo", "--set", "grpo.loss=cispo", "--set", "grpo.importance_sampling=sequence"],

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltalign.data.hh import split_hh
+from deltalign.data.hh import hh_dialogue, split_hh
 from deltalign.data.rows import (DataError, Log, check_messages, check_response, check_text, extra_columns, has,
                                  parse_rows, read_utf8, require, where)
 
@@ -29,7 +29,9 @@ EMBEDDED_DIR = Path("data/embedded")  # relative to the working directory (the r
 _SFT_KEYS = ("messages", "prompt", "completion")
 _PREF_KEYS = ("prompt", "chosen", "rejected", "margin")
 SFT_SHAPES = ("'messages' (list of {role, content}, the last one assistant); 'prompt' + 'completion' (strings); "
-              "'prompt' (messages) + 'completion' (a string or one assistant message)")
+              "'prompt' (messages) + 'completion' (a string or one assistant message); 'chosen' (a preference row: "
+              "an HH-style '\\n\\nHuman: ...\\n\\nAssistant: ...' dialogue or a message list, trained on as a "
+              "conversation; 'rejected' is ignored)")
 PREF_SHAPES = ("'prompt' + 'chosen' + 'rejected' (strings; or a messages prompt with string or message-list "
                "responses, which may repeat the prompt conversation); 'chosen' + 'rejected' whole conversations "
                "(message lists, or HH-style '\\n\\nHuman: ...\\n\\nAssistant: ...' strings); optional 'margin'")
@@ -196,6 +198,15 @@ def _sft_row(row: dict, loc: str) -> SFTExample:
                 raise DataError("expected one assistant message (the prompt goes in 'prompt')", loc, "completion")
             return SFTExample(check_messages(prompt, loc, "prompt"), text, True, extra)
         raise DataError(f"expected a string or a list of messages, got {type(prompt).__name__}", loc, "prompt")
+    if has(row, "chosen"):  # a preference row (HH-RLHF): SFT on the chosen dialogue, its last turn the completion
+        raw = row["chosen"]
+        if isinstance(raw, str):
+            msgs = hh_dialogue(check_text(raw, loc, "chosen"), loc)
+        else:
+            msgs = check_messages(raw, loc, "chosen")
+            if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+                raise DataError("expected a conversation ending with the assistant's answer", loc, "chosen")
+        return SFTExample(msgs[:-1], msgs[-1]["content"], True, extra_columns(row, ("chosen",), _SFT_KEYS), "chosen")
     raise DataError(f"unrecognised row shape (columns {sorted(row)}); accepted SFT shapes: {SFT_SHAPES}", loc)
 
 

@@ -2,7 +2,8 @@
 
 ``chosen`` and ``rejected`` are split at the last ``"\\n\\nAssistant:"`` they share; the shared part becomes
 user/assistant messages (text before the first turn becomes a system message). Dialogues that differ before
-their final assistant turn, or an empty final response, are a :class:`DataError` of the row.
+their final assistant turn, or an empty final response, are a :class:`DataError` of the row. A whole dialogue
+(an SFT row's ``chosen``) is split by :func:`hh_dialogue` into messages ending with the assistant's answer.
 """
 
 from __future__ import annotations
@@ -45,3 +46,18 @@ def hh_messages(text: str, loc: str) -> list[dict]:
     if not msgs:
         raise DataError("empty text before the final assistant turn", loc, "chosen")
     return msgs
+
+
+def hh_dialogue(text: str, loc: str, fld: str = "chosen") -> list[dict]:
+    """A whole ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` dialogue -> messages ending with its final assistant
+    answer, which must be non-empty (an SFT row trains on it)."""
+    k = text.rfind(HH_ASSISTANT)
+    if k < 0:
+        raise DataError(f"no {HH_ASSISTANT!r} turn (an HH-style row is a whole '\\n\\nHuman: ...\\n\\nAssistant: "
+                        "...' dialogue)", loc, fld)
+    answer = text[k + len(HH_ASSISTANT):]
+    if "\n\nHuman:" in answer:
+        raise DataError("the dialogue ends with a human turn, not the assistant's answer", loc, fld)
+    if not answer.strip():
+        raise DataError("the final assistant answer is empty", loc, fld)
+    return hh_messages(text[:k], loc) + [{"role": "assistant", "content": answer.strip()}]

@@ -7,13 +7,14 @@ Every stage reads its training and held-out data the same way, under the same ru
     split.items        # tokenised (tokenize_pair / tokenize_sft output); split.examples the validated examples
     split.counts       # {"rows": 600, "skipped": 2, "dropped": 0}: every row is an item, skipped or dropped
 
-``kind`` is ``sft`` (:func:`tokenize_sft`), ``pref`` (:func:`tokenize_pair`) or ``prompt`` (examples only: prompt
+``kind`` is ``sft`` (:func:`tokenize_sft`; ``sft_all``: loss on every assistant turn), ``pref`` (:func:`tokenize_pair`) or ``prompt`` (examples only: prompt
 stages tokenise prompts themselves). An empty ``source`` gives an empty split.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 from deltalign.data.formats import load_rows, preference_examples, prompt_examples, sft_examples
@@ -23,7 +24,8 @@ from deltalign.data.sharing import PrefixSharing
 from deltalign.data.tokenize import tokenize_all, tokenize_pair, tokenize_sft
 from deltalign.core.settings import setting
 
-BUILDERS = {"sft": (sft_examples, tokenize_sft), "pref": (preference_examples, tokenize_pair),
+BUILDERS = {"sft": (sft_examples, tokenize_sft), "sft_all": (sft_examples, partial(tokenize_sft, loss_on="all")),
+            "pref": (preference_examples, tokenize_pair),
             "prompt": (prompt_examples, None), "kto": (unpaired_examples, tokenize_unpaired)}
 
 

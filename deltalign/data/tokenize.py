@@ -121,21 +121,55 @@ def _fit(prompt: list[int], responses: list[list[int]], max_length: int, truncat
     return prompt, [r[: max_length - n] for r in responses]
 
 
+LOSS_ON = ("last", "all")
+
+
 def tokenize_sft(ex: SFTExample, tokenizer, max_length: int, truncation: str = "completion",
-                 where: str = "") -> dict | None:
+                 where: str = "", loss_on: str = "last") -> dict | None:
     """``{"input_ids", "labels"}`` with ``labels == -100`` on the prompt; ``None`` if dropped.
 
-    ``where`` (``"<source>: row <i>"``) prefixes error messages.
+    ``loss_on="all"`` labels every assistant turn of a conversational prompt too (each turn's text as the template
+    renders it, end-of-turn included); ``"last"`` only the completion. ``where`` (``"<source>: row <i>"``) prefixes
+    error messages.
     """
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
     pf = ex.prompt_field
     rendered = render_prompt(ex.prompt, tokenizer, ex.conversational, where, pf)
-    fld = "messages" if pf == "messages" else "completion"
+    fld = pf if pf in ("messages", "chosen") else "completion"
     completion = _response_ids(ex.prompt, rendered, ex.completion, tokenizer, ex.conversational, where, fld)
-    fit = _fit(_encode(rendered, tokenizer), [completion], max_length, truncation, where, pf, [fld])
+    if loss_on == "all" and ex.conversational:
+        prompt_ids, prompt_labels = _assistant_turns(ex.prompt, rendered, tokenizer, where, pf)
+    else:
+        prompt_ids = _encode(rendered, tokenizer)
+        prompt_labels = [-100] * len(prompt_ids)
+    fit = _fit(prompt_ids, [completion], max_length, truncation, where, pf, [fld])
     if fit is None:
         return None
-    prompt_ids, (completion,) = fit
-    return {"input_ids": prompt_ids + completion, "labels": [-100] * len(prompt_ids) + completion}
+    kept, (completion,) = fit
+    return {"input_ids": kept + completion, "labels": prompt_labels[len(prompt_ids) - len(kept):] + completion}
+
+
+def _assistant_turns(msgs: list[dict], rendered: str, tokenizer, loc: str, fld: str) -> tuple[list[int], list[int]]:
+    """Ids of the rendered prompt, and labels that are the ids on its assistant turns and -100 elsewhere: each turn
+    is the text that rendering ``msgs[:i + 1]`` adds to ``msgs[:i]`` with the generation prompt."""
+    cuts = []  # (start, end) of each assistant turn in ``rendered``
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant" or i == 0:
+            continue
+        before = tokenizer.apply_chat_template(msgs[:i], add_generation_prompt=True, tokenize=False)
+        upto = tokenizer.apply_chat_template(msgs[:i + 1], add_generation_prompt=False, tokenize=False)
+        if not (upto.startswith(before) and rendered.startswith(upto)):
+            raise TokenizerError("the chat template is not prefix-stable, so the assistant turns cannot be labelled "
+                                 "apart (use loss_on: last)", loc, fld)
+        cuts.append((len(before), len(upto)))
+    ids, labels, pos = [], [], 0
+    for start, end in cuts + [(len(rendered), len(rendered))]:
+        plain, turn = _encode(rendered[pos:start], tokenizer), _encode(rendered[start:end], tokenizer)
+        ids += plain + turn
+        labels += [-100] * len(plain) + turn
+        pos = end
+    return ids, labels
 
 
 def tokenize_pair(ex: PrefExample, tokenizer, max_length: int, truncation: str = "completion",

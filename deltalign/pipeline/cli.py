@@ -302,18 +302,29 @@ def run_command(args, cfgs) -> int:
 
 
 def eval_command(args, cfgs) -> int:
-    from deltalign.reports.evaluation import compare_run, markdown_table
+    from deltalign.reports.evaluation import RM_TABLE, compare_run, finished_rm, markdown_table
     from deltalign.reports.plots import plot_run
 
     ev = cfgs["eval"]
     run_dir = Pipeline(cfgs, args.run_dir).run_dir
     check_model(cfgs["model"])
     check_source(ev.data, "prompt", "eval.data", "test", ev.bad_rows)
+    if ev.judge:  # the win rates need a finished judge and a finished baseline, known before any weights load
+        why = finished_rm(ev.judge)
+        if why:
+            raise configs.ConfigError(f"eval.judge: {why}; give the folder of a finished rm stage (e.g. "
+                                      "runs/<judge run>/rm), or '' for no win rates")
+        if ev.baseline != "base" and (ev.baseline not in POLICY_STAGES
+                                       or not (run_dir / ev.baseline / "manifest.json").exists()):
+            raise configs.ConfigError(f"eval.baseline: no finished {ev.baseline!r} stage in {run_dir} (base or one "
+                                      f"of {', '.join(POLICY_STAGES)})")
     for png in plot_run(run_dir):  # cheap, and useful even if the comparison below fails
         print(f"wrote {png}")
-    print(markdown_table(compare_run(run_dir, cfgs["model"], ev.data, ev.generation, args.limit or ev.limit,
-                                     ev.bad_rows)))
-    print(f"written to {run_dir / 'eval_table.json'}")
+    table = compare_run(run_dir, cfgs["model"], ev.data, ev.generation, args.limit or ev.limit, ev.bad_rows,
+                        judge=ev.judge, baseline=ev.baseline)
+    rm_file = run_dir / RM_TABLE
+    print(markdown_table(table, json.loads(rm_file.read_text()) if rm_file.exists() else None))
+    print(f"written to {run_dir / 'eval_table.json'}" + (f" and {rm_file}" if rm_file.exists() else ""))
     if (run_dir / "export" / "model" / "config.json").exists():
         print(f"exported model (plain transformers loads it): {run_dir / 'export' / 'model'}")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -31,6 +32,9 @@ READS = {"data": "sft", "eval_data": "sft"}  # setting -> row shape (checked bef
 class Config(RowRules, TrainConfig):
     data: str = "embedded:sft_train"  # (settings declared in data.splits.Sources; SFT's own defaults)
     eval_data: str = "embedded:sft_eval"
+    loss_on: Literal["last", "all"] = "last"
+    """Which turns of a conversation carry the loss: ``last`` (the final assistant answer) or ``all`` (every
+    assistant turn; e.g. HH-style dialogues)."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     """The delta this stage trains (a fresh ``sft`` adapter)."""
     disable_dropout: bool = False
@@ -99,7 +103,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     share = cfg.shares(backbone)
 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
-    data, held = cfg.read(cfg.data, cfg.split, "sft", tok), cfg.read(cfg.eval_data, "test", "sft", tok)
+    kind = "sft" if cfg.loss_on == "last" else "sft_all"
+    data, held = cfg.read(cfg.data, cfg.split, kind, tok), cfg.read(cfg.eval_data, "test", kind, tok)
     train, heldout, eval_ex = data.items, held.items, held.examples
     batches = epoch_batches([len(x["input_ids"]) for x in train], cfg)
     n_steps = engine.total_steps(len(batches(0)))
