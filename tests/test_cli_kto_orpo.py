@@ -20,6 +20,10 @@ def test_help_lists_the_new_stage_and_options(capsys):
     assert main(["run", "dpo", "--help"]) == 0
     text = capsys.readouterr().out
     assert "dpo.orpo_lambda = 0.1" in text and "orpo (Hong et al. 2024" in text
+    with pytest.raises(SystemExit):  # export's --policy: auto picks the newest of the aligned stages, kto too
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{auto,sft,dpo,kto,ppo,grpo,compose}" in text and "finished of ppo, grpo, dpo, kto;" in text, text
     assert main(["run", "grpo", "--help"]) == 0
     text = capsys.readouterr().out
     for want in ("grpo.importance_sampling = token", "grpo.loss = clip", "grpo.cispo_max = 5.0",
