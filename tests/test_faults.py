@@ -373,3 +373,94 @@ def test_max_length_beyond_the_positions_of_a_rope_model_warns(tmp_path, capsys,
     assert len(err.splitlines()) == 1
     assert main(["doctor", "sft", *TINY, "--set", "sft.max_length=4096", "--run-dir", str(tmp_path / "r")]) == 0
     assert "warn  sft.max_length=4096 is beyond the 512 positions" in capsys.readouterr().out
+
+
+
+# ------------------------------------------- issue 36's objectives: killed at step 2, the rerun ends as one run
+# KTO, ORPO, GSPO, CISPO and DAPO's overlong options keep nothing between steps beyond what the engine checkpoints
+# (trainable tensors, optimizer, schedule, RNG; GRPO's rollouts are seeded per step and prompt, KTO's reference
+# point is computed afresh each step, ORPO has no reference cache): killed (os._exit) right after step 2's
+# checkpoint, the rerun resumes from it and leaves the files of the uninterrupted run, bit for bit.
+NEW_SFT = [*TINY, "--set", "sft.max_steps=2", "--set", "sft.eval_checker=false"]
+GRPO = ["--set", "grpo.max_steps=3", "--set", "grpo.checkpoint_every=1", "--set", "grpo.eval_checker=false",
+        "--set", "grpo.rules={faults_rewards:vary: 1.0}", "--set", "grpo.lr=1e-2"]
+NEW = {  # the stages after sft (each killed in turn) and their settings: 3 steps, a checkpoint after each
+    # ORPO from the base (dpo.init: fresh, no reference) and KTO against the SFT delta, in one run
+    "orpo+kto": (["dpo", "kto"], ["--set", "dpo.loss=orpo", "--set", "dpo.init=fresh", "--set", "dpo.max_steps=3",
+                                  "--set", "dpo.checkpoint_every=1", "--set", "dpo.eval_checker=false",
+                                  "--set", "dpo.eval_data=", "--set", "kto.max_steps=3",
+                                  "--set", "kto.checkpoint_every=1", "--set", "kto.eval_checker=false"]),
+    # GSPO with DAPO's soft overlong penalty, truncated responses masked and the missing-stop penalty
+    "gspo+dapo": (["grpo"], [*GRPO, "--set", "grpo.importance_sampling=sequence", "--set", "grpo.overlong_cache=4",
+                             "--set", "grpo.mask_truncated=true", "--set", "grpo.missing_eos_penalty=0.5"]),
+    "cispo": (["grpo"], [*GRPO, "--set", "grpo.loss=cispo"]),
+}
+
+
+def _resumable(run) -> dict:
+    """:func:`_result` without GRPO's per-step timings (time_generate, time_score, time_optimise)."""
+    def drop(value):
+        if isinstance(value, dict):
+            return {k: drop(v) for k, v in value.items() if not k.startswith("time_")}
+        return [drop(v) for v in value] if isinstance(value, list) else value
+
+    return drop(_result(run))
+
+
+@pytest.fixture(scope="module")
+def new_objectives(tmp_path_factory):
+    """A finished sft stage to copy from, and a user reward that varies within a group (the tiny model's answers
+    all score 0 under the checker), importable in every fork."""
+    import sys
+
+    from deltalign.pipeline.graph import stage_module
+
+    root = tmp_path_factory.mktemp("new-objectives")
+    (root / "faults_rewards.py").write_text("def vary(prompts, responses):\n"
+                                            "    return [float(sum(map(ord, r)) % 5) for r in responses]\n")
+    sys.path.insert(0, str(root))
+    for stage in ("sft", "dpo", "kto", "grpo"):
+        stage_module(stage)  # imported once, here: every fork starts warm
+    assert _run_in_fork(root / "sft-run", args=NEW_SFT) == 0
+    yield root / "sft-run" / "sft"
+    sys.path.remove(str(root))
+
+
+@pytest.mark.parametrize("objectives", list(NEW))
+def test_a_killed_run_of_each_new_objective_resumes_to_the_uninterrupted_result(new_objectives, tmp_path, capfd,
+                                                                               objectives):
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    stages, settings = NEW[objectives]
+    args, plan = [*NEW_SFT, *settings], ["sft", *stages]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for run in (straight, killed):
+        shutil.copytree(new_objectives, run / "sft")
+    assert _run_in_fork(straight, args=args, stages=plan) == 0
+    expected = _resumable(straight)
+    for stage in stages:  # killed in each stage in turn: the next run resumes it (and runs on to the next kill)
+        def child():
+            os.environ["DELTALIGN_TEST_KILL_AT_STEP"] = f"{stage}:2"
+            return main(["run", *plan, *args, "--run-dir", str(killed)])
+
+        assert _fork(child) == 137, stage
+        assert sorted(p.name for p in (killed / stage / "checkpoints").iterdir())[-1] == "step-000002"
+    capfd.readouterr()
+    assert _run_in_fork(killed, args=args, stages=plan) == 0
+    out = capfd.readouterr().out
+    assert "resuming" in out and "sft: running" not in out, out
+    assert _resumable(killed) == expected
+    for stage in stages:
+        rows = [r for r in expected[f"{stage}/metrics.jsonl"] if r["kind"] == "train"]
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        # it trained: the policy moved from where it started (ORPO: a fresh LoRA delta, its B at zero)
+        end = load_file(str(straight / stage / "adapter_model.safetensors"))
+        start = {k: torch.zeros_like(v) for k, v in end.items() if "lora_B" in k} if stage == "dpo" else \
+            load_file(str(new_objectives / "adapter_model.safetensors"))
+        assert start and any(not torch.equal(end[k], v) for k, v in start.items()), stage
+        if objectives == "gspo+dapo":
+            assert all(r["reward_overlong"] < 0 for r in rows) and any(r["ratio"] != 1 for r in rows), rows
+            assert any(0 < r["masked_truncated"] < 1 for r in rows), rows  # some responses end: they train

@@ -37,7 +37,10 @@ def test_kto_mismatched_rows_never_pair_a_prompt_with_its_own_answer():
     assert len(j) == len(keys)
     assert all(keys[i] != keys[k] for i, k in enumerate(j))
     assert L.kto_mismatched_rows(["a", "b"]) == [1, 0]
-    assert L.kto_mismatched_rows(["x", "y", "z"]) == [1, 2, 0]  # all distinct: TRL's rotation (by one)
+    # all prompts distinct: TRL's rotation, row i with the completion of row i - 1
+    # (trl/trainer/kto_trainer.py: KL_completion_ids = [completion_ids[-1]] + completion_ids[:-1])
+    rows = list(range(4))
+    assert L.kto_mismatched_rows(["w", "x", "y", "z"]) == rows[-1:] + rows[:-1] == [3, 0, 1, 2]
 
 
 def test_kto_mismatched_rows_need_two_prompts():

@@ -45,17 +45,24 @@ COMPARED = {"sft": ["loss", "grad_norm"], "rm": ["loss", "grad_norm"], "dpo": ["
 # GRPO's score is the reward model's, normalised by its saved std: ZeRO-3 scores 4-row batches from differently
 # blocked matmuls than one process's 8-row batches (measured: 3e-5 relative)
 REL = {("grpo", "score"): 1e-4}
-# The other delta methods under ZeRO-3, in mixed runs: each chain's policy method (sft -> dpo, ppo, grpo copies)
-# differs from its reward model's, and PPO's critic is a third method.
+# The other delta methods under ZeRO-2 and ZeRO-3, in mixed runs: each chain's policy method (sft -> dpo, ppo, grpo
+# copies) differs from its reward model's, and PPO's critic is a third method. The chains also carry the objectives
+# the main chain does not (issue 36): ORPO (dpo.loss: orpo, no reference) and GSPO (sequence-level ratios) in the
+# first, CISPO (capped importance weights) in the second; grpo_epochs 2, so their ratios move on the second pass.
 METHOD_CHAINS = {
     "prefix+ia3": (["sft", "rm", "dpo", "grpo"], {"sft": "prefix", "rm": "ia3", "dpo": "prefix", "grpo": "prefix"},
-                   ["--set", "sft.adapter.method=prefix", "--set", "rm.init=fresh", "--set", "rm.adapter.method=ia3"]),
-    "prompt+bottleneck+ln": (["sft", "rm", "dpo", "ppo"],
-                             {"sft": "prompt", "rm": "bottleneck", "dpo": "prompt", "ppo": "prompt", "critic": "ln"},
+                   ["--set", "sft.adapter.method=prefix", "--set", "rm.init=fresh", "--set", "rm.adapter.method=ia3",
+                    "--set", "dpo.loss=orpo", "--set", "grpo.importance_sampling=sequence"]),
+    "prompt+bottleneck+ln": (["sft", "rm", "dpo", "ppo", "grpo"],
+                             {"sft": "prompt", "rm": "bottleneck", "dpo": "prompt", "ppo": "prompt", "critic": "ln",
+                              "grpo": "prompt"},
                              ["--set", "sft.adapter.method=prompt", "--set", "rm.init=fresh",
                               "--set", "rm.adapter.method=bottleneck",
-                              "--set", "ppo.critic_init=fresh", "--set", "ppo.critic_adapter.method=ln"]),
+                              "--set", "ppo.critic_init=fresh", "--set", "ppo.critic_adapter.method=ln",
+                              "--set", "grpo.loss=cispo"]),
 }
+# Under ZeRO-2 the second chain runs only what CISPO needs (its dpo and ppo are the main chain's objectives)
+ZERO2_STAGES = {"prompt+bottleneck+ln": ["sft", "rm", "grpo"]}
 PROMPTS = [[5, 80, 81, 82, 90, 91], [5, 100, 101, 102]]
 
 
@@ -493,33 +500,45 @@ def test_zero3_resume_after_kill(runs):
 
 @pytest.fixture(scope="module")
 def method_runs(tmp_path_factory):
-    """Each chain of METHOD_CHAINS in one process and under ZeRO-3 with 2 processes (gradient checkpointing on), the
-    latter with the default ``zero3_generation: lockstep`` (rollouts and evaluation from the sharded weights, all
-    ranks in step)."""
+    """Each chain of METHOD_CHAINS in one process and under ZeRO-2 and ZeRO-3 with 2 processes (gradient
+    checkpointing on), ZeRO-3 with the default ``zero3_generation: lockstep`` (rollouts and evaluation from the
+    sharded weights, all ranks in step)."""
     root = tmp_path_factory.mktemp("zero-methods")
     out = {}
     for chain, (stages, _, extra) in METHOD_CHAINS.items():
-        for name, config, more in [("single", None, SINGLE), ("zero3", "configs/accelerate/zero3.yaml", Z3)]:
+        for name, config, more in [("single", None, SINGLE), ("zero2", "configs/accelerate/zero2.yaml", Z3),
+                                   ("zero3", "configs/accelerate/zero3.yaml", Z3)]:
             tag = f"{chain}-{name}"
-            p = _check(launch(config, root / f"{tag}-probe", root / tag, [*extra, *more], stages=stages))
+            p = _check(launch(config, root / f"{tag}-probe", root / tag, [*extra, *more],
+                              stages=ZERO2_STAGES.get(chain, stages) if name == "zero2" else stages))
             WALL[tag] = p.wall
             out[chain, name] = (root / tag, root / f"{tag}-probe")
+    print("wall times (s):", {k: round(v, 1) for k, v in WALL.items()})
     return out
 
 
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
 @pytest.mark.parametrize("chain", list(METHOD_CHAINS))
-def test_other_delta_methods_under_zero3_match_one_process(method_runs, chain):
-    """IA3, prefix, prompt, bottleneck and LN deltas (ours, not peft's) under ZeRO-3: the same losses as one process,
-    saved deltas complete and equal to rank 0's memory and to the one-process run's, the base bit-identical."""
+def test_other_delta_methods_and_objectives_under_zero_match_one_process(method_runs, chain, zero):
+    """IA3, prefix, prompt, bottleneck and LN deltas (ours, not peft's), and ORPO, GSPO and CISPO, under ZeRO-2 and
+    ZeRO-3: the same losses and gradient norms as one process, saved deltas complete and equal to rank 0's memory
+    and to the one-process run's, only rank 0 writes, the base bit-identical."""
     stages, methods, _ = METHOD_CHAINS[chain]
-    (single, _), (run, probe) = method_runs[chain, "single"], method_runs[chain, "zero3"]
+    stages = ZERO2_STAGES.get(chain, stages) if zero == "zero2" else stages
+    (single, _), (run, probe) = method_runs[chain, "single"], method_runs[chain, zero]
     for stage in stages:
         a, b = train_rows(single, stage), train_rows(run, stage)
         assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+        # ORPO's odds-ratio term, GSPO's sequence ratio (a mean over both passes: 1 on the first), CISPO's drift
+        extra = [k for k in ("odds_ratio_loss", "nll_chosen", "ratio", "approx_kl") if k in a[0]]
         for ra, rb in zip(a, b):
-            for key in COMPARED[stage]:
+            for key in COMPARED[stage] + extra:
                 assert rb[key] == pytest.approx(ra[key], rel=REL.get((stage, key), 1e-5), abs=2e-6), (chain, stage, key,
                                                                                                    ra, rb)
+        if chain == "prefix+ia3" and stage in ("dpo", "grpo"):  # ORPO ran; GSPO's ratios moved on the second pass
+            assert "odds_ratio_loss" in extra if stage == "dpo" else any(r["ratio"] != 1 for r in b), (stage, b)
+        if chain == "prompt+bottleneck+ln" and stage == "grpo":
+            assert "loss: cispo" in (run / "grpo" / "config.yaml").read_text()
         folders = {stage: run / stage} | ({"critic": run / "ppo" / "critic"} if stage == "ppo" else {})
         mem = torch.load(probe / f"{stage}-rank0.pt", weights_only=False)
         for name, folder in folders.items():
@@ -533,6 +552,8 @@ def test_other_delta_methods_under_zero3_match_one_process(method_runs, chain):
                 assert v.numel() > 0 and v.shape == reference[k].shape, (name, k, v.shape)
                 assert torch.equal(v, held[k]), (name, k)
                 torch.testing.assert_close(v, reference[k], atol=1e-4, rtol=1e-3)
+    writes = [w for f in sorted(probe.glob("writes-rank1-*.json")) for w in json.loads(f.read_text())]
+    assert writes and all("audit-canary-rank1" in w[1] for w in writes), writes  # rank 1: only the probe's canary
     assert_base_unchanged(probe, stages)
 
 

@@ -27,8 +27,9 @@ from torch import Tensor
 
 def kto_mismatched_rows(prompt_keys: list) -> list[int]:
     """For each row ``i``, the row ``j`` whose completion it is paired with for the KL estimate: the nearest row
-    after ``i`` (cyclically) whose prompt differs, so no prompt meets its own completion. With all prompts
-    distinct this is TRL's rotation by one. Needs at least two different prompts in the batch."""
+    before ``i`` (cyclically) whose prompt differs, so no prompt meets its own completion. With all prompts
+    distinct this is TRL's rotation by one (row i, the completion of row i - 1). Needs at least two different
+    prompts in the batch."""
     n = len(prompt_keys)
     if len(set(prompt_keys)) < 2:
         raise ValueError(f"KTO's reference point needs at least two different prompts in a batch (got {n} "
@@ -36,9 +37,9 @@ def kto_mismatched_rows(prompt_keys: list) -> list[int]:
     out = []
     for i, key in enumerate(prompt_keys):
         k = 1
-        while prompt_keys[(i + k) % n] == key:
+        while prompt_keys[(i - k) % n] == key:
             k += 1
-        out.append((i + k) % n)
+        out.append((i - k) % n)
     return out
 
 

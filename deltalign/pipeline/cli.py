@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         q.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
     x.add_argument("--policy", choices=["auto", *POLICY_STAGES],
-                   help="adapter to merge (default: auto, the most recently finished of ppo, grpo, dpo; else sft)")
+                   help="adapter to merge (default: auto, the most recently finished of ppo, grpo, dpo, kto; else sft)")
     x.add_argument("--out", help="also copy the export to this directory (outside the run directory; default: "
                                  "export.out)")
     x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the exported weights")
