@@ -172,13 +172,17 @@ def test_doctor_warns_when_a_stage_would_not_fit_and_says_what_would(capsys, mon
     from deltalign.core import memory
 
     monkeypatch.setattr(memory, "available", lambda: 1e-3)
-    assert main(["doctor", "sft", "ppo", "--config", "configs/tiny.yaml"]) == 0
+    assert main(["doctor", "sft", "ppo", "--config", "configs/tiny.yaml", "--set", "model.gradient_checkpointing=false"]) == 0
     warns = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warn")]
     assert [ln.split()[1] for ln in warns] == ["sft:", "rm:", "ppo:"], warns  # the plan: ppo needs rm
     sft, _, ppo = warns
     assert "more than the 0.0 GiB available" in sft
     assert "model.gradient_checkpointing=true (~" in sft and "model.gradient_checkpointing=selective (~" in sft
     assert "smaller sft.batch_size" in sft and "ppo.mini_batch_size" in ppo
+    # under auto (the default) the stage already takes full checkpointing: only the batch is left to suggest
+    assert main(["doctor", "sft", "--config", "configs/tiny.yaml"]) == 0
+    warn, = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warn")]
+    assert "gradient_checkpointing" not in warn and "smaller sft.batch_size" in warn
     monkeypatch.setattr(memory, "available", lambda: 1e3)
     assert main(["doctor", "sft", "ppo", "--config", "configs/tiny.yaml"]) == 0
     assert "warn" not in capsys.readouterr().out
@@ -195,8 +199,9 @@ def test_doctor_suggests_only_the_checkpointing_that_lowers_memory():
 
     cfg = configs.load(sections(), "configs/default.yaml")["dpo"]
     facts = {"params": 134_515_008, "hidden": 576, "layers": 30, "vocab": 49152}
-    plain = memory_advice("dpo", cfg, facts, ModelConfig(), 128, 0.4, 0.0, available=1.0)
+    off = ModelConfig(gradient_checkpointing=False)
+    plain = memory_advice("dpo", cfg, facts, off, 128, 0.4, 0.0, available=1.0)
     assert "=selective" in plain and "=true" in plain and "smaller dpo.batch_size" in plain
     full = memory_advice("dpo", cfg, facts, ModelConfig(gradient_checkpointing=True), 128, 0.4, 0.0, available=1.0)
     assert "gradient_checkpointing" not in full and "smaller dpo.batch_size" in full
-    assert memory_advice("dpo", dataclasses.replace(cfg), facts, ModelConfig(), 128, 0.4, 0.0, available=64.0) is None
+    assert memory_advice("dpo", dataclasses.replace(cfg), facts, off, 128, 0.4, 0.0, available=64.0) is None
