@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from deltalign.core import memory
 from deltalign.core import settings as configs
@@ -86,6 +87,10 @@ def test_several_processes_budget_from_total_memory_the_same_on_every_rank(monke
         seen.add(autofit.budget(ModelConfig()))
     (gib, why), = seen
     assert gib == pytest.approx(24.0 / 2 * (1 - autofit.MARGIN)) and "total" in why
+    monkeypatch.setattr(memory, "resident", lambda: 3.3)  # nor what each process holds now
+    assert autofit.runtime() == autofit.RUNTIME_GIB
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert autofit.runtime() == 3.3
 
 
 # --- resolution of a stage's model config -------------------------------------------------------------------------
@@ -138,6 +143,8 @@ def test_the_choice_never_changes_the_losses_and_a_run_stays_up_to_date_under_au
         assert main([*args, *[x for s in sets for x in ("--set", s)]]) == 0
         out = capsys.readouterr().out
         runs[name] = {s: losses(run, s) for s in ("sft", "dpo")}
+        recorded = yaml.safe_load((run / "sft" / "config.yaml").read_text())["model"]["gradient_checkpointing"]
+        assert recorded == {"false": False, "selective": "selective"}.get(name, True)  # what the stage ran with
         if name == "auto":
             assert "sft: model.gradient_checkpointing=auto -> true: estimated" in out
             assert "dpo: model.gradient_checkpointing=auto -> true: estimated" in out

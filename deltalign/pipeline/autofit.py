@@ -127,17 +127,21 @@ def sample(source: str, split: str, kind: str, tok):
 
 # --- resolution ---------------------------------------------------------------------------------------------------
 
-def resolve(name: str, cfg, model_cfg, facts: dict, longest: int | None, prompt_share: float, runtime_gib: float,
-            budget_gib: float | None, budget_how: str = ""):
-    """``(model config, line)``: under ``auto`` a copy with the mode :func:`choose` picks and the line saying
-    why; an explicit setting: the config itself and None."""
+def estimates(name: str, cfg, model_cfg, facts: dict, longest: int | None, prompt_share: float,
+              runtime_gib: float) -> dict:
+    """The stage's estimated peak (GiB) under each of :data:`MODES` (:func:`deltalign.pipeline.estimate.peak_memory`)."""
     from deltalign.pipeline.estimate import peak_memory
 
+    return {m: peak_memory(name, cfg, facts, dataclasses.replace(model_cfg, gradient_checkpointing=m), longest,
+                           runtime_gib, prompt_share)["total"] for m in MODES}
+
+
+def resolve(name: str, model_cfg, by_mode: dict, budget_gib: float | None, budget_how: str = ""):
+    """``(model config, line)``: under ``auto`` a copy with the mode :func:`choose` picks from ``by_mode``
+    (:func:`estimates`) and the line saying why; an explicit setting: the config itself and None."""
     if model_cfg.gradient_checkpointing != "auto":
         return model_cfg, None
-    estimates = {m: peak_memory(name, cfg, facts, dataclasses.replace(model_cfg, gradient_checkpointing=m),
-                                longest, runtime_gib, prompt_share)["total"] for m in MODES}
-    mode, reason = choose(estimates, budget_gib)
+    mode, reason = choose(by_mode, budget_gib)
     return dataclasses.replace(model_cfg, gradient_checkpointing=mode), f"{name}: {reason}" + (
         f" ({budget_how})" if budget_how else "")
 
@@ -149,25 +153,31 @@ def trains(name: str, cfg) -> bool:
     return "data" in getattr(stage_module(name), "READS", {}) and hasattr(cfg, "batch_size") and bool(cfg.data)
 
 
-def resolve_stage(cfgs: dict, name: str):
-    """``(model config for the stage, log line or None)``: :func:`resolve` with the model's shapes, the stage's
-    data measured as ``doctor`` does and this machine's :func:`budget`. A stage the estimator does not model
-    (export) gets ``auto`` as off, silently. Reads headers and the tokenizer; loads no weights."""
+def measure(cfgs: dict, name: str) -> tuple[dict, int | None, float]:
+    """``(model facts, longest row, prompt share)`` of a training stage, as ``doctor`` measures them: the model's
+    shapes from its headers, the first :data:`SAMPLE` rows of its data tokenised. Loads no weights."""
     from deltalign.data.tokenize import load_tokenizer
     from deltalign.model.backbone import resolve_path
     from deltalign.pipeline.doctor import model_facts
     from deltalign.pipeline.graph import stage_module
 
     model_cfg, cfg = cfgs["model"], cfgs[name]
-    if model_cfg.gradient_checkpointing != "auto":
-        return model_cfg, None
-    if not trains(name, cfg):
-        return dataclasses.replace(model_cfg, gradient_checkpointing=False), None
     path = resolve_path(model_cfg.path)
     tok = load_tokenizer(path, model_cfg.trust_remote_code)
     kind = stage_module(name).READS["data"]
     full, _ = sample(cfg.data, cfg.split, kind, tok)
     heads = row_heads(full, kind, tok)
     longest, share = longest_and_share(kind, cfg, full, row_lengths(full, kind, heads)) if heads else (None, 0.0)
-    gib, how = budget(model_cfg)
-    return resolve(name, cfg, model_cfg, model_facts(path), longest, share, runtime(), gib, how)
+    return model_facts(path), longest, share
+
+
+def resolve_stage(cfgs: dict, name: str):
+    """``(model config for the stage, log line or None)``: :func:`resolve` from the stage's :func:`measure` and this
+    machine's :func:`budget`. A stage the estimator does not model (export) gets ``auto`` as off, silently."""
+    model_cfg, cfg = cfgs["model"], cfgs[name]
+    if model_cfg.gradient_checkpointing != "auto":
+        return model_cfg, None
+    if not trains(name, cfg):
+        return dataclasses.replace(model_cfg, gradient_checkpointing=False), None
+    by_mode = estimates(name, cfg, model_cfg, *measure(cfgs, name), runtime())
+    return resolve(name, model_cfg, by_mode, *budget(model_cfg))

@@ -175,8 +175,8 @@ def doctor(cfgs: dict, plan: list[str], run_dir: Path, out=print) -> int:
             continue
         runtime = autofit.runtime()  # torch, transformers and the stage's modules loaded: what a stage starts with
         if autofit.trains(name, cfgs[name]):  # what `run` will pick (autofit.resolve_stage), and why
-            stage_model, line = autofit.resolve(name, cfgs[name], model_cfg, facts, longest, share, runtime,
-                                                *autofit.budget(model_cfg))
+            by_mode = autofit.estimates(name, cfgs[name], model_cfg, facts, longest, share, runtime)
+            stage_model, line = autofit.resolve(name, model_cfg, by_mode, *autofit.budget(model_cfg))
             report("note", line or f"{name}: model.gradient_checkpointing="
                                    f"{autofit.WORDS[model_cfg.gradient_checkpointing]} (set explicitly)")
         else:
