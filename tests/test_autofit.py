@@ -155,8 +155,8 @@ def test_the_choice_never_changes_the_losses_and_a_run_stays_up_to_date_under_au
         for stage in ("sft", "dpo"):
             assert got[stage] == pytest.approx(runs["false"][stage], abs=1e-6, rel=1e-6), (name, stage)
     # made with explicit false, up to date under auto (and any budget): the choice is not part of the hash
-    assert main(["run", "sft", "dpo", "--config", "configs/tiny.yaml", *QUICK, "--set", "model.memory_budget_gib=0.0001",
-                 "--run-dir", str(tmp_path / "false")]) == 0
+    assert main(["run", "sft", "dpo", "--config", "configs/tiny.yaml", *QUICK,
+                 "--set", "model.memory_budget_gib=0.0001", "--run-dir", str(tmp_path / "false")]) == 0
     out = capsys.readouterr().out
     assert "sft: up to date" in out and "dpo: up to date" in out and "running" not in out
 
@@ -167,7 +167,8 @@ def test_doctor_shows_what_auto_picks_and_what_an_explicit_setting_is(capsys):
     assert main(["doctor", "sft", "--config", "configs/tiny.yaml", "--set", "model.memory_budget_gib=0.0001"]) == 0
     out = capsys.readouterr().out
     assert "note  sft: model.gradient_checkpointing=auto -> true: estimated" in out, out
-    assert main(["doctor", "sft", "--config", "configs/tiny.yaml", "--set", "model.gradient_checkpointing=selective"]) == 0
+    assert main(["doctor", "sft", "--config", "configs/tiny.yaml",
+                 "--set", "model.gradient_checkpointing=selective"]) == 0
     out = capsys.readouterr().out
     assert "sft: model.gradient_checkpointing=selective (set explicitly)" in out and "auto ->" not in out
 

@@ -172,7 +172,8 @@ def test_doctor_warns_when_a_stage_would_not_fit_and_says_what_would(capsys, mon
     from deltalign.core import memory
 
     monkeypatch.setattr(memory, "available", lambda: 1e-3)
-    assert main(["doctor", "sft", "ppo", "--config", "configs/tiny.yaml", "--set", "model.gradient_checkpointing=false"]) == 0
+    assert main(["doctor", "sft", "ppo", "--config", "configs/tiny.yaml",
+                 "--set", "model.gradient_checkpointing=false"]) == 0
     warns = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warn")]
     assert [ln.split()[1] for ln in warns] == ["sft:", "rm:", "ppo:"], warns  # the plan: ppo needs rm
     sft, _, ppo = warns

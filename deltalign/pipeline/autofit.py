@@ -129,7 +129,8 @@ def sample(source: str, split: str, kind: str, tok):
 
 def estimates(name: str, cfg, model_cfg, facts: dict, longest: int | None, prompt_share: float,
               runtime_gib: float) -> dict:
-    """The stage's estimated peak (GiB) under each of :data:`MODES` (:func:`deltalign.pipeline.estimate.peak_memory`)."""
+    """The stage's estimated peak (GiB) under each of :data:`MODES`
+    (:func:`deltalign.pipeline.estimate.peak_memory`)."""
     from deltalign.pipeline.estimate import peak_memory
 
     return {m: peak_memory(name, cfg, facts, dataclasses.replace(model_cfg, gradient_checkpointing=m), longest,

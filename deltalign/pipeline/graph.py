@@ -6,12 +6,13 @@ folders. The graph decides what runs: the requested stages plus whatever they ne
 
 Stale means the stage's content hash (:meth:`Pipeline.inputs`, hashed) differs from its manifest's. The hash covers
 the stage's config and the model config (less ``NOT_HASHED`` settings: threads, log_every, checkpoint_every,
-keep_checkpoints, model.gradient_checkpointing), the base model's files, its data by content (a `datasets` id by
-the revision it resolves to in the local cache), the source file of each user ``module:function`` reward in its
-``rules``, the launch (global batch = processes x batch_size x grad_accum, DeepSpeed JSON and settings, mixed
-precision), the deltalign/torch/transformers/peft versions, the hashes of the stages it needs, and, for stages
-with ``hash_uses`` (dpo, export), the hashes of the finished stages it reads. What it does not cover is listed in
-:mod:`deltalign.pipeline.rundir`. :meth:`Pipeline.run` holds the run directory's lock (:func:`run_lock`) throughout.
+keep_checkpoints, model.gradient_checkpointing, model.memory_budget_gib), the base model's files, its data by
+content (a `datasets` id by the revision it resolves to in the local cache), the source file of each user
+``module:function`` reward in its ``rules``, the launch (global batch = processes x batch_size x grad_accum,
+DeepSpeed JSON and settings, mixed precision), the deltalign/torch/transformers/peft versions, the hashes of the
+stages it needs, and, for stages with ``hash_uses`` (dpo, export), the hashes of the finished stages it reads. What
+it does not cover is listed in :mod:`deltalign.pipeline.rundir`. :meth:`Pipeline.run` holds the run directory's lock
+(:func:`run_lock`) throughout.
 """
 
 from __future__ import annotations
