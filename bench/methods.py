@@ -160,6 +160,7 @@ def overrides(method: str, budget: Budget, cfgs: dict, threads: int, sft_eval: s
     the SFT stage up to date by its hash and does not run it again)."""
     sft_lr, dpo_lr = lrs(method, cfgs)
     o = [f"model.path={model}"] if model else []
+    o += ["model.gradient_checkpointing=false"]  # pinned: timings must not move with the machine's free memory
     o += [f"sft.adapter.method={method}", f"sft.lr={sft_lr}", f"sft.max_steps={budget.sft_steps}",
           f"sft.eval_data={sft_eval}", "sft.eval_checker=false"]
     o += [f"dpo.lr={dpo_lr}", f"dpo.max_steps={budget.dpo_steps}", f"dpo.eval_data={pref_eval}",

@@ -212,7 +212,8 @@ def test_real_backbone_configs(tmp_path):
         C.load(secs, overrides=["adapter.rank=4"])
 
 
-@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("selective", "selective")])
+@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("selective", "selective"),
+                                             ("auto", "auto")])
 def test_gradient_checkpointing_is_on_off_or_selective(value, expected):
     secs = {"model": ModelConfig}
     assert C.load(secs, overrides=[f"model.gradient_checkpointing={value}"])["model"].gradient_checkpointing == expected
@@ -221,4 +222,4 @@ def test_gradient_checkpointing_is_on_off_or_selective(value, expected):
 def test_gradient_checkpointing_rejects_other_words():
     with pytest.raises(C.ConfigError) as e:
         C.load({"model": ModelConfig}, overrides=["model.gradient_checkpointing=sometimes"])
-    assert "model.gradient_checkpointing: expected bool | 'selective', got 'sometimes'" in str(e.value)
+    assert "model.gradient_checkpointing: expected bool | 'selective' | 'auto', got 'sometimes'" in str(e.value)

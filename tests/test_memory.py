@@ -67,3 +67,18 @@ def test_available_is_what_the_machine_can_still_give():
     with open("/proc/meminfo") as f:
         total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) / 2**20
     assert 0.05 < memory.available() <= total
+
+
+def test_a_container_limit_caps_what_is_available_and_the_total(tmp_path, monkeypatch):
+    """Inside a container whose memory cgroup sets a limit, the host's /proc/meminfo overstates both: the
+    budget of model.gradient_checkpointing=auto must come from the limit."""
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{2 << 30}\n")
+    usage.write_text(f"{1 << 29}\n")
+    monkeypatch.setattr(memory, "CGROUP", {str(limit): str(usage)})
+    monkeypatch.setattr(memory, "on_device", lambda: False)
+    assert memory.available() == 1.5 and memory.total() == 2.0
+    limit.write_text("max\n")  # no limit: the host's figures
+    with open("/proc/meminfo") as f:
+        total = int(next(line for line in f if line.startswith("MemTotal:")).split()[1]) / 2**20
+    assert memory.total() == total and memory.available() <= total

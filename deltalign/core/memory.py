@@ -6,7 +6,9 @@
   memory torch's allocator held. Under several processes :func:`peak_of_all_processes` gathers each one's and
   the manifest records the largest (what every process must be given) with each beside it.
 * :func:`resident`: what the process holds now (``doctor`` counts a loaded runtime with it); :func:`available`:
-  what the machine can still give (``doctor`` warns where a stage's estimated peak is larger);
+  what the machine can still give (``doctor`` warns where a stage's estimated peak is larger); :func:`total`:
+  all the memory there is (one GPU's, else the host's), the same on every process of a launch; :func:`on_device`:
+  whether those figures are a GPU's (``model.gradient_checkpointing: auto`` budgets from them);
 * :func:`release_free_memory`: glibc's ``malloc_trim``, for the stages whose phases allocate differently.
 """
 
@@ -68,13 +70,49 @@ def resident() -> float:
     return (_proc_kib("VmRSS") or 0) / 2**20
 
 
+CGROUP = {"/sys/fs/cgroup/memory.max": "/sys/fs/cgroup/memory.current",  # cgroup v2, then v1
+          "/sys/fs/cgroup/memory/memory.limit_in_bytes": "/sys/fs/cgroup/memory/memory.usage_in_bytes"}
+
+
+def _cgroup() -> tuple[float, float] | None:
+    """``(limit, usage)`` GiB of this container's memory cgroup, where one sets a limit (``max`` or v1's huge
+    number: none)."""
+    for limit, usage in CGROUP.items():
+        try:
+            with open(limit) as f, open(usage) as g:
+                cap, used = f.read().strip(), int(g.read().strip())
+        except (OSError, ValueError):
+            continue
+        if cap.isdigit() and int(cap) < 1 << 60:
+            return int(cap) / 2**30, used / 2**30
+    return None
+
+
 def available() -> float | None:
-    """Memory a stage could still take, GiB: free device memory with a GPU, else the host's ``MemAvailable``;
-    None where neither can be read."""
-    if torch.cuda.is_available():
+    """Memory a stage could still take, GiB: free device memory with a GPU, else the host's ``MemAvailable`` (less,
+    where a container's cgroup limit leaves less); None where neither can be read."""
+    if on_device():
         return torch.cuda.mem_get_info()[0] / 2**30
     kib = _proc_kib("MemAvailable", "/proc/meminfo")
-    return None if kib is None else kib / 2**20
+    if kib is None:
+        return None
+    group = _cgroup()
+    return kib / 2**20 if group is None else min(kib / 2**20, max(group[0] - group[1], 0.0))
+
+
+def on_device() -> bool:
+    """Whether :func:`available` and :func:`total` are a GPU's memory (else the host's)."""
+    return torch.cuda.is_available()
+
+
+def total() -> float | None:
+    """All the memory a stage's peak is counted against, GiB: this process's GPU with one, else the host's
+    ``MemTotal``; None where it cannot be read. Unlike :func:`available` it does not move as processes allocate."""
+    if on_device():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    kib = _proc_kib("MemTotal", "/proc/meminfo")
+    group = _cgroup()
+    return None if kib is None else kib / 2**20 if group is None else min(kib / 2**20, group[0])
 
 
 def release_free_memory() -> None:

@@ -48,9 +48,15 @@ class ModelConfig:
     """``none`` or ``nf4`` (4-bit NormalFloat with double quantisation through bitsandbytes: QLoRA)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory. Off unless you trust the checkpoint."""
-    gradient_checkpointing: bool | Literal["selective"] = setting(False, hashed=False)
-    """Recompute activations in backward (non-reentrant) to save memory; ``selective``: keep what the frozen
-    base's matmuls computed and recompute only the rest (faster, more memory; deltalign/model/recompute.py)."""
+    gradient_checkpointing: bool | Literal["selective", "auto"] = setting("auto", hashed=False)
+    """Recompute activations in backward (non-reentrant) to save memory: ``true`` (every layer; the least memory),
+    ``selective`` (keep what the frozen base's matmuls computed, recompute only the rest: faster, more memory;
+    deltalign/model/recompute.py) or ``false``. ``auto``: before each training stage loads its model, the fastest
+    of false / selective / true whose estimated peak fits ``memory_budget_gib``, said in one log line
+    (deltalign/pipeline/autofit.py); where nothing resolves it (eval, export, generate: no training), off."""
+    memory_budget_gib: float = setting(0.0, hashed=False, ge=0)
+    """The peak memory ``gradient_checkpointing: auto`` fits each stage in, GiB per process; 0: the memory
+    available when the stage starts, less 10% (under several processes: 90% of each one's share of the total)."""
 
 
 def resolve_path(path: str) -> Path:
@@ -95,7 +101,7 @@ def load_base(cfg: ModelConfig):
             m.support_avx512bf16_for_cpu = False
     model.requires_grad_(False)
     model.eval()  # no dropout in the frozen base; adapters have their own dropout switched by train()
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing in (True, "selective"):  # "auto" unresolved: nothing trains here
         kwargs = checkpointing_kwargs(cfg.gradient_checkpointing)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         model.enable_input_require_grads()

@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 
 from deltalign.core import memory
-from deltalign.pipeline import checks
+from deltalign.pipeline import autofit, checks
+from deltalign.pipeline.autofit import SAMPLE  # noqa: F401  (rows tokenised per source for the percentiles)
 from deltalign.pipeline.estimate import estimate, memory_advice
-
-SAMPLE = 2000  # rows tokenised per source for the length percentiles
 
 
 class Report:
@@ -80,21 +79,6 @@ def check_tokenizer(tok, report: Report) -> None:
         report("ok", f"pad token {tok.pad_token!r} differs from EOS {tok.eos_token!r}")
 
 
-def _heads(split, kind: str, tok) -> list[list[int]]:
-    """Each row's ids from its start: the prompt's (prompt and preference rows) or the whole row's (SFT)."""
-    from deltalign.data.tokenize import tokenize_prompt
-
-    if kind == "prompt":
-        return [tokenize_prompt(ex.prompt, tok, ex.conversational) for ex in split.examples]
-    return [x["input_ids" if kind == "sft" else "prompt_ids"] for x in split.items]
-
-
-def _lengths(split, kind: str, heads: list[list[int]]) -> list[int]:
-    if kind != "pref":
-        return [len(h) for h in heads]
-    return [len(h) + max(len(x["chosen_ids"]), len(x["rejected_ids"])) for h, x in zip(heads, split.items)]
-
-
 def _common_prefix(seqs: list[list[int]]) -> int:
     """Length of the prefix every sequence starts with (a chat template's system prompt, say)."""
     n = min((len(q) for q in seqs), default=0)
@@ -114,9 +98,6 @@ def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, 
     length in tokens (within max_length), for pairs the mean share of that length that is the prompt, the
     length of the prefix every training row starts with, and the longest row (within max_length; a prompt with
     its longest response)."""
-    from deltalign.data.formats import load_rows
-    from deltalign.data.splits import from_rows
-
     n_train, mean_len, prompt_share, common, longest = 0, float(getattr(cfg, "max_length", 256)), 0.0, 0, None
     for field, kind in getattr(module, "READS", {}).items():
         source = getattr(cfg, field)
@@ -124,24 +105,20 @@ def check_stage_data(name: str, cfg, module, tok, report: Report) -> tuple[int, 
             continue
         split = cfg.split if field == "data" else "test"
         checks.check_source(source, kind, f"{name}.{field}", split, getattr(cfg, "bad_rows", "error"))
-        rows = load_rows(source, split)
-        # the first SAMPLE rows tokenised in full (no max_length), bad ones left out silently
-        full = from_rows(rows[:SAMPLE], source, kind, tok, 1 << 30, "completion", "skip", lambda line: None)
-        heads = _heads(full, kind, tok)
-        lengths = _lengths(full, kind, heads)
+        full, n_rows = autofit.sample(source, split, kind, tok)
+        heads = autofit.row_heads(full, kind, tok)
+        lengths = autofit.row_lengths(full, kind, heads)
         limit_key = "max_prompt_length" if kind == "prompt" else "max_length"
         limit, rule = getattr(cfg, limit_key), getattr(cfg, "truncation", "drop")
         over = sum(n > limit for n in lengths)
         if field == "data":
-            n_train, mean_len = len(rows), sum(min(n, limit) for n in lengths) / max(len(lengths), 1)
+            n_train, mean_len = n_rows, sum(min(n, limit) for n in lengths) / max(len(lengths), 1)
             common = min(_common_prefix(heads), limit)
-            # a rollout row (prompt data): the prompt and its response
-            longest = min(max(lengths), limit) + (cfg.rollout.max_new_tokens if kind == "prompt" else 0)
-            if kind == "pref":
-                shares = [min(len(x["prompt_ids"]), limit) / max(min(n, limit), 1) for x, n in zip(full.items, lengths)]
-                prompt_share = sum(shares) / max(len(shares), 1)
+            # the longest row (a rollout row: the prompt and its response) and a pair's prompt share:
+            # what gradient_checkpointing=auto resolves from in the run too
+            longest, prompt_share = autofit.longest_and_share(kind, cfg, full, lengths)
         what = "prompt tokens" if kind == "prompt" else "tokens"
-        line = (f"{name}.{field}: {source} ({len(rows)} rows, {full.counts['skipped']} bad in the first "
+        line = (f"{name}.{field}: {source} ({n_rows} rows, {full.counts['skipped']} bad in the first "
                 f"{len(full.examples) + full.counts['skipped']}); {what} p50 {_pct(lengths, .5)}, p90 "
                 f"{_pct(lengths, .9)}, p99 {_pct(lengths, .99)}, max {max(lengths)} vs {limit_key} {limit}")
         if over:
@@ -196,10 +173,17 @@ def doctor(cfgs: dict, plan: list[str], run_dir: Path, out=print) -> int:
         except (FileNotFoundError, ValueError) as e:
             report("FAIL", " ".join(str(e).split()))
             continue
-        runtime = memory.resident()  # torch, transformers and the stage's modules loaded: what a stage starts with
-        report("note", estimate(name, cfgs[name], facts, rows, length, gflops, model_cfg, 1, share, common, longest,
-                                runtime))
-        advice = memory_advice(name, cfgs[name], facts, model_cfg, longest, runtime, share, memory.available())
+        runtime = autofit.runtime()  # torch, transformers and the stage's modules loaded: what a stage starts with
+        if autofit.trains(name, cfgs[name]):  # what `run` will pick (autofit.resolve_stage), and why
+            by_mode = autofit.estimates(name, cfgs[name], model_cfg, facts, longest, share, runtime)
+            stage_model, line = autofit.resolve(name, model_cfg, by_mode, *autofit.budget(model_cfg))
+            report("note", line or f"{name}: model.gradient_checkpointing="
+                                   f"{autofit.WORDS[model_cfg.gradient_checkpointing]} (set explicitly)")
+        else:
+            stage_model = autofit.resolve_stage(cfgs, name)[0]
+        report("note", estimate(name, cfgs[name], facts, rows, length, gflops, stage_model, 1, share, common,
+                                longest, runtime))
+        advice = memory_advice(name, cfgs[name], facts, stage_model, longest, runtime, share, memory.available())
         if advice:
             report("warn", advice)
     out("doctor: " + ("problems found (FAIL lines above)" if report.failed else "ready to run"))

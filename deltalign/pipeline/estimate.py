@@ -19,6 +19,8 @@ def activation_widths(facts: dict, checkpointing: bool | str) -> float:
     graphs in bench/profile_ppo.py and a saved-tensor count); with it each layer keeps its input (1), and one
     layer's activations exist again in its replay; selective also keeps the base's matmul outputs (q, k, v, o,
     gate, up, down: measured 9-10 for SmolLM2)."""
+    if checkpointing not in (False, True, "selective"):  # auto: deltalign.pipeline.autofit resolves it first
+        raise ValueError(f"model.gradient_checkpointing={checkpointing!r}: the estimate needs false, selective or true")
     h, layers, per_layer = facts["hidden"], facts["layers"], 20
     if checkpointing is False:
         return layers * per_layer

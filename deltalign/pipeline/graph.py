@@ -6,12 +6,13 @@ folders. The graph decides what runs: the requested stages plus whatever they ne
 
 Stale means the stage's content hash (:meth:`Pipeline.inputs`, hashed) differs from its manifest's. The hash covers
 the stage's config and the model config (less ``NOT_HASHED`` settings: threads, log_every, checkpoint_every,
-keep_checkpoints, model.gradient_checkpointing), the base model's files, its data by content (a `datasets` id by
-the revision it resolves to in the local cache), the source file of each user ``module:function`` reward in its
-``rules``, the launch (global batch = processes x batch_size x grad_accum, DeepSpeed JSON and settings, mixed
-precision), the deltalign/torch/transformers/peft versions, the hashes of the stages it needs, and, for stages
-with ``hash_uses`` (dpo, export), the hashes of the finished stages it reads. What it does not cover is listed in
-:mod:`deltalign.pipeline.rundir`. :meth:`Pipeline.run` holds the run directory's lock (:func:`run_lock`) throughout.
+keep_checkpoints, model.gradient_checkpointing, model.memory_budget_gib), the base model's files, its data by
+content (a `datasets` id by the revision it resolves to in the local cache), the source file of each user
+``module:function`` reward in its ``rules``, the launch (global batch = processes x batch_size x grad_accum,
+DeepSpeed JSON and settings, mixed precision), the deltalign/torch/transformers/peft versions, the hashes of the
+stages it needs, and, for stages with ``hash_uses`` (dpo, export), the hashes of the finished stages it reads. What
+it does not cover is listed in :mod:`deltalign.pipeline.rundir`. :meth:`Pipeline.run` holds the run directory's lock
+(:func:`run_lock`) throughout.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from deltalign.core import memory
 from deltalign.model.backbone import ModelConfig
 from deltalign.core import settings as configs
 from deltalign.core.fingerprints import model_fingerprint, sha256_json
+from deltalign.pipeline import autofit
 from deltalign.pipeline.rundir import (STARTED, StageDir, data_fingerprint, launch_fingerprint, rules_fingerprint,
                                        run_lock, software_versions)
 
@@ -199,16 +201,18 @@ class Pipeline:
                 results[name] = sd.manifest()["metrics"]
                 continue
             inputs = self.inputs(name)
+            model_cfg, why = autofit.resolve_stage(self.cfgs, name)  # gradient_checkpointing=auto: a concrete mode
+            if why:
+                self.log(f"[deltalign] {why}")
             if is_main_process():
-                sd.prepare(h, inputs, configs.dump_yaml({"model": self.cfgs["model"], name: self.cfgs[name]}),
-                           self.log)
+                sd.prepare(h, inputs, configs.dump_yaml({"model": model_cfg, name: self.cfgs[name]}), self.log)
             self.log(f"[deltalign] {name}: running ({h[:12]}) -> {sd.path}")
             upstream = {u: StageDir(self.run_dir, u).path for u in STAGES[name].needs(self.cfgs[name])}
             upstream |= {u: StageDir(self.run_dir, u).path for u in STAGES[name].uses
                          if StageDir(self.run_dir, u).manifest() is not None}
             t0, self.current = time.time(), name  # what an interrupted run names (pipeline.cli)
             memory.reset_peak()
-            metrics = stage_module(name).run(self.cfgs[name], self.cfgs["model"], sd.path, upstream)
+            metrics = stage_module(name).run(self.cfgs[name], model_cfg, sd.path, upstream)
             inputs, h = self._settled(name, inputs, h)
             peak = memory.peak_of_all_processes(memory.peak())
             gc.collect()  # the stage's model sits in reference cycles (accelerate, peft, hooks): gone before the next
