@@ -17,12 +17,12 @@ from pathlib import Path
 
 from deltalign.data.formats import DataError
 from deltalign.data.rows import read_utf8
-from deltalign.core import atomic
+from deltalign.core import atomic, verify
 from deltalign.core import settings as configs
 from deltalign.reports.evaluation import POLICY_STAGES
 from deltalign.pipeline.checks import check_model, check_source, preflight
 from deltalign.pipeline.graph import STAGES, Pipeline, sections
-from deltalign.pipeline.rundir import RunDirError
+from deltalign.pipeline.rundir import RunDirError, StageDir
 from deltalign.pipeline.help import help_text
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -129,6 +129,7 @@ def generation_source(source: str, run_dir: Path, model_cfg):
         stage = run_dir / source
         if not (stage / "manifest.json").exists():
             raise FileNotFoundError(f"no finished {source} stage in {run_dir} (run `make {source}` first)")
+        check_finished(run_dir, [source])
         backbone = Backbone.load(model_cfg)
         backbone.load_adapter(source, stage, trainable=False)
         return backbone, source
@@ -201,7 +202,8 @@ def export_command(args, cfgs) -> int:
     return 0
 
 
-USER_ERRORS = (configs.ConfigError, DataError, FileNotFoundError, FileExistsError, RunDirError, atomic.WriteFailed)
+USER_ERRORS = (configs.ConfigError, DataError, FileNotFoundError, FileExistsError, RunDirError, atomic.WriteFailed,
+               verify.Damaged)
 """Bad input: a one-line message and exit code 2, no traceback (DELTALIGN_TRACEBACK=1 shows it anyway)."""
 
 
@@ -295,6 +297,15 @@ def run_command(args, cfgs) -> int:
     return 0
 
 
+def check_finished(run_dir: Path, stages) -> None:
+    """The finished stages a command reads are whole, before any model loads (one line naming the first damaged
+    file; ``run`` sets that stage aside and reruns it)."""
+    for name in stages:
+        if broken := StageDir(run_dir, name).damaged():
+            raise verify.Damaged(f"stage {name}: {broken[0]}; run `python -m deltalign run {name}` to set it "
+                                 "aside and train it again")
+
+
 def eval_command(args, cfgs) -> int:
     from deltalign.reports.evaluation import compare_run, markdown_table
     from deltalign.reports.plots import plot_run
@@ -303,6 +314,7 @@ def eval_command(args, cfgs) -> int:
     run_dir = Pipeline(cfgs, args.run_dir).run_dir
     check_model(cfgs["model"])
     check_source(ev.data, "prompt", "eval.data", "test", ev.bad_rows)
+    check_finished(run_dir, STAGES)
     for png in plot_run(run_dir):  # cheap, and useful even if the comparison below fails
         print(f"wrote {png}")
     print(markdown_table(compare_run(run_dir, cfgs["model"], ev.data, ev.generation, args.limit or ev.limit,

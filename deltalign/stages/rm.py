@@ -10,14 +10,13 @@ prompt + response. Sections: 1. load; 2. data; 3. evaluation before training; 4.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
 
 import torch
 
-from deltalign.core import atomic
+from deltalign.core import atomic, verify
 from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.model.labelled import shared_of
 from deltalign.model.modes import eval_mode, train_mode
@@ -140,8 +139,9 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     # 3. before training: the initial adapter (SFT copy or base) with the fresh head; kept across a resume
     evals: dict = {"init": cfg.init, "data": {"train": data.counts, "eval": held_split.counts}}
     before_file = out_dir / "eval_before.json"
-    if before_file.exists():
-        evals["before"] = json.loads(before_file.read_text())
+    found, saved = verify.resume_json(before_file, engine.is_main)  # an unreadable one is set aside: measured again
+    if found:
+        evals["before"] = saved
     else:
         with engine.evaluating(bool(held)) as evaluate:  # every rank enters (ZeRO-3)
             if evaluate:

@@ -6,13 +6,12 @@ Sections: 1. load the backbone and attach the adapter; 2. data; 3. baseline eval
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from deltalign.core import atomic
+from deltalign.core import atomic, verify
 from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.model.labelled import labelled_hidden
 from deltalign.model.modes import eval_mode, train_mode
@@ -122,8 +121,9 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     evals: dict = {"data": {"train": data.counts, "eval": held.counts}}
     gen_examples = eval_ex[: cfg.eval_limit or None]
     base_file = out_dir / "eval_base.json"
-    if base_file.exists():
-        evals["base"] = json.loads(base_file.read_text())
+    found, saved = verify.resume_json(base_file, engine.is_main)  # an unreadable one is set aside: measured again
+    if found:
+        evals["base"] = saved
     else:
         with engine.evaluating(bool(heldout) or (cfg.eval_checker and bool(gen_examples))) as evaluate:
             if evaluate:  # every rank entered (ZeRO-3)
