@@ -516,13 +516,15 @@ def _status(capsys, args):
                                          ("dpo", "ref_logprobs-*.safetensors")])
 def test_what_a_stage_keeps_to_resume_is_set_aside_when_unreadable(finished_chain, tmp_path, capsys, stage, name):
     """An unfinished stage (no manifest: it resumes) whose baseline or reference cache is cut short: one line, the
-    file renamed .corrupt, computed again, and the stage ends with the uninterrupted result."""
+    file renamed .corrupt, computed again, and the stage ends with the uninterrupted result. (A finished stage is
+    not run again for it: nothing else reads it.)"""
     run = shutil.copytree(finished_chain, tmp_path / "run")
     adapter = (run / stage / "adapter_model.safetensors").read_bytes()
-    (run / stage / "manifest.json").unlink()
     f = next((run / stage).glob(name))
     before = _content(f)
     _damage(f, "truncate")
+    assert _status(capsys, [stage, *CHAIN, "--run-dir", str(run)])[-1].split()[1] == "done"
+    (run / stage / "manifest.json").unlink()
     assert main(["run", stage, *CHAIN, "--run-dir", str(run)]) == 0
     out = capsys.readouterr()
     assert f"{f}: " in out.out and f"set aside as {f.name}.corrupt" in out.out, out.out

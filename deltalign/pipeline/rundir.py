@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import glob
 import importlib.util
 import json
@@ -41,6 +42,9 @@ from deltalign.core.fingerprints import sha256_file, sha256_json
 MANIFEST = "manifest.json"
 STARTED = "inputs.json"
 LOCK = ".lock"
+RESUME_ONLY = ("eval_base.json", "eval_before.json", "ref_logprobs-*.safetensors")
+"""What a stage keeps only to resume faster (SFT's and the RM's baselines, DPO's reference cache): read by no
+other stage, set aside and computed again by the stage itself; a finished stage is not run again for them."""
 VERSIONED = ("deltalign", "torch", "transformers", "peft")  # packages whose version is part of every hash
 def data_fingerprint(source: str) -> str:
     """Hash of a data source, by what a stage reads: a local file's or directory's bytes; for ``embedded:<name>``
@@ -215,11 +219,12 @@ class StageDir:
 
     def outputs(self) -> list[Path]:
         """What the stage left for others to read: its files and folders' files, less its bookkeeping (manifest,
-        inputs), its checkpoints, temporaries and what was set aside."""
+        inputs), its checkpoints, temporaries, what was set aside and what it keeps only to resume."""
         skip = {self.path / MANIFEST, self.path / STARTED}
         return sorted(f for f in self.path.rglob("*") if f.is_file() and f not in skip
                       and not any(part.startswith(".") or part == "checkpoints" or part.endswith(verify.CORRUPT)
-                                  for part in f.relative_to(self.path).parts))
+                                  for part in f.relative_to(self.path).parts)
+                      and not any(fnmatch.fnmatch(f.name, p) for p in RESUME_ONLY))
 
     def damaged(self) -> list[str]:
         """``"<file>: <what is wrong>"`` for each output of a finished stage that does not read back whole: a
@@ -288,7 +293,8 @@ class StageDir:
 
     def finish(self, content_hash: str, inputs: dict, metrics: dict, wall_time: float,
                peak_memory: dict | None = None) -> None:
-        files = {f.name: sha256_file(f) for f in sorted(self.path.glob("*.safetensors")) if f.name[0] != "."}
+        files = {f.name: sha256_file(f) for f in self.outputs() if f.parent == self.path
+                 and f.suffix == ".safetensors"}
         atomic.write_json(self.path / MANIFEST, {
             "stage": self.stage, "hash": content_hash, "status": "done", "inputs": inputs, "files": files,
             "metrics": metrics, "wall_time_s": round(wall_time, 1), "peak_memory": peak_memory or {},
