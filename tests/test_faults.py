@@ -503,6 +503,22 @@ def test_a_damaged_output_is_named_set_aside_and_its_stage_reruns(finished_chain
     assert _content(f) == before
 
 
+def test_a_damaged_export_is_named_and_exported_again(finished_chain, tmp_path, capsys):
+    """The merged model of an export cut short: `status` calls export corrupt, `generate --from export` stops in
+    one line naming the file before loading it, and `run export` sets it aside and exports again."""
+    run = shutil.copytree(finished_chain, tmp_path / "run")
+    f = run / "export" / "model" / "model.safetensors"
+    before = f.read_bytes()
+    _damage(f, "truncate")
+    args = [*CHAIN, "--run-dir", str(run)]
+    row = _status(capsys, ["export", *args])[-1]
+    assert row.startswith("export") and "corrupt" in row and str(f) in row, row
+    rc = main(["generate", "--from", "export", "--prompt", "hi", *args])
+    _one_line(capsys, rc, 2, str(f))
+    assert main(["run", "export", *args]) == 0
+    assert f"{f}: truncated" in capsys.readouterr().out and f.read_bytes() == before
+
+
 def _content(f):
     return _normal(json.loads(f.read_text())) if f.suffix == ".json" else f.read_bytes()
 

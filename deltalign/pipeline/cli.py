@@ -137,6 +137,8 @@ def generation_source(source: str, run_dir: Path, model_cfg):
         raise ValueError(f"rm is a reward model, not a policy: generate from base, {', '.join(POLICY_STAGES)} or "
                          "an export")
     path = run_dir / "export" if source == "export" else Path(source)
+    if source == "export" and (path / "manifest.json").exists():
+        check_finished(run_dir, ["export"])
     if (path / "adapter" / "base_model.json").exists() and not (path / "model" / "config.json").exists():
         # an export of a delta that cannot be merged (prefix, prompt, bottleneck): its base + the adapter
         base = json.loads((path / "adapter" / "base_model.json").read_text())
@@ -148,6 +150,7 @@ def generation_source(source: str, run_dir: Path, model_cfg):
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"--from {source!r}: not base, a policy stage or export, and not a model directory "
                                 f"(no {path / 'config.json'})")
+    check_model(ModelConfig(path=str(path)))  # whole, before its weights load
     return Backbone.load(ModelConfig(path=str(path))), None
 
 
