@@ -35,6 +35,12 @@ def _files(tmp):
     badbyte = tmp / "sft_badbyte.jsonl"
     badbyte.write_bytes(json.dumps(sft_ok).encode() + b"\n" + json.dumps(sft_ok).encode()[:-2] + b"\xff\"}\n")
     (tmp / "empty.yaml").write_text("# nothing here yet\n")
+    lora_conf = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
+    for name in ("delta-pickled", "delta-truncated"):  # delta folders outside the run (compose.sources)
+        (tmp / name).mkdir()
+        (tmp / name / "adapter_config.json").write_text(lora_conf)
+    (tmp / "delta-pickled" / "adapter_model.bin").write_bytes(b"\x80\x02")
+    (tmp / "delta-truncated" / "adapter_model.safetensors").write_bytes((200).to_bytes(8, "little") + b"{")
     prompts_badbyte = tmp / "prompts_bad.txt"
     prompts_badbyte.write_bytes(b"Say hi.\n\nSay \xe9t\xe9.\n")  # Latin-1, not UTF-8
     return {
@@ -59,6 +65,8 @@ def _files(tmp):
         "model_truncated": str(truncated),
         "model_notok": str(notok),
         "sft_badbyte": str(badbyte),
+        "delta_pickled": str(tmp / "delta-pickled"),
+        "delta_truncated": str(tmp / "delta-truncated"),
     }
 
 
@@ -118,6 +126,9 @@ CASES = [
     (["run", "grpo", "--set", "grpo.overlong_cache=999"], "grpo.overlong_cache"),
     (["run", "kto", "--set", "kto.batch_size=1"], "kto.batch_size"),
     (["run", "kto", "--set", "kto.data={kto_no_label}"], "kto.jsonl: row 1: field 'label'"),
+    (["run", "compose", "--set", "compose.sources=[sft,{delta_pickled}]"], "pickled adapter_model.bin"),
+    (["run", "compose", "--set", "compose.sources=[sft,{delta_truncated}]"],
+     "delta-truncated/adapter_model.safetensors: not a readable safetensors file"),
     (["run", "sft", "kto", "--set", "kto.reference=base"], "kto.reference"),  # the house rule
 ]
 

@@ -3,6 +3,7 @@ and nothing a crash leaves in the run directory blocks the next ``run``, ``statu
 
 import errno
 import json
+import re
 import shutil
 import signal
 
@@ -167,6 +168,8 @@ def _result(run) -> dict:
             out[rel] = _normal(json.loads(f.read_text()))
         elif f.suffix == ".jsonl":
             out[rel] = [_normal(json.loads(ln)) for ln in f.read_text().splitlines()]
+        elif f.suffix == ".md":  # a model card: names the run's folder and when each stage finished
+            out[rel] = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "<time>", f.read_text().replace(str(run), "<run>"))
         else:
             out[rel] = f.read_bytes()
     return out
@@ -204,6 +207,59 @@ def test_a_crash_at_any_write_resumes_to_the_uninterrupted_result(reference, tmp
             failures.append(f"point {k} ({points[k - 1]}): the crashed run exited {rc}")
             continue
         rc = _run_in_fork(run)
+        got = _result(run) if rc == 0 else {}
+        if rc != 0 or got != expected:
+            diff = sorted(set(got) ^ set(expected)) or [f for f in got if got[f] != expected.get(f)]
+            failures.append(f"point {k} ({points[k - 1]}): rerun exited {rc}; differs in {diff[:5]}")
+        shutil.rmtree(run, ignore_errors=True)
+    assert not failures, "\n".join(failures)
+
+
+# rm, dpo and export the same way, on a finished sft (copied into each run: the sweep starts after it)
+LATER = ("rm", "dpo", "export")
+LATER_ARGS = [*TINY, "--set", "sft.max_steps=2", "--set", "sft.eval_checker=false",
+              *[x for s in ("rm", "dpo") for x in ("--set", f"{s}.max_steps=3", "--set", f"{s}.checkpoint_every=1",
+                                                     "--set", f"{s}.keep_checkpoints=1")],
+              "--set", "dpo.eval_checker=false"]
+
+
+@pytest.fixture(scope="module")
+def later_reference(tmp_path_factory):
+    """A finished sft, then an uninterrupted `run rm dpo export` from it, and the write points that one passed."""
+    from deltalign.pipeline.graph import stage_module
+
+    for s in LATER:
+        stage_module(s)
+    root = tmp_path_factory.mktemp("later")
+    assert _run_in_fork(root / "sft", args=LATER_ARGS) == 0
+    run = shutil.copytree(root / "sft", root / "run")
+    assert _run_in_fork(run, points=root / "points.json", args=LATER_ARGS, stages=LATER) == 0
+    return root / "sft", _result(run), json.loads((root / "points.json").read_text())
+
+
+def _later_sample(points: list[str]) -> list[int]:
+    import os
+
+    if os.environ.get("DELTALIGN_FAULTS") == "all":
+        return list(range(1, len(points) + 1))
+    want = [("rm/head.safetensors",), ("rename", "dpo/ref_logprobs"), ("rename", "dpo/checkpoints/step"),
+            ("rename", "export/model")]
+    picked = {next(i for i, p in enumerate(points, 1) if all(w in p for w in words)) for words in want}
+    return sorted(picked | {len(points)})
+
+
+def test_a_crash_at_any_write_of_rm_dpo_export_resumes_to_the_uninterrupted_result(later_reference, tmp_path):
+    sft_only, expected, points = later_reference
+    for stage in LATER:
+        assert any(f"/{stage}/" in p for p in points), (stage, points)
+    failures = []
+    for k in _later_sample(points):
+        run = shutil.copytree(sft_only, tmp_path / f"crash-{k}")
+        rc = _run_in_fork(run, crash_at=k, args=LATER_ARGS, stages=LATER)
+        if rc != 137:
+            failures.append(f"point {k} ({points[k - 1]}): the crashed run exited {rc}")
+            continue
+        rc = _run_in_fork(run, args=LATER_ARGS, stages=LATER)
         got = _result(run) if rc == 0 else {}
         if rc != 0 or got != expected:
             diff = sorted(set(got) ^ set(expected)) or [f for f in got if got[f] != expected.get(f)]
@@ -268,13 +324,20 @@ def test_files_honour_the_umask(tmp_path):
     def child():
         os.umask(0o022)
         atomic.write_json(tmp_path / "a" / "x.json", {})
+        atomic.save_tensors({"t": torch.zeros(2)}, tmp_path / "a" / "t.safetensors")  # safetensors alone: 0600
         with atomic.directory(tmp_path / "exported") as d:
             (d / "w.bin").write_bytes(b"1")
+            (d / "shard.bin").write_bytes(b"1")
+            os.chmod(d / "shard.bin", 0o600)  # as transformers' save_pretrained leaves its safetensors shards
         return 0
+
+    import torch
 
     assert _fork(child) == 0
     assert stat.S_IMODE((tmp_path / "a" / "x.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "a" / "t.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "exported").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "exported" / "shard.bin").stat().st_mode) == 0o644
 
 
 def test_disk_full_during_a_checkpoint_is_one_line_and_the_rerun_resumes(reference, tmp_path, capfd):
@@ -464,3 +527,125 @@ def test_a_killed_run_of_each_new_objective_resumes_to_the_uninterrupted_result(
         if objectives == "gspo+dapo":
             assert all(r["reward_overlong"] < 0 for r in rows) and any(r["ratio"] != 1 for r in rows), rows
             assert any(0 < r["masked_truncated"] < 1 for r in rows), rows  # some responses end: they train
+
+
+# ------------------------------------------- damaged outputs of a finished stage: named, set aside, run again
+CHAIN = [*TINY, "--set", "sft.max_steps=2", "--set", "rm.max_steps=2", "--set", "dpo.max_steps=2",
+         "--set", "sft.eval_checker=false", "--set", "dpo.eval_checker=false"]
+
+
+@pytest.fixture(scope="module")
+def finished_chain(tmp_path_factory):
+    run = tmp_path_factory.mktemp("chain") / "run"
+    assert main(["run", "sft", "rm", "dpo", "export", *CHAIN, "--run-dir", str(run)]) == 0
+    return run
+
+
+def _damage(f, how):
+    if how == "truncate":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "flip":  # a tensor value, not the header: only the sha256 in the manifest sees it
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif how == "pickle":  # what another tool writes: the same weights, pickled
+        f.rename(f.with_name("adapter_model.bin"))
+    else:
+        f.unlink()
+
+
+@pytest.mark.parametrize("stage, name, how, then", [
+    ("sft", "adapter_model.safetensors", "truncate", "dpo"),
+    ("sft", "adapter_model.safetensors", "flip", "dpo"),
+    ("sft", "adapter_model.safetensors", "pickle", "dpo"),
+    ("rm", "head.safetensors", "truncate", "dpo"),      # rm: a stage dpo reads if present (its report)
+    ("rm", "reward_stats.json", "truncate", "dpo"),
+    ("dpo", "eval.json", "truncate", "export"),         # export's model card reads it
+])
+def test_a_damaged_output_is_named_set_aside_and_its_stage_reruns(finished_chain, tmp_path, capsys, stage, name,
+                                                                   how, then):
+    """A finished stage whose output does not read back whole (cut short, a flipped byte, pickled, a JSON that
+    does not parse): `status` calls it corrupt naming the file, the next `run` of a stage that reads it names it,
+    moves the stage under .history/ and runs it again (the same result: the rerun is deterministic), and the
+    stage that reads it is then up to date; `eval` and `generate` stop in one line naming it."""
+    run = shutil.copytree(finished_chain, tmp_path / "run")
+    f = run / stage / name
+    before = _content(f)
+    _damage(f, how)
+    args = [*CHAIN, "--run-dir", str(run)]
+    assert main(["status", then, *args]) == 0
+    out = capsys.readouterr().out
+    row = next(ln for ln in out.splitlines() if ln.startswith(stage + " "))
+    assert "corrupt" in row and str(f) in row, out
+    if stage == "sft":  # the commands that read a finished stage without running it: one line, exit 2
+        rc = main(["generate", "--from", "sft", "--prompt", "hi", *args])
+        _one_line(capsys, rc, 2, str(f))
+        rc = main(["eval", *args])
+        _one_line(capsys, rc, 2, str(f), "run sft")
+    assert main(["run", then, *args]) == 0
+    out = capsys.readouterr()
+    assert f"{f}: " in out.out and "previous output kept in" in out.out and "Traceback" not in out.err, out
+    assert _content(f) == before
+    assert f"{then}: up to date" in out.out, out.out
+    assert all(ln.split()[1] == "done" for ln in _status(capsys, [then, *args])), out
+    assert list((run / ".history").iterdir())  # the damaged output is kept, not deleted
+    _damage(f, how)
+    assert main(["run", stage, "--force", *args]) == 0  # --force always works
+    assert _content(f) == before
+
+
+def test_a_damaged_export_is_named_and_exported_again(finished_chain, tmp_path, capsys):
+    """The merged model of an export cut short: `status` calls export corrupt, `generate --from export` stops in
+    one line naming the file before loading it, and `run export` sets it aside and exports again."""
+    run = shutil.copytree(finished_chain, tmp_path / "run")
+    f = run / "export" / "model" / "model.safetensors"
+    before = f.read_bytes()
+    _damage(f, "truncate")
+    args = [*CHAIN, "--run-dir", str(run)]
+    row = _status(capsys, ["export", *args])[-1]
+    assert row.startswith("export") and "corrupt" in row and str(f) in row, row
+    rc = main(["generate", "--from", "export", "--prompt", "hi", *args])
+    _one_line(capsys, rc, 2, str(f))
+    assert main(["run", "export", *args]) == 0
+    assert f"{f}: truncated" in capsys.readouterr().out and f.read_bytes() == before
+
+
+def _content(f):
+    return _normal(json.loads(f.read_text())) if f.suffix == ".json" else f.read_bytes()
+
+
+def _status(capsys, args):
+    assert main(["status", *args]) == 0
+    return capsys.readouterr().out.strip().splitlines()
+
+
+@pytest.mark.parametrize("stage, name", [("sft", "eval_base.json"), ("rm", "eval_before.json"),
+                                         ("dpo", "ref_logprobs-*.safetensors")])
+def test_what_a_stage_keeps_to_resume_is_set_aside_when_unreadable(finished_chain, tmp_path, capsys, stage, name):
+    """An unfinished stage (no manifest: it resumes) whose baseline or reference cache is cut short: one line, the
+    file renamed .corrupt, computed again, and the stage ends with the uninterrupted result. (A finished stage is
+    not run again for it: nothing else reads it.)"""
+    run = shutil.copytree(finished_chain, tmp_path / "run")
+    adapter = (run / stage / "adapter_model.safetensors").read_bytes()
+    f = next((run / stage).glob(name))
+    before = _content(f)
+    _damage(f, "truncate")
+    assert _status(capsys, [stage, *CHAIN, "--run-dir", str(run)])[-1].split()[1] == "done"
+    (run / stage / "manifest.json").unlink()
+    assert main(["run", stage, *CHAIN, "--run-dir", str(run)]) == 0
+    out = capsys.readouterr()
+    assert f"{f}: " in out.out and f"set aside as {f.name}.corrupt" in out.out, out.out
+    assert "Traceback" not in out.err, out.err
+    assert (run / stage / "adapter_model.safetensors").read_bytes() == adapter
+    assert _content(f) == before and f.with_name(f.name + ".corrupt").is_file()
+
+
+def test_an_unreadable_eval_table_is_left_out_of_the_model_card(finished_chain, tmp_path, capsys):
+    """export's model card reads the run's eval_table.json (what `eval` wrote): cut short, it is set aside with
+    one line and the card is written without it."""
+    run = shutil.copytree(finished_chain, tmp_path / "run")
+    (run / "eval_table.json").write_text('[{"policy": "ba')
+    assert main(["run", "export", "--force", *CHAIN, "--run-dir", str(run)]) == 0
+    out = capsys.readouterr()
+    assert f"{run / 'eval_table.json'}: unreadable" in out.out and "eval_table.json.corrupt" in out.out, out
+    assert "Traceback" not in out.err and "Policy comparison" not in (run / "export/model/README.md").read_text()

@@ -48,9 +48,23 @@ def save_tensors(tensors: dict, path: str | Path) -> None:
     crash_point(f"write {path}")
     try:
         save_file(tensors, str(path))
+        os.chmod(path, 0o666 & ~umask())  # safetensors writes 0600 whatever the umask
     except Exception as e:
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
             raise failed(path, e) from None
+        raise
+
+
+def write_tensors(tensors: dict, path: str | Path) -> None:
+    """:func:`save_tensors` to a temporary beside ``path``, then renamed: a reader sees the old file or the new."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TEMP}{os.getpid()}")
+    try:
+        save_tensors(tensors, tmp)
+        crash_point(f"rename {path}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -119,6 +133,9 @@ def directory(path: str | Path, replace: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for p in tmp.rglob("*"):  # what a library wrote inside (transformers' safetensors shards: 0600) as the umask says
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask())
     crash_point(f"rename {path}")
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -18,7 +18,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltalign.deltas.base import CONFIG_FILE, WEIGHTS_FILE, Delta, read_config, save, settings_of
+from deltalign.deltas.base import CONFIG_FILE, WEIGHTS_FILE, Delta, check_folder, read_config, save, settings_of
 from deltalign.deltas.config import AdapterConfig
 from deltalign.deltas.lora import method_of_peft, peft_config
 
@@ -73,5 +73,5 @@ def method_of(path: str | Path) -> str:
     return conf["deltalign_method"] if is_ours(conf) else method_of_peft(conf)
 
 
-__all__ = ["AdapterConfig", "CONFIG_FILE", "Delta", "METHODS", "Method", "WEIGHTS_FILE", "build", "is_ours",
-           "method_of", "peft_config", "read_config", "save", "settings_of", "spec"]
+__all__ = ["AdapterConfig", "CONFIG_FILE", "Delta", "METHODS", "Method", "WEIGHTS_FILE", "build", "check_folder",
+           "is_ours", "method_of", "peft_config", "read_config", "save", "settings_of", "spec"]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from deltalign.deltas.config import AdapterConfig
+from deltalign.core import verify
 from deltalign.core.atomic import crash_point, save_tensors
 
 CONFIG_FILE = "adapter_config.json"
@@ -159,11 +160,26 @@ def save(delta: Delta, out_dir: str | Path, base: str, state: dict | None = None
     save_tensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, out / WEIGHTS_FILE)
 
 
+def check_folder(path: str | Path) -> None:
+    """A saved delta is whole before any weights load: its config parses, its weights are safetensors (a pickled
+    ``adapter_model.bin`` is refused, never read) and not cut short. Raises FileNotFoundError or
+    :class:`deltalign.core.verify.Damaged`, one line naming the file."""
+    path = Path(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        pickled = " (it has a pickled adapter_model.bin, which deltalign never loads)" \
+            if (path / "adapter_model.bin").exists() else ""
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE}{pickled}")
+    read_config(path)
+    if why := verify.safetensors_problem(weights):
+        raise verify.damaged(weights, why)
+
+
 def read_config(path: str | Path) -> dict:
     f = Path(path) / CONFIG_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (not an adapter folder)")
-    return json.loads(f.read_text())
+    return verify.read_json(f)
 
 
 def settings_of(conf: dict) -> AdapterConfig:

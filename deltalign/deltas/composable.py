@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltalign.deltas.base import CONFIG_FILE, WEIGHTS_FILE, read_config
+from deltalign.core import verify
 from deltalign.core.fingerprints import sha256_file
 
 HEAD_FILE = "head.safetensors"  # a reward model's scalar head (deltalign.rewards.model.HEAD_FILE)
@@ -63,7 +64,10 @@ def inspect_source(path: str | Path, key: str) -> Source:
     except (ValueError, json.JSONDecodeError) as e:
         raise ValueError(f"{key}: {e}") from None
     if not (path / WEIGHTS_FILE).is_file():
-        raise ValueError(f"{key}: no {WEIGHTS_FILE} (deltalign reads safetensors only)")
+        pickled = ", only a pickled adapter_model.bin" if (path / "adapter_model.bin").exists() else ""
+        raise ValueError(f"{key}: no {WEIGHTS_FILE}{pickled} (deltalign reads safetensors only)")
+    if why := verify.safetensors_problem(path / WEIGHTS_FILE):
+        raise ValueError(f"{key}: {path / WEIGHTS_FILE}: {why}")
     if (path / HEAD_FILE).exists():
         raise ValueError(f"{key}: a reward model (it has a scalar head, {HEAD_FILE}); compose combines policy "
                          "deltas only -- composing reward models would need their heads composed too")

@@ -30,6 +30,7 @@ from torch import nn
 
 from deltalign.deltas.base import CONFIG_FILE, WEIGHTS_FILE, Delta, decoder_layers
 from deltalign.deltas.composable import Source, inspect_source
+from deltalign.core import verify
 from deltalign.core.fingerprints import sha256_file
 
 GATES_FILE = "gates.safetensors"
@@ -189,10 +190,8 @@ def save_gates(fusion: Fusion, out_dir: str | Path, sources: list[Source], base:
 def load_gates(backbone, path: str | Path, name: str = "gates") -> str:
     """Attach the gates saved in ``path`` (frozen) over the sources they name, loaded frozen too; returns
     ``name``. A source whose weights changed since the gates were trained is refused."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    meta = json.loads((path / GATES_JSON).read_text())
+    meta = verify.read_json(path / GATES_JSON)
     paths = []
     for i, rec in enumerate(meta["sources"]):
         p = Path(rec["path"])
@@ -208,7 +207,7 @@ def load_gates(backbone, path: str | Path, name: str = "gates") -> str:
     for n, p in zip(names, paths):
         backbone.load_adapter(n, p, trainable=False)
     fusion = Fusion(backbone, names, meta["activation"])
-    logits = load_file(str(path / GATES_FILE))["logits"]
+    logits = verify.load_tensors(path / GATES_FILE)["logits"]
     if logits.shape != fusion.gates.logits.shape:
         raise ValueError(f"{path / GATES_FILE}: gates of shape {tuple(logits.shape)}, this model and these sources "
                          f"need {tuple(fusion.gates.logits.shape)}")

@@ -31,6 +31,7 @@ from deltalign.deltas import AdapterConfig, lora, peft_config  # noqa: F401  (Ad
 from deltalign.data.tokenize import load_tokenizer
 from deltalign.deltas.sequence import Past, run, run_shared
 from deltalign.model.heads import ScalarHead
+from deltalign.core import verify
 from deltalign.core.settings import setting
 from deltalign.model.recompute import checkpointing_kwargs
 from deltalign.zero import loading as zero_loading
@@ -152,21 +153,16 @@ class Backbone(nn.Module):
         train). Only ``adapter_model.safetensors`` is read: a pickled ``adapter_model.bin`` is refused."""
         path = Path(path)
         weights = path / deltas.WEIGHTS_FILE
-        if not weights.is_file():
-            pickled = " (it has a pickled adapter_model.bin, which deltalign never loads)" \
-                if (path / "adapter_model.bin").exists() else ""
-            raise FileNotFoundError(f"{path}: no {deltas.WEIGHTS_FILE}{pickled}")
+        deltas.check_folder(path)  # whole, before peft or safetensors read anything
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already attached")
         conf = deltas.read_config(path)
         if not deltas.is_ours(conf):
             self.model = lora.load(self.model, name, path, trainable)
         else:
-            from safetensors.torch import load_file
-
             with self.using(None), torch.random.fork_rng(devices=[]):  # shapes only: the caller's RNG untouched
                 module = deltas.build(deltas.settings_of(conf), self, init=False)
-            module.load_state_dict(load_file(str(weights)))
+            module.load_state_dict(verify.load_tensors(weights))
             self._attach(name, module)
         self._mark(name, trainable)
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from deltalign.zero import vocab as zero_vocab
+from deltalign.core import verify
 from deltalign.core.atomic import save_tensors
 
 
@@ -25,10 +26,8 @@ class ScalarHead(nn.Module):
 
 
 def read(path) -> dict[str, torch.Tensor]:
-    """A saved head's tensors (safetensors only)."""
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+    """A saved head's tensors (safetensors only; checked whole first: :class:`deltalign.core.verify.Damaged`)."""
+    return verify.load_tensors(path)
 
 
 def write(head: nn.Module, path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from deltalign import zero
 from deltalign.data.formats import DataError, load_rows, preference_examples, prompt_examples, sft_examples
 from deltalign.data.unpaired import unpaired_examples
+from deltalign.core import verify
 from deltalign.core.settings import ConfigError
 
 SHAPES = {"sft": sft_examples, "pref": preference_examples, "prompt": prompt_examples, "kto": unpaired_examples}
@@ -55,22 +56,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 
 
 def check_safetensors(f: Path) -> None:
-    """``f`` holds a whole safetensors file: an 8-byte header length, a JSON header, and as many data bytes as the
-    header's largest tensor offset -- what an interrupted copy or download lacks. Reads the header only."""
-    size = f.stat().st_size
-    try:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise ValueError(f"header of {n} bytes in a file of {size}")
-            header = json.loads(fh.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise ConfigError(f"{f}: not a readable safetensors file ({' '.join(str(e).split())[:120]}); "
-                          "copy or download it again") from None
-    if size != 8 + n + end:
-        raise ConfigError(f"{f}: truncated or padded safetensors file ({size} bytes, its header says "
-                          f"{8 + n + end}); copy or download it again")
+    """``f`` holds a whole safetensors file (:func:`deltalign.core.verify.safetensors_problem`: what an
+    interrupted copy or download lacks). Reads the header only."""
+    if why := verify.safetensors_problem(f):
+        raise ConfigError(f"{f}: {why}; copy or download it again")
 
 
 def weight_names(path: Path) -> list[str]:
@@ -206,6 +195,23 @@ def position_warnings(cfgs: dict, plan: list[str]) -> list[str]:
     return out
 
 
+def check_deltas(cfgs: dict, plan: list[str]) -> None:
+    """The deltas a planned stage reads from outside this run (``compose.sources`` that are folders) are whole
+    and composable before any weights load (the ones in this run are verified as each stage starts: a damaged
+    one is set aside and its stage reruns, :meth:`deltalign.pipeline.rundir.StageDir.damaged`)."""
+    from deltalign.deltas import composable
+    from deltalign.stages.compose import is_stage_name
+
+    if "compose" not in plan:
+        return
+    for i, s in enumerate(cfgs["compose"].sources):
+        if not is_stage_name(s):
+            try:
+                composable.inspect_source(Path(s), f"compose.sources[{i}] ({s})")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
 def preflight(cfgs: dict, plan: list[str], run_dir: Path, log=None) -> None:
     """All of the above, cheapest first; warnings go to ``log`` (default: stderr)."""
     import sys
@@ -216,4 +222,5 @@ def preflight(cfgs: dict, plan: list[str], run_dir: Path, log=None) -> None:
     check_target_modules(cfgs, plan)
     check_reference(cfgs, plan, Path(run_dir))
     check_rules(cfgs, plan)
+    check_deltas(cfgs, plan)
     check_data(cfgs, plan)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from deltalign.data.formats import DataError
 from deltalign.data.rows import read_utf8
-from deltalign.core import atomic
+from deltalign.core import atomic, verify
 from deltalign.core import settings as configs
 from deltalign.reports.evaluation import POLICY_STAGES
 from deltalign.pipeline.checks import check_model, check_source, preflight
 from deltalign.pipeline.graph import STAGES, Pipeline, is_main_process, sections
-from deltalign.pipeline.rundir import RunDirError
+from deltalign.pipeline.rundir import RunDirError, StageDir
 from deltalign.pipeline.help import help_text
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -132,6 +132,7 @@ def generation_source(source: str, run_dir: Path, model_cfg):
         stage = run_dir / source
         if not (stage / "manifest.json").exists():
             raise FileNotFoundError(f"no finished {source} stage in {run_dir} (run `make {source}` first)")
+        check_finished(run_dir, [source])
         backbone = Backbone.load(model_cfg)
         backbone.load_adapter(source, stage, trainable=False)
         return backbone, source
@@ -139,6 +140,8 @@ def generation_source(source: str, run_dir: Path, model_cfg):
         raise ValueError(f"rm is a reward model, not a policy: generate from base, {', '.join(POLICY_STAGES)} or "
                          "an export")
     path = run_dir / "export" if source == "export" else Path(source)
+    if source == "export" and (path / "manifest.json").exists():
+        check_finished(run_dir, ["export"])
     if (path / "adapter" / "base_model.json").exists() and not (path / "model" / "config.json").exists():
         # an export of a delta that cannot be merged (prefix, prompt, bottleneck): its base + the adapter
         base = json.loads((path / "adapter" / "base_model.json").read_text())
@@ -150,6 +153,7 @@ def generation_source(source: str, run_dir: Path, model_cfg):
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"--from {source!r}: not base, a policy stage or export, and not a model directory "
                                 f"(no {path / 'config.json'})")
+    check_model(ModelConfig(path=str(path)))  # whole, before its weights load
     return Backbone.load(ModelConfig(path=str(path))), None
 
 
@@ -193,7 +197,8 @@ def export_summary(metrics: dict, stage_dir: Path, out: Path | None) -> str:
     return "\n".join(lines)
 
 
-USER_ERRORS = (configs.ConfigError, DataError, FileNotFoundError, FileExistsError, RunDirError, atomic.WriteFailed)
+USER_ERRORS = (configs.ConfigError, DataError, FileNotFoundError, FileExistsError, RunDirError, atomic.WriteFailed,
+               verify.Damaged)
 """Bad input: a one-line message and exit code 2, no traceback (DELTALIGN_TRACEBACK=1 shows it anyway)."""
 
 
@@ -301,6 +306,15 @@ def run_command(args, cfgs) -> int:
     return 0
 
 
+def check_finished(run_dir: Path, stages) -> None:
+    """The finished stages a command reads are whole, before any model loads (one line naming the first damaged
+    file; ``run`` sets that stage aside and reruns it)."""
+    for name in stages:
+        if broken := StageDir(run_dir, name).damaged():
+            raise verify.Damaged(f"stage {name}: {broken[0]}; run `python -m deltalign run {name}` to set it "
+                                 "aside and train it again")
+
+
 def eval_command(args, cfgs) -> int:
     from deltalign.reports.evaluation import RM_TABLE, compare_run, finished_rm, markdown_table
     from deltalign.reports.plots import plot_run
@@ -309,6 +323,7 @@ def eval_command(args, cfgs) -> int:
     run_dir = Pipeline(cfgs, args.run_dir).run_dir
     check_model(cfgs["model"])
     check_source(ev.data, "prompt", "eval.data", "test", ev.bad_rows)
+    check_finished(run_dir, STAGES)
     if ev.judge:  # the win rates need a finished judge and a finished baseline, known before any weights load
         why = finished_rm(ev.judge)
         if why:

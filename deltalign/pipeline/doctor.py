@@ -159,7 +159,7 @@ def doctor(cfgs: dict, plan: list[str], run_dir: Path, out=print) -> int:
     except ValueError as e:
         report("FAIL", str(e))
     for check in (lambda: checks.check_target_modules(cfgs, plan), lambda: checks.check_reference(cfgs, plan, run_dir),
-                  lambda: checks.check_rules(cfgs, plan)):
+                  lambda: checks.check_rules(cfgs, plan), lambda: checks.check_deltas(cfgs, plan)):
         try:
             check()
         except ValueError as e:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from deltalign.core import memory
+from deltalign.core.verify import Damaged
 from deltalign.model.backbone import ModelConfig
 from deltalign.core import settings as configs
 from deltalign.core.fingerprints import model_fingerprint, sha256_json
@@ -155,17 +156,22 @@ class Pipeline:
 
     def status(self, targets: list[str]) -> list[tuple[str, str, str]]:
         """``(stage, state, detail)`` for each stage ``run`` would visit: ``done`` (wall time, peak memory),
-        ``stale`` (its inputs changed: it reruns), ``unfinished`` (resumes from its newest checkpoint, or
-        restarts) or ``missing``. Reads hashes and manifests only: no model loads, nothing is written."""
+        ``stale`` (its inputs changed: it reruns), ``corrupt`` (finished, but an output does not read back whole:
+        it is set aside and reruns), ``unreadable`` (its manifest or inputs file), ``unfinished`` (resumes from its
+        newest checkpoint, or restarts) or ``missing``. Reads hashes, manifests and file headers only: no model
+        loads, nothing is written."""
         from deltalign.training import checkpoint
 
         rows = []
-        for name in self.plan(targets):
+        for name in self.plan(targets + self.damaged_uses(targets)):
             sd, h = StageDir(self.run_dir, name), self.hash(name)
             m, started, bad = sd.manifest(), sd.path / STARTED, sd.unreadable()
             if bad:
                 rows.append((name, "unreadable", f"{', '.join(str(sd.path / b) for b in bad)} cannot be read: the "
                              "stage moves to .history/ and reruns"))
+            elif m is not None and m.get("hash") == h and (broken := sd.damaged()):
+                rows.append((name, "corrupt", f"{broken[0]}" + (f" (and {len(broken) - 1} more)" if len(broken) > 1
+                                                                 else "") + ": it moves to .history/ and reruns"))
             elif m is not None and m.get("hash") == h:
                 peak = m.get("peak_memory", {}).get("host_gib")
                 rows.append((name, "done", f"{m.get('wall_time_s', 0):.0f} s" + (
@@ -189,12 +195,23 @@ class Pipeline:
         with run_lock(self.run_dir) if is_main_process() else contextlib.nullcontext():
             return self._run(targets, force)
 
+    def damaged_uses(self, targets: list[str]) -> list[str]:
+        """The finished stages the planned ones read if present (``Stage.uses``) whose output is damaged: they run
+        again too (set aside first), rather than hand a damaged file to the stage that reads them."""
+        plan = self.plan(targets)
+        return [u for u in STAGES if u not in plan and any(u in STAGES[n].uses for n in plan)
+                and StageDir(self.run_dir, u).damaged()]
+
     def _run(self, targets: list[str], force: bool) -> dict[str, dict]:
         results = {}
-        for name in self.plan(targets):
+        extra = self.damaged_uses(targets) if is_main_process() else []
+        if extra and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the other processes could not agree on the plan
+            raise Damaged(f"stage {extra[0]}: {StageDir(self.run_dir, extra[0]).damaged()[0]}; run `python -m "
+                          f"deltalign run {extra[0]}` first (one process: it is set aside and trained again)")
+        for name in self.plan(targets + extra):
             sd = StageDir(self.run_dir, name)
             h = self.hash(name)
-            if sd.is_done(h) and not (force and name in targets):
+            if sd.is_done(h) and not (force and name in targets) and not sd.damaged():
                 self.log(f"[deltalign] {name}: up to date ({h[:12]}), skipping — {sd.path}")
                 if is_main_process():
                     sd.drop_checkpoints()  # left by a kill between the manifest and their removal

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import glob
 import importlib.util
 import json
@@ -35,12 +36,15 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from deltalign.core import atomic
+from deltalign.core import atomic, verify
 from deltalign.core.fingerprints import sha256_file, sha256_json
 
 MANIFEST = "manifest.json"
 STARTED = "inputs.json"
 LOCK = ".lock"
+RESUME_ONLY = ("eval_base.json", "eval_before.json", "ref_logprobs-*.safetensors")
+"""What a stage keeps only to resume faster (SFT's and the RM's baselines, DPO's reference cache): read by no
+other stage, set aside and computed again by the stage itself; a finished stage is not run again for them."""
 VERSIONED = ("deltalign", "torch", "transformers", "peft")  # packages whose version is part of every hash
 def data_fingerprint(source: str) -> str:
     """Hash of a data source, by what a stage reads: a local file's or directory's bytes; for ``embedded:<name>``
@@ -172,6 +176,11 @@ def run_lock(run_dir: Path):
         f.close()  # releases the lock
 
 
+def _pickled(folder: Path) -> str:
+    return " (a pickled adapter_model.bin is there, which deltalign never loads)" \
+        if (folder / "adapter_model.bin").exists() else ""
+
+
 UNREADABLE = object()
 """What :meth:`StageDir.read` returns for a file that exists but does not parse (a truncated or damaged copy)."""
 
@@ -208,6 +217,47 @@ class StageDir:
         """This stage's own bookkeeping files that exist but cannot be read."""
         return [n for n in (MANIFEST, STARTED) if self.read(n) is UNREADABLE]
 
+    def outputs(self) -> list[Path]:
+        """What the stage left for others to read: its files and folders' files, less its bookkeeping (manifest,
+        inputs), its checkpoints, temporaries, what was set aside and what it keeps only to resume."""
+        skip = {self.path / MANIFEST, self.path / STARTED}
+        return sorted(f for f in self.path.rglob("*") if f.is_file() and f not in skip
+                      and not any(part.startswith(".") or part == "checkpoints" or part.endswith(verify.CORRUPT)
+                                  for part in f.relative_to(self.path).parts)
+                      and not any(fnmatch.fnmatch(f.name, p) for p in RESUME_ONLY))
+
+    def damaged(self) -> list[str]:
+        """``"<file>: <what is wrong>"`` for each output of a finished stage that does not read back whole: a
+        file its manifest lists that is missing or does not match its sha256, a safetensors file cut short, a
+        JSON file that does not parse, an adapter folder without its safetensors weights. Reads headers and
+        hashes the (small) top-level safetensors files; loads no tensor."""
+        m = self.manifest()
+        if m is None:
+            return []
+        out = []
+        for name, digest in sorted((m.get("files") or {}).items()):
+            f = self.path / name
+            if not f.is_file():
+                out.append(f"{f}: missing{_pickled(f.parent)}")
+            elif why := verify.safetensors_problem(f):
+                out.append(f"{f}: {why}")
+            elif sha256_file(f) != digest:
+                out.append(f"{f}: does not match its sha256 in {MANIFEST} (damaged)")
+        for f in self.outputs():
+            if f.suffix == ".safetensors" and f.name not in (m.get("files") or {}):
+                why = verify.safetensors_problem(f)
+            elif f.suffix == ".json":
+                why = verify.json_problem(f, obj=f.name == "adapter_config.json")  # a baseline may be null
+            else:
+                continue
+            if why and not any(o.startswith(f"{f}:") for o in out):
+                out.append(f"{f}: {why}")
+        for conf in [f for f in self.outputs() if f.name == "adapter_config.json"]:
+            weights = conf.parent / "adapter_model.safetensors"
+            if not weights.is_file() and not any(o.startswith(f"{weights}:") for o in out):
+                out.append(f"{weights}: missing{_pickled(conf.parent)}")
+        return out
+
     def is_done(self, content_hash: str) -> bool:
         m = self.manifest()
         return m is not None and m.get("hash") == content_hash
@@ -220,7 +270,9 @@ class StageDir:
             m, bad = self.manifest(), self.unreadable()
             old_hash = (m or {}).get("hash") or self.started_hash()
             if bad or old_hash != content_hash or m is not None:
-                why = f"{', '.join(str(self.path / b) for b in bad)} unreadable" if bad else "inputs changed"
+                broken = self.damaged() if m is not None and old_hash == content_hash else []
+                why = (f"{', '.join(str(self.path / b) for b in bad)} unreadable" if bad else "; ".join(broken)
+                       if broken else "inputs changed" if old_hash != content_hash else "run again (--force)")
                 self.archive(old_hash or "unknown", log, why)
         self.path.mkdir(parents=True, exist_ok=True)
         atomic.remove_temp(self.path)  # what a crash in the middle of a write left (the run resumes without it)
@@ -229,6 +281,10 @@ class StageDir:
 
     def archive(self, old_hash: str, log=print, why: str = "inputs changed") -> Path:
         dest = self.path.parent / ".history" / f"{self.stage}-{old_hash[:12]}-{int(time.time())}"
+        for i in range(1, 1000):  # set aside twice within a second (a rerun, then --force)
+            if not dest.exists():
+                break
+            dest = dest.with_name(f"{dest.name.split('.')[0]}.{i}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic.crash_point(f"rename {self.path} -> {dest}")
         os.replace(self.path, dest)
@@ -237,8 +293,10 @@ class StageDir:
 
     def finish(self, content_hash: str, inputs: dict, metrics: dict, wall_time: float,
                peak_memory: dict | None = None) -> None:
+        files = {f.name: sha256_file(f) for f in self.outputs() if f.parent == self.path
+                 and f.suffix == ".safetensors"}
         atomic.write_json(self.path / MANIFEST, {
-            "stage": self.stage, "hash": content_hash, "status": "done", "inputs": inputs,
+            "stage": self.stage, "hash": content_hash, "status": "done", "inputs": inputs, "files": files,
             "metrics": metrics, "wall_time_s": round(wall_time, 1), "peak_memory": peak_memory or {},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })

@@ -11,12 +11,12 @@ prompts, ``prompt + response + eos`` for plain-string prompts). PPO loads it ont
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
+from deltalign.core import verify
 from deltalign.model.backbone import Backbone, ModelConfig
 from deltalign.model.modes import eval_mode
 from deltalign.data.batching import length_grouped_batches, pad_batch
@@ -49,6 +49,10 @@ class RewardModel:
     def load(cls, backbone: Backbone, run_dir: str | Path, name: str = "rm", **kwargs) -> "RewardModel":
         """Load the adapter and head of an ``rm`` run folder FROZEN onto an existing backbone (shared with PPO)."""
         run_dir = Path(run_dir)
+        checks = ((run_dir / HEAD_FILE, verify.safetensors_problem), (run_dir / STATS_FILE, verify.json_problem))
+        for f, problem in checks:  # both before any weights load (the stats are optional)
+            if (f.exists() or f.name == HEAD_FILE) and (why := problem(f)):
+                raise verify.damaged(f, why)
         previous = backbone.active
         backbone.load_adapter(name, run_dir, trainable=False)
         if previous is not None:  # loading activates the new adapter: give the caller's back
@@ -56,7 +60,9 @@ class RewardModel:
         head = backbone.load_head(name, run_dir / HEAD_FILE, trainable=False)
         head.to(next(backbone.causal_lm.parameters()).device)
         stats_file = run_dir / STATS_FILE
-        stats = json.loads(stats_file.read_text()) if stats_file.exists() else None
+        stats = verify.read_json(stats_file) if stats_file.exists() else None
+        if stats is not None and not all(isinstance(stats.get(k), (int, float)) for k in ("mean", "std")):
+            raise verify.damaged(stats_file, "no numeric mean and std")
         return cls(backbone, name, stats, **kwargs)
 
     @property

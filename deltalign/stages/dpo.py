@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from deltalign.core import atomic, verify
 from deltalign.model.backbone import AdapterConfig, ModelConfig
 from deltalign.model.labelled import response_logprobs
 from deltalign.model.modes import eval_mode, train_mode
@@ -157,10 +158,9 @@ class ReferenceCache:
     """
 
     def __init__(self, path: Path, n: int, enabled: bool):
-        from safetensors.torch import load_file
-
         self.path, self.enabled, self.dirty = path, enabled, False
-        self.values = load_file(str(path))["logprobs"] if enabled and path.exists() else torch.full((n, 2), float("nan"))
+        saved = verify.resume_tensors(path, {"logprobs": (n, 2)}) if enabled else None  # unreadable: set aside
+        self.values = saved["logprobs"] if saved else torch.full((n, 2), float("nan"))
 
     def get(self, idx: list[int], compute) -> torch.Tensor:
         todo = [i for i in idx if not self.enabled or torch.isnan(self.values[i, 0])]
@@ -170,12 +170,8 @@ class ReferenceCache:
         return self.values[idx]
 
     def save(self) -> None:
-        from safetensors.torch import save_file
-
         if self.enabled and self.dirty:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            save_file({"logprobs": self.values}, str(tmp))
-            tmp.replace(self.path)
+            atomic.write_tensors({"logprobs": self.values}, self.path)
             self.dirty = False
 
 

@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 
 from deltalign import deltas
-from deltalign.core import atomic
+from deltalign.core import atomic, verify
 from deltalign.core.settings import ConfigError
 from deltalign.model.backbone import DTYPES, Backbone, ModelConfig, load_base, resolve_path
 from deltalign.sampling.generation import stop_token_ids
@@ -352,11 +352,11 @@ def model_card(kind: str, stage: str, model_cfg: ModelConfig, cfg: Config, done:
         if (d / "eval.json").exists():
             flat = _scalars(json.loads((d / "eval.json").read_text()))
             lines += [f"{s} (`{s}/eval.json`): " + ", ".join(f"{k} {v:.4g}" for k, v in flat.items()), ""]
-    table = run_dir / "eval_table.json"
-    if table.exists():
+    found, table = verify.resume_json(run_dir / "eval_table.json", then="left out of the card (`eval` writes it)")
+    if found:
         from deltalign.reports.evaluation import markdown_table
 
-        lines += ["Policy comparison (`eval_table.json`):", "", markdown_table(json.loads(table.read_text()))]
+        lines += ["Policy comparison (`eval_table.json`):", "", markdown_table(table)]
     return "\n".join(lines) + "\n"
 
 

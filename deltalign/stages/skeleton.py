@@ -17,13 +17,12 @@ other result files) written by the main process, and a wait for every process.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from deltalign.core import atomic
+from deltalign.core import atomic, verify
 from deltalign.data.batching import length_grouped_batches
 from deltalign.model.backbone import Backbone, ModelConfig
 from deltalign.reports.evaluation import policy_report, report_scalars
@@ -59,8 +58,9 @@ def measured_once(engine: Engine, file: Path, measure: Callable[[], dict | None]
     """A measurement before training (the base's held-out scores), kept across a resume: read back from ``file``
     when an earlier start of the stage wrote it, else ``measure()`` inside ``engine.evaluating(when)`` (it logs
     its own row) and written to ``file`` by the main process."""
-    if file.exists():
-        return json.loads(file.read_text())
+    found, saved = verify.resume_json(file, engine.is_main)  # an unreadable one is set aside: measured again
+    if found:
+        return saved
     result = None
     with engine.evaluating(when) as evaluating:  # every rank enters (ZeRO-3)
         if evaluating:
