@@ -40,6 +40,9 @@ import sys
 import time
 from pathlib import Path
 
+from deltalign.reports.evaluation import markdown_table
+from deltalign.reports.stats import wilson
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 BLOCK = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- /generated -->)", re.S)
@@ -69,18 +72,21 @@ def demo(name: str = "demo") -> str:
     if not f.exists():
         return f"_No `{name}` results recorded yet._\n"
     d = json.loads(f.read_text())
-    lines = ["| policy | checker score | reward-model score | KL to SFT | mean response tokens |",
-             "|---|---|---|---|---|"]
-    order = ["base", "sft", "dpo", "ppo", "grpo", "compose"]  # the pipeline's order (the JSON sorts its keys)
-    for label, row in sorted(d["table"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
-        rm = f"{row['rm_score']:.3f}" if "rm_score" in row else "—"
-        lines.append(f"| {label} | {row['checker_score']:.2f} | {rm} | {row['kl_to_reference']:.3f} | "
-                     f"{row['mean_response_tokens']:.1f} |")
+    order = ["base", "sft", "dpo", "kto", "ppo", "grpo", "compose"]  # the pipeline's order (the JSON sorts keys)
+    table = dict(sorted(d["table"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
+    for row in table.values():  # a record from before eval gave intervals: the checker's from its own count
+        if row.get("checker_score") is not None and "checker_score_ci" not in row:
+            row["checker_score_ci"] = list(wilson(row["checker_score"] * row["n"], row["n"]))
+    lines = [markdown_table(table)]
+    if not any("rm_score_ci" in row for row in table.values()):
+        lines.append("Recorded before `eval` gave every score its interval: only the checker score's (Wilson, from "
+                     "its count) is shown, and its KL is the earlier estimate (the mean log-ratio, not eval's k3); "
+                     "the next `make demo` records them all.")
     stages = ", ".join(f"{s} {t / 60:.1f} min" for s, t in d["stage_wall_s"].items())
     total = f"; {d['wall_s'] / 60:.1f} min from the first stage to the eval table" if d.get("wall_s") else ""
     peaks = ", ".join(f"{s} {g:.2f} GiB" for s, g in d.get("stage_peak_gib", {}).items())
     peaks = f"; peak memory per stage (host): {peaks}" if peaks else ""
-    return ("\n".join(lines) + f"\n\n{d['n_prompts']} held-out prompts, greedy decoding. Stage wall times: "
+    return ("\n\n".join(lines) + f"\n\nGreedy decoding. Stage wall times: "
             f"{stages}{total}{peaks}. Machine: {d['machine']}; commit {d['commit']}, {d['date']} "
             f"(`docs/results/{name}.json`).\n")
 
