@@ -14,8 +14,8 @@ and NAME is one of :data:`GENERATORS`, each reading one kind of result file:
 * ``rl``: ``docs/results/rl.json``, the same after ``make ppo grpo eval CONFIG=configs/demo.yaml RUN=runs/demo``
   on the demo run (``--record-demo runs/demo --name rl``, then ``--publish runs/demo --name rl``);
 * ``bench``: the newest full (not QUICK) ``bench/results/*.json`` of ``make bench``: the table vs TRL;
-* ``bench-hh`` / ``bench-0.5b``: the newest full ``bench/results/<workload>-*.json`` of ``make bench WORKLOAD=...``,
-  then the newest QUICK one (marked as such) where it measured stages the full run did not;
+* ``bench-hh`` / ``bench-0.5b``: ``bench/results/<workload>-*.json`` of ``make bench WORKLOAD=...``: the newest
+  full run of each stage, then the newest QUICK one (marked as such) where it measured a stage no full run did;
 * ``bench-steps``: the same file's seconds per optimizer step of our SFT and DPO;
 * ``zero-memory``: the predicted memory per GPU under each ZeRO stage, computed from parameter counts;
 * ``ppo-profile``: the newest ``bench/profile_ppo.py`` table (PPO time, FLOP/s share and peak memory by phase);
@@ -127,19 +127,22 @@ def bench() -> str:
 
 
 def workload(name: str) -> str:
-    """The ``make bench WORKLOAD=name`` tables: the newest full run, then the newest QUICK run (marked so) when it
-    is newer or measured a stage the full run did not."""
-    files = sorted((ROOT / "bench" / "results").glob(f"{name}-[0-9]*.json"))
-    full = [p for p in files if not p.stem.endswith("quick")]
-    quick = [p for p in files if p.stem.endswith("quick")]
+    """The ``make bench WORKLOAD=name`` tables: the newest full run of each stage (newest file first), then the
+    newest QUICK run (marked so) where it measured a stage no full run did."""
+    files = sorted((ROOT / "bench" / "results").glob(f"{name}-[0-9]*.json"), reverse=True)
     if not files:
         return f"_No `make bench WORKLOAD={name}` result yet._\n"
-    out = _bench_table(full[-1]) if full else ""
-    if quick and (not full or set(json.loads(quick[-1].read_text())["medians"])
-                  - set(json.loads(full[-1].read_text())["medians"])):
-        out += ("\n" if out else "") + (f"**QUICK run** (`make bench WORKLOAD={name} QUICK=1`: one run per side, "
-                                         "batch 4, two timed steps): indicative only.\n\n" + _bench_table(quick[-1]))
-    return out
+    parts, covered = [], set()
+    for f in [p for p in files if not p.stem.endswith("quick")]:
+        stages = set(json.loads(f.read_text())["medians"])
+        if stages - covered:
+            parts.append(_bench_table(f))
+            covered |= stages
+    quick = [p for p in files if p.stem.endswith("quick")]
+    if quick and set(json.loads(quick[0].read_text())["medians"]) - covered:
+        parts.append(f"**QUICK run** (`make bench WORKLOAD={name} QUICK=1`: one run per side, batch 4, two timed "
+                     "steps): indicative only.\n\n" + _bench_table(quick[0]))
+    return "\n".join(parts)
 
 
 def bench_steps() -> str:
