@@ -196,22 +196,27 @@ def _sample(points: list[str]) -> list[int]:
     return sorted(picked | {len(points)})
 
 
+def _crash_and_rerun(run, k: int, points: list[str], expected: dict, **kw) -> list[str]:
+    """Crash a run at write point ``k``, run it again: what went wrong (nothing: the uninterrupted result)."""
+    rc = _run_in_fork(run, crash_at=k, **kw)
+    if rc != 137:
+        return [f"point {k} ({points[k - 1]}): the crashed run exited {rc}"]
+    rc = _run_in_fork(run, **kw)
+    got = _result(run) if rc == 0 else {}
+    shutil.rmtree(run, ignore_errors=True)
+    if rc != 0 or got != expected:
+        diff = sorted(set(got) ^ set(expected)) or [f for f in got if got[f] != expected.get(f)]
+        return [f"point {k} ({points[k - 1]}): rerun exited {rc}; differs in {diff[:5]}"]
+    return []
+
+
 def test_a_crash_at_any_write_resumes_to_the_uninterrupted_result(reference, tmp_path):
     expected, points = reference
     assert len(points) > 30 and any("checkpoints" in p for p in points), points
     failures = []
     for k in _sample(points):
         run = tmp_path / f"crash-{k}"
-        rc = _run_in_fork(run, crash_at=k)
-        if rc != 137:
-            failures.append(f"point {k} ({points[k - 1]}): the crashed run exited {rc}")
-            continue
-        rc = _run_in_fork(run)
-        got = _result(run) if rc == 0 else {}
-        if rc != 0 or got != expected:
-            diff = sorted(set(got) ^ set(expected)) or [f for f in got if got[f] != expected.get(f)]
-            failures.append(f"point {k} ({points[k - 1]}): rerun exited {rc}; differs in {diff[:5]}")
-        shutil.rmtree(run, ignore_errors=True)
+        failures += _crash_and_rerun(run, k, points, expected)
     assert not failures, "\n".join(failures)
 
 
@@ -255,16 +260,7 @@ def test_a_crash_at_any_write_of_rm_dpo_export_resumes_to_the_uninterrupted_resu
     failures = []
     for k in _later_sample(points):
         run = shutil.copytree(sft_only, tmp_path / f"crash-{k}")
-        rc = _run_in_fork(run, crash_at=k, args=LATER_ARGS, stages=LATER)
-        if rc != 137:
-            failures.append(f"point {k} ({points[k - 1]}): the crashed run exited {rc}")
-            continue
-        rc = _run_in_fork(run, args=LATER_ARGS, stages=LATER)
-        got = _result(run) if rc == 0 else {}
-        if rc != 0 or got != expected:
-            diff = sorted(set(got) ^ set(expected)) or [f for f in got if got[f] != expected.get(f)]
-            failures.append(f"point {k} ({points[k - 1]}): rerun exited {rc}; differs in {diff[:5]}")
-        shutil.rmtree(run, ignore_errors=True)
+        failures += _crash_and_rerun(run, k, points, expected, args=LATER_ARGS, stages=LATER)
     assert not failures, "\n".join(failures)
 
 
