@@ -17,6 +17,7 @@ moment, which the other processes are changing. On machines that differ, set ``m
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 
 from deltalign.core import memory
@@ -147,11 +148,14 @@ def resolve(name: str, model_cfg, by_mode: dict, budget_gib: float | None, budge
         f" ({budget_how})" if budget_how else "")
 
 
+def _reads(name: str) -> dict:
+    """A stage's READS (setting -> row shape): its module imported by name (the graph's table is above us)."""
+    return getattr(importlib.import_module(f"deltalign.stages.{name}"), "READS", {})
+
+
 def trains(name: str, cfg) -> bool:
     """Whether the estimator models the stage's training (it reads training data in batches)."""
-    from deltalign.pipeline.graph import stage_module
-
-    return "data" in getattr(stage_module(name), "READS", {}) and hasattr(cfg, "batch_size") and bool(cfg.data)
+    return "data" in _reads(name) and hasattr(cfg, "batch_size") and bool(cfg.data)
 
 
 def measure(cfgs: dict, name: str) -> tuple[dict, int | None, float]:
@@ -159,13 +163,12 @@ def measure(cfgs: dict, name: str) -> tuple[dict, int | None, float]:
     shapes from its headers, the first :data:`SAMPLE` rows of its data tokenised. Loads no weights."""
     from deltalign.data.tokenize import load_tokenizer
     from deltalign.model.backbone import resolve_path
-    from deltalign.pipeline.doctor import model_facts
-    from deltalign.pipeline.graph import stage_module
+    from deltalign.pipeline.estimate import model_facts
 
     model_cfg, cfg = cfgs["model"], cfgs[name]
     path = resolve_path(model_cfg.path)
     tok = load_tokenizer(path, model_cfg.trust_remote_code)
-    kind = stage_module(name).READS["data"]
+    kind = _reads(name)["data"]
     full, _ = sample(cfg.data, cfg.split, kind, tok)
     heads = row_heads(full, kind, tok)
     longest, share = longest_and_share(kind, cfg, full, row_lengths(full, kind, heads)) if heads else (None, 0.0)

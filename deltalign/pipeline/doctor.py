@@ -11,8 +11,6 @@ exits with code 2.
 
 from __future__ import annotations
 
-import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 from deltalign.core import memory
 from deltalign.pipeline import autofit, checks
 from deltalign.pipeline.autofit import SAMPLE  # noqa: F401  (rows tokenised per source for the percentiles)
-from deltalign.pipeline.estimate import estimate, memory_advice
+from deltalign.pipeline.estimate import estimate, memory_advice, model_facts
 
 
 class Report:
@@ -43,22 +41,6 @@ def _matmul_gflops(seconds: float = 0.5) -> float:
         a @ b
         n += 1
     return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
-
-
-def model_facts(path: Path) -> dict:
-    """Parameter count (from the safetensors headers), hidden size, layers, vocab: no weights loaded."""
-    from safetensors import safe_open
-
-    cfg = json.loads((path / "config.json").read_text())
-    numel = 0
-    for f in path.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                numel += math.prod(st.get_slice(k).get_shape())
-    hidden, heads = cfg.get("hidden_size", 0), cfg.get("num_attention_heads", 1)
-    kv = cfg.get("num_key_value_heads", heads) * cfg.get("head_dim", hidden // max(heads, 1))
-    return {"params": numel, "hidden": hidden, "layers": cfg.get("num_hidden_layers", 0),
-            "vocab": cfg.get("vocab_size", 0), "intermediate": cfg.get("intermediate_size", 4 * hidden), "kv": kv}
 
 
 def check_tokenizer(tok, report: Report) -> None:

@@ -5,12 +5,30 @@ and the model's shapes only (no weights loaded): memory to ~1.5x, time to ~2x.""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
+
+from safetensors import safe_open
 
 # shares of the measured matmul peak reached here (make bench, bench/profile_ppo.py in bench/results): training and
 # scoring forwards ~55-65%; decoding (one token per forward, memory-bound) ~20%
 FLOP_SHARE = 0.55
 DECODE_SHARE = 0.2
+
+
+def model_facts(path: Path) -> dict:
+    """Parameter count (from the safetensors headers), hidden size, layers, vocab: no weights loaded."""
+    cfg = json.loads((path / "config.json").read_text())
+    numel = 0
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                numel += math.prod(st.get_slice(k).get_shape())
+    hidden, heads = cfg.get("hidden_size", 0), cfg.get("num_attention_heads", 1)
+    kv = cfg.get("num_key_value_heads", heads) * cfg.get("head_dim", hidden // max(heads, 1))
+    return {"params": numel, "hidden": hidden, "layers": cfg.get("num_hidden_layers", 0),
+            "vocab": cfg.get("vocab_size", 0), "intermediate": cfg.get("intermediate_size", 4 * hidden), "kv": kv}
 
 
 def activation_widths(facts: dict, checkpointing: bool | str) -> float:
