@@ -153,12 +153,13 @@ def _reads(name: str) -> dict:
     return getattr(importlib.import_module(f"deltalign.stages.{name}"), "READS", {})
 
 
-def trains(name: str, cfg) -> bool:
-    """Whether the estimator models the stage's training (it reads training data in batches)."""
-    return "data" in _reads(name) and hasattr(cfg, "batch_size") and bool(cfg.data)
+def trains(name: str, cfg, reads: dict | None = None) -> bool:
+    """Whether the estimator models the stage's training (it reads training data in batches); ``reads``: the
+    stage's READS (default: its module's)."""
+    return "data" in (_reads(name) if reads is None else reads) and hasattr(cfg, "batch_size") and bool(cfg.data)
 
 
-def measure(cfgs: dict, name: str) -> tuple[dict, int | None, float]:
+def measure(cfgs: dict, name: str, reads: dict | None = None) -> tuple[dict, int | None, float]:
     """``(model facts, longest row, prompt share)`` of a training stage, as ``doctor`` measures them: the model's
     shapes from its headers, the first :data:`SAMPLE` rows of its data tokenised. Loads no weights."""
     from deltalign.data.tokenize import load_tokenizer
@@ -168,20 +169,20 @@ def measure(cfgs: dict, name: str) -> tuple[dict, int | None, float]:
     model_cfg, cfg = cfgs["model"], cfgs[name]
     path = resolve_path(model_cfg.path)
     tok = load_tokenizer(path, model_cfg.trust_remote_code)
-    kind = _reads(name)["data"]
+    kind = (_reads(name) if reads is None else reads)["data"]
     full, _ = sample(cfg.data, cfg.split, kind, tok)
     heads = row_heads(full, kind, tok)
     longest, share = longest_and_share(kind, cfg, full, row_lengths(full, kind, heads)) if heads else (None, 0.0)
     return model_facts(path), longest, share
 
 
-def resolve_stage(cfgs: dict, name: str):
+def resolve_stage(cfgs: dict, name: str, reads: dict | None = None):
     """``(model config for the stage, log line or None)``: :func:`resolve` from the stage's :func:`measure` and this
     machine's :func:`budget`. A stage the estimator does not model (export) gets ``auto`` as off, silently."""
     model_cfg, cfg = cfgs["model"], cfgs[name]
     if model_cfg.gradient_checkpointing != "auto":
         return model_cfg, None
-    if not trains(name, cfg):
+    if not trains(name, cfg, reads):
         return dataclasses.replace(model_cfg, gradient_checkpointing=False), None
-    by_mode = estimates(name, cfg, model_cfg, *measure(cfgs, name), runtime())
+    by_mode = estimates(name, cfg, model_cfg, *measure(cfgs, name, reads), runtime())
     return resolve(name, model_cfg, by_mode, *budget(model_cfg))

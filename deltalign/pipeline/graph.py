@@ -218,7 +218,8 @@ class Pipeline:
                 results[name] = sd.manifest()["metrics"]
                 continue
             inputs = self.inputs(name)
-            model_cfg, why = autofit.resolve_stage(self.cfgs, name)  # gradient_checkpointing=auto: a concrete mode
+            # gradient_checkpointing=auto: a concrete mode, from the stage's estimate and the memory budget
+            model_cfg, why = autofit.resolve_stage(self.cfgs, name, getattr(stage_module(name), "READS", {}))
             if why:
                 self.log(f"[deltalign] {why}")
             if is_main_process():
