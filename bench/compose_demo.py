@@ -156,7 +156,7 @@ def train(run_dir: Path, model_cfg, budget: Budget, files: dict, threads: int) -
     folders["sft"] = run_dir / "sft"
     stages["sft"] = timed("sft", lambda: sft.run(
         sft.Config(data="embedded:sft_train", eval_data="", eval_checker=False, lr=budget.sft_lr,
-                   max_steps=budget.sft_steps, adapter=adapter, **common),
+                   max_steps=budget.sft_steps, delta=adapter, **common),
         model_cfg, folders["sft"], {}))
     for fam, info in files["families"].items():
         label = f"dpo-{fam}"

@@ -161,7 +161,7 @@ def overrides(method: str, budget: Budget, cfgs: dict, threads: int, sft_eval: s
     sft_lr, dpo_lr = lrs(method, cfgs)
     o = [f"model.path={model}"] if model else []
     o += ["model.gradient_checkpointing=false"]  # pinned: timings must not move with the machine's free memory
-    o += [f"sft.adapter.method={method}", f"sft.lr={sft_lr}", f"sft.max_steps={budget.sft_steps}",
+    o += [f"sft.delta.method={method}", f"sft.lr={sft_lr}", f"sft.max_steps={budget.sft_steps}",
           f"sft.eval_data={sft_eval}", "sft.eval_checker=false"]
     o += [f"dpo.lr={dpo_lr}", f"dpo.max_steps={budget.dpo_steps}", f"dpo.eval_data={pref_eval}",
           "dpo.reference=sft", "dpo.init=sft", "dpo.eval_checker=true", f"dpo.eval_limit={budget.heldout_pairs}"]
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg_file.exists():
             import yaml
 
-            r["adapter"] = yaml.safe_load(cfg_file.read_text())["sft"]["adapter"]
+            r["adapter"] = yaml.safe_load(cfg_file.read_text())["sft"]["delta"]
         results["methods"][m] = r
         if "error" not in r:
             saved.write_text(json.dumps(r, indent=1, default=str) + "\n")

@@ -54,7 +54,7 @@ def test_policy_and_reference_are_separate_copies_and_step0_loss_is_ln2(sft_dir)
 
 
 def _run(tmp_path, sft_dir, **overrides):
-    cfg = dpo.Config(**{**FAST, "adapter": AdapterConfig(r=4), **overrides})
+    cfg = dpo.Config(**{**FAST, "delta": AdapterConfig(r=4), **overrides})
     out = tmp_path / "dpo"
     metrics = dpo.run(cfg, ModelConfig(path="tiny"), out, {"sft": sft_dir})
     return out, metrics
@@ -172,7 +172,7 @@ def test_other_losses_first_step(tmp_path, sft_dir, loss, first_loss):
 def test_base_reference_when_no_sft(tmp_path):
     """No SFT at all: the reference is the base with adapters off and a fresh policy starts equal to it (LoRA B
     starts at 0), so the first loss is ln 2."""
-    cfg = dpo.Config(**FAST, reference="base", init="fresh", adapter=AdapterConfig(r=4))
+    cfg = dpo.Config(**FAST, reference="base", init="fresh", delta=AdapterConfig(r=4))
     dpo.run(cfg, ModelConfig(path="tiny"), tmp_path / "dpo", {})
     assert _train_rows(tmp_path / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
@@ -204,7 +204,7 @@ def test_orpo_from_the_base_loads_no_reference_and_caches_nothing(tmp_path, monk
     calls = []
     real = dpo.pair_logprobs
     monkeypatch.setattr(dpo, "pair_logprobs", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
-    cfg = dpo.Config(**FAST, loss="orpo", init="fresh", adapter=AdapterConfig(r=4))
+    cfg = dpo.Config(**FAST, loss="orpo", init="fresh", delta=AdapterConfig(r=4))
     dpo.run(cfg, ModelConfig(path="tiny"), tmp_path / "dpo", {})
     assert calls and set(calls) == {"dpo"}  # held-out pairs score the policy alone: no reference forward at all
     assert not list((tmp_path / "dpo").glob("ref_logprobs-*"))

@@ -116,7 +116,7 @@ def upstream(run):
 
 
 def test_small_max_shard_size_writes_an_index_and_shards(run, tmp_path):
-    cfg = export.Config(max_shard_size="20KB", reward_model=False, adapter_only=False)
+    cfg = export.Config(max_shard_size="20KB", reward_model=False, copy_delta=False)
     export.run(cfg, TINY, tmp_path / "export", upstream(run))
     d = tmp_path / "export" / "model"
     index = json.loads((d / "model.safetensors.index.json").read_text())
@@ -164,7 +164,7 @@ def test_reward_model_export_gives_the_pipeline_scores(run, tmp_path):
 
 
 def test_bfloat16_export(run, tmp_path):
-    m = export.run(export.Config(dtype="bfloat16", reward_model=False, adapter_only=False), TINY,
+    m = export.run(export.Config(dtype="bfloat16", reward_model=False, copy_delta=False), TINY,
                    tmp_path / "export", upstream(run))
     d = tmp_path / "export" / "model"
     with safe_open(str(d / "model.safetensors"), "pt") as f:
@@ -328,7 +328,7 @@ def test_a_method_that_cannot_merge_exports_the_adapter_and_its_base_never_a_mer
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{}")  # an earlier export's merged model must not survive
     with pytest.warns(UserWarning, match="cannot be merged"):
-        m = export.run(export.Config(policy="sft", adapter_only=False), TINY, tmp_path / "export",
+        m = export.run(export.Config(policy="sft", copy_delta=False), TINY, tmp_path / "export",
                        {"sft": src, "rm": rm})
     out = tmp_path / "export"
     assert not (out / "model").exists()
@@ -354,7 +354,7 @@ def test_a_method_that_cannot_merge_exports_the_adapter_and_its_base_never_a_mer
 def test_cli_exports_and_generates_from_a_delta_that_cannot_merge(tmp_path, capsys):
     from deltalign.pipeline.cli import main
 
-    args = ["--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "run"), "--set", "sft.adapter.method=prefix",
+    args = ["--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "run"), "--set", "sft.delta.method=prefix",
             "--set", "sft.max_steps=2", "--set", "sft.eval_checker=false"]
     assert main(["run", "sft", *args]) == 0
     with pytest.warns(UserWarning, match="is a prefix delta, which cannot be merged"):

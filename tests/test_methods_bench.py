@@ -29,7 +29,7 @@ def test_every_method_has_a_learning_rate_and_its_overrides_load():
     for m in METHODS:
         sets = mb.overrides(m, mb.QUICK, cfgs, 2, "embedded:sft_eval", "embedded:pref_eval")
         c = _cfgs(sets)
-        assert c["sft"].adapter.method == m and c["sft"].lr == mb.SFT_LR[m]
+        assert c["sft"].delta.method == m and c["sft"].lr == mb.SFT_LR[m]
         assert c["dpo"].lr == pytest.approx(mb.SFT_LR[m] * cfgs["dpo"].lr / cfgs["sft"].lr, rel=1e-3)
         assert (c["sft"].max_steps, c["dpo"].max_steps) == (mb.QUICK.sft_steps, mb.QUICK.dpo_steps)
         assert c["sft"].checkpoint_every == c["dpo"].checkpoint_every == 0  # nothing written inside the window
@@ -79,7 +79,7 @@ def test_collect_a_tiny_run_and_the_base_row(tmp_path, capsys):
     from deltalign.model.backbone import Backbone, ModelConfig
     assert n_base == sum(p.numel() for p in Backbone.load(ModelConfig(path="tiny")).causal_lm.parameters())
     r = mb.collect(run, n_base)
-    prompt_length = cfgs["sft"].adapter.prompt_length
+    prompt_length = cfgs["sft"].delta.prompt_length
     assert r["trainable_params"] == prompt_length * 32  # tiny hidden size
     assert r["trainable_pct"] == pytest.approx(100 * r["trainable_params"] / n_base)
     assert r["adapter_bytes"] > r["trainable_params"] * 4  # float32 values + header + config

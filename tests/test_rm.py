@@ -62,7 +62,7 @@ def separable(n=16):
 def config(tmp_path, rows=None, **kw):
     data = write_jsonl(tmp_path / "pairs.jsonl", rows or separable())
     base = dict(data=data, eval_data=data, init="fresh", lr=1e-2, batch_size=8, max_steps=3, checkpoint_every=0,
-                log_every=1, eval_batch_size=8, adapter=AdapterConfig(r=4, alpha=8, dropout=0.0))
+                log_every=1, eval_batch_size=8, delta=AdapterConfig(r=4, alpha=8, dropout=0.0))
     return rm.Config(**(base | kw))
 
 

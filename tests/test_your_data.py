@@ -133,7 +133,7 @@ RECIPE_FAST = ["sft.max_steps=2", "sft.batch_size=2", "rm.max_steps=2", "rm.batc
                "dpo.batch_size=2", "dpo.eval_limit=2", "dpo.generation.max_new_tokens=4", "ppo.max_steps=1",
                "ppo.batch_size=2", "ppo.mini_batch_size=2", "ppo.eval_limit=2", "ppo.rollout.max_new_tokens=4",
                "ppo.generation.max_new_tokens=4", "eval.limit=3", "eval.generation.max_new_tokens=4",
-               "sft.threads=1", "rm.threads=1", "dpo.threads=1", "ppo.threads=1", "sft.adapter.r=2", "dpo.adapter.r=2"]
+               "sft.threads=1", "rm.threads=1", "dpo.threads=1", "ppo.threads=1", "sft.delta.r=2", "dpo.delta.r=2"]
 
 
 def _short_rows(path: Path, n: int) -> list[str]:

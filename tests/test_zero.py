@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["sft", "rm", "dpo", "ppo", "grpo", "kto"]
 COMMON = ["--config", "configs/tiny.yaml",
           *[x for s in STAGES for x in ("--set", f"{s}.max_steps=3", "--set", f"{s}.lr=2e-4")],
-          "--set", "sft.adapter.dropout=0", "--set", "rm.adapter.dropout=0",  # dropout RNG differs per process
+          "--set", "sft.delta.dropout=0", "--set", "rm.delta.dropout=0",  # dropout RNG differs per process
           "--set", "sft.eval_limit=4", "--set", "dpo.eval_limit=4", "--set", "rm.stats_pairs=16",
           "--set", "dpo.eval_checker=false", "--set", "ppo.eval_limit=4", "--set", "grpo.eval_limit=4",
           "--set", "kto.eval_limit=4", "--set", "kto.eval_checker=false",
@@ -51,13 +51,13 @@ REL = {("grpo", "score"): 1e-4}
 # first, CISPO (capped importance weights) in the second; grpo_epochs 2, so their ratios move on the second pass.
 METHOD_CHAINS = {
     "prefix+ia3": (["sft", "rm", "dpo", "grpo"], {"sft": "prefix", "rm": "ia3", "dpo": "prefix", "grpo": "prefix"},
-                   ["--set", "sft.adapter.method=prefix", "--set", "rm.init=fresh", "--set", "rm.adapter.method=ia3",
+                   ["--set", "sft.delta.method=prefix", "--set", "rm.init=fresh", "--set", "rm.delta.method=ia3",
                     "--set", "dpo.loss=orpo", "--set", "grpo.importance_sampling=sequence"]),
     "prompt+bottleneck+ln": (["sft", "rm", "dpo", "ppo", "grpo"],
                              {"sft": "prompt", "rm": "bottleneck", "dpo": "prompt", "ppo": "prompt", "critic": "ln",
                               "grpo": "prompt"},
-                             ["--set", "sft.adapter.method=prompt", "--set", "rm.init=fresh",
-                              "--set", "rm.adapter.method=bottleneck",
+                             ["--set", "sft.delta.method=prompt", "--set", "rm.init=fresh",
+                              "--set", "rm.delta.method=bottleneck",
                               "--set", "ppo.critic_init=fresh", "--set", "ppo.critic_adapter.method=ln",
                               "--set", "grpo.loss=cispo"]),
 }

@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -121,12 +123,42 @@ def _type_text(tp) -> str:
     return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
+@functools.lru_cache(maxsize=None)
+def former_names(cls) -> dict[str, tuple[str, bool]]:
+    """Former name -> (current name, kept): the settings of ``cls`` declared with ``setting(formerly=...)``."""
+    return {f.metadata["formerly"]: (f.name, f.metadata.get("keep_former", False))
+            for f in dataclasses.fields(cls) if f.metadata.get("formerly")}
+
+
+NOTICED: set[str] = set()
+"""The former names already noticed in this process (one notice each)."""
+
+
+def _current(cls, k, prefix: str, where: str, d: dict) -> str:
+    """The current name of key ``k`` of ``cls`` (itself unless it is a former name; then a one-line notice on
+    stderr, once per process and only from the first process of a launch, unless the old name is kept)."""
+    if k not in former_names(cls):
+        return k
+    new, kept = former_names(cls)[k]
+    dot = f"{prefix}." if prefix else ""
+    if new in d:
+        raise ConfigError(f"{dot}{k} and {dot}{new} are one setting ({dot}{k} is its former name): keep "
+                          f"{dot}{new} (in {where})")
+    if not kept and f"{dot}{k}" not in NOTICED and os.environ.get("RANK", "0") == "0":
+        NOTICED.add(f"{dot}{k}")
+        print(f"deltalign: `{dot}{k}` is now `{dot}{new}`; the old name is accepted until the next release "
+              f"(in {where})", file=sys.stderr)
+    return new
+
+
 def _check(cls, d, where: str, prefix: str) -> dict:
-    """Validate a partial nested mapping for ``cls`` (known keys, coerced values) and return the coerced copy."""
+    """Validate a partial nested mapping for ``cls`` (known keys, coerced values) and return the coerced copy,
+    with former names (:func:`setting`'s ``formerly``) under their current ones."""
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix}: expected a mapping of {cls.__name__} settings, got {d!r} (in {where})")
     known, out = setting_types(cls), {}
     for k, v in d.items():
+        k = _current(cls, k, prefix, where, d)
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in known:
             raise _unknown("key", key, [f"{prefix}.{n}" if prefix else n for n in field_names(cls)], where)
@@ -187,11 +219,15 @@ def dump_yaml(configs: dict) -> str:
 
 
 def setting(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, hashed: bool = True,
-            ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None):
+            ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+            formerly: str | None = None, keep_former: bool = False):
     """A dataclass field with a checked range and/or hashing flag: ``lr: float = setting(2e-4, gt=0)``.
-    :func:`load` refuses a value outside ``[ge|gt, le|lt]`` with the dotted key and its source."""
+    :func:`load` refuses a value outside ``[ge|gt, le|lt]`` with the dotted key and its source. ``formerly``: the
+    setting's old name, still accepted (with a one-line notice, for one release; silently and for good with
+    ``keep_former``, for names users type from TRL) and the name the content hash keeps."""
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    meta = {"bounds": bounds} | ({} if hashed else {"hashed": False})
+    meta = ({"bounds": bounds} | ({} if hashed else {"hashed": False})
+            | ({"formerly": formerly, "keep_former": keep_former} if formerly else {}))
     return dataclasses.field(default=default, default_factory=factory, metadata=meta)
 
 
@@ -237,9 +273,11 @@ def is_hashed(cls, name: str) -> bool:
 
 
 def hashed_dict(obj):
-    """:func:`to_dict` without the settings marked :data:`NOT_HASHED` (at any depth): what a content hash covers."""
+    """:func:`to_dict` without the settings marked :data:`NOT_HASHED` (at any depth): what a content hash covers. A
+    renamed setting is hashed under its former name (``setting(formerly=...)``), so a run directory made before
+    the rename stays up to date, whichever name the config uses."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: hashed_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+        return {f.metadata.get("formerly") or f.name: hashed_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
                 if f.init and f.metadata.get("hashed", True)}
     if isinstance(obj, dict):
         return {str(k): hashed_dict(v) for k, v in obj.items()}
@@ -271,7 +309,7 @@ def _read(path: Path, chain: tuple = ()) -> list[tuple[str, dict]]:
 
 
 def _override(sections: dict[str, type], item: str) -> dict:
-    """``"sft.adapter.r=8"`` -> ``{"sft": {"adapter": {"r": 8}}}``. The value is YAML, except that a plain ``str``
+    """``"sft.delta.r=8"`` -> ``{"sft": {"adapter": {"r": 8}}}``. The value is YAML, except that a plain ``str``
     field keeps the raw text (so ``run.name=0123`` or ``=yes`` stay strings; ``null`` still means None)."""
     key, sep, raw = item.partition("=")
     parts = key.strip().split(".")
@@ -279,7 +317,7 @@ def _override(sections: dict[str, type], item: str) -> dict:
         raise ConfigError(f"{SET} expects section.key=value, got {item!r}")
     tp = sections.get(parts[0])
     for p in parts[1:]:
-        tp = setting_types(tp).get(p) if is_section(tp) else None
+        tp = setting_types(tp).get(former_names(tp).get(p, (p,))[0]) if is_section(tp) else None
     if (tp is str or set(typing.get_args(tp)) == {str, NONE}) and raw not in ("null", "~"):
         value = raw
     else:

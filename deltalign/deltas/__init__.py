@@ -1,7 +1,7 @@
 """Delta-tuning methods: the one table of what each can do, and how each is built, saved and recognised.
 
 Every stage trains a named delta on the one frozen backbone (:class:`deltalign.model.backbone.Backbone` switches and
-loads them); ``<stage>.adapter.method`` picks the method. LoRA and DoRA are peft's (peft mixes only its LoRA family
+loads them); ``<stage>.delta.method`` picks the method. LoRA and DoRA are peft's (peft mixes only its LoRA family
 on one model); the others are small modules of ours (:mod:`deltalign.deltas.base` says how they work). Adding a
 method = one module with a :class:`~deltalign.deltas.base.Delta` subclass, one row below, and its settings (and
 name) in :class:`~deltalign.deltas.config.AdapterConfig`.

@@ -1,4 +1,4 @@
-"""The settings of a stage's delta (``<stage>.adapter``): the method and each method's own settings.
+"""The settings of a stage's delta (``<stage>.delta``): the method and each method's own settings.
 
 A setting belongs to the methods its docstring names; the others ignore it. The method names must match the table
 in :mod:`deltalign.deltas` (a test checks).

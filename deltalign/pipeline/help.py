@@ -9,7 +9,7 @@ import inspect
 import json
 import textwrap
 
-from deltalign.core.settings import bounds_text, is_hashed, is_section, setting_types, to_dict
+from deltalign.core.settings import bounds_text, former_names, is_hashed, is_section, setting_types, to_dict
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,6 +52,8 @@ def help_text(section: str, cls) -> str:
             doc = f"{doc} [{bounds_text(owner, leaf)}]"
         if not is_hashed(owner, leaf):
             doc = f"{doc} (not hashed)"
+        if former := {new: (old, kept) for old, (new, kept) in former_names(owner).items()}.get(leaf):
+            doc = f"{doc} (also `{former[0]}`{'' if former[1] else ', its former name, until the next release'})"
         left = f"  {section}.{name}"
         if inst is not None and not is_section(tp):
             v = to_dict(functools.reduce(getattr, name.split("."), inst))

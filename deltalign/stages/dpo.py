@@ -73,7 +73,7 @@ class Config(RowRules, TrainConfig):
     choice, or ``simpo``)."""
     init: Literal["sft", "fresh"] = "sft"
     """Policy start: ``sft`` (a trainable copy of the SFT adapter) or ``fresh`` (a new adapter)."""
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    delta: AdapterConfig = setting(factory=AdapterConfig, formerly="adapter")
     """The delta this stage trains (``dpo``), when ``init: fresh``; with ``init: sft`` it is a copy of the SFT
     adapter and keeps the SFT adapter's own settings (these are then unused)."""
     disable_dropout: bool = True

@@ -45,7 +45,7 @@ import torch
 
 from deltalign import deltas
 from deltalign.core import atomic, verify
-from deltalign.core.settings import ConfigError
+from deltalign.core.settings import ConfigError, setting
 from deltalign.model.backbone import DTYPES, Backbone, ModelConfig, load_base, resolve_path
 from deltalign.sampling.generation import stop_token_ids
 from deltalign.pipeline.rundir import MANIFEST
@@ -72,8 +72,8 @@ class Config:
     """Safetensors files larger than this are split into shards with an index (e.g. 500MB, 2GB)."""
     reward_model: bool = True
     """Also export the reward model (as a sequence classifier) when the run has a finished rm stage."""
-    adapter_only: bool = True
-    """Also copy the policy adapter in PEFT format to ``adapter/``."""
+    copy_delta: bool = setting(True, formerly="adapter_only")
+    """Also copy the policy's delta to ``adapter/`` (peft's format and folder name) beside the merged model."""
     out: str = ""
     """Extra destination outside the run directory: after ``deltalign export`` / ``deltalign run export`` (fresh
     or up to date) it holds a copy of model/, reward_model/ and adapter/ ('' for none; ``--out`` for one command)."""
@@ -151,7 +151,7 @@ def write_policy(cfg: Config, model_cfg: ModelConfig, stage: str, done: dict[str
         "- load: `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`; the "
         "chat template and end-of-turn eos are included"])
     metrics = merged_policy(cfg, model_cfg, src, out_dir / "model", card)
-    if cfg.adapter_only:
+    if cfg.copy_delta:
         load = "- load: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<base>), dir)`" \
             if deltas.spec(deltas.method_of(src)).impl == "peft" else \
             "- load with deltalign: `Backbone.load(ModelConfig(path=<base>)).load_adapter(name, dir)`"

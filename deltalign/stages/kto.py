@@ -64,7 +64,7 @@ class Config(RowRules, TrainConfig):
     run without an SFT stage."""
     init: Literal["sft", "fresh"] = "sft"
     """Policy start: ``sft`` (a trainable copy of the SFT delta) or ``fresh`` (a new delta: ``adapter``)."""
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    delta: AdapterConfig = setting(factory=AdapterConfig, formerly="adapter")
     """The delta this stage trains when ``init: fresh`` (with ``init: sft`` it copies the SFT delta's settings)."""
     disable_dropout: bool = True
     """Switch every dropout off while training, as TRL does: policy and reference are then one function at step

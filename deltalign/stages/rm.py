@@ -10,7 +10,7 @@ prompt + response. Sections: 1. load; 2. data; 3. evaluation before training; 4.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 from pathlib import Path
 
@@ -37,7 +37,7 @@ READS = {"data": "pref", "eval_data": "pref"}  # setting -> row shape (checked b
 class Config(RowRules, TrainConfig):
     lr: float = setting(1e-4, gt=0)
     """Peak learning rate (AdamW). 1e-4 is the usual LoRA reward-model rate (1e-5 for full fine-tuning), 1 epoch."""
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    delta: AdapterConfig = setting(factory=AdapterConfig, formerly="adapter")
     """The delta this stage trains (``rm``), when ``init: fresh``; with ``init: sft`` it is a copy of the SFT
     adapter and keeps the SFT adapter's own settings (these are then unused)."""
     init: Literal["sft", "fresh"] = "sft"
@@ -107,7 +107,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     if sft_dir is not None:
         backbone.load_adapter(NAME, sft_dir, trainable=True)
     else:
-        backbone.add_adapter(NAME, cfg.adapter, trainable=True)
+        backbone.add_adapter(NAME, cfg.delta, trainable=True)
     backbone.add_head(NAME, trainable=True)
     pad, share = backbone.tokenizer.pad_token_id, cfg.shares(backbone)
 

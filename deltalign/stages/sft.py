@@ -35,7 +35,7 @@ class Config(RowRules, TrainConfig):
     loss_on: Literal["last", "all"] = "last"
     """Which turns of a conversation carry the loss: ``last`` (the final assistant answer) or ``all`` (every
     assistant turn; e.g. HH-style dialogues)."""
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    delta: AdapterConfig = setting(factory=AdapterConfig, formerly="adapter")
     """The delta this stage trains (a fresh ``sft`` adapter)."""
     disable_dropout: bool = False
     """Switch every dropout off while training (adapter dropout included). Off for SFT, where dropout is a
@@ -98,7 +98,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     # 1. load: the frozen base once, one fresh trainable adapter
     backbone = Backbone.load(model_cfg)
     torch.manual_seed(cfg.seed)
-    backbone.add_adapter(NAME, cfg.adapter, trainable=True)
+    backbone.add_adapter(NAME, cfg.delta, trainable=True)
     tok = backbone.tokenizer
     share = cfg.shares(backbone)
 

@@ -35,7 +35,7 @@ REFERENCE = "sft"  # the reference of a preference stage IS the SFT delta (froze
 def policy_and_reference(model_cfg: ModelConfig, name: str, cfg, upstream: dict[str, Path]) -> Backbone:
     """One backbone with a preference stage's two roles: the reference (``cfg.reference: sft``: the SFT delta,
     frozen, as ``sft``; ``base``/``none``: nothing loaded) and the policy ``name`` (``cfg.init: sft``: a trainable
-    copy of the SFT delta; ``fresh``: a new ``cfg.adapter`` seeded by ``cfg.seed``), the policy active."""
+    copy of the SFT delta; ``fresh``: a new ``cfg.delta`` seeded by ``cfg.seed``), the policy active."""
     backbone = Backbone.load(model_cfg)
     if cfg.reference == "sft":
         backbone.load_adapter(REFERENCE, upstream["sft"], trainable=False)
@@ -43,7 +43,7 @@ def policy_and_reference(model_cfg: ModelConfig, name: str, cfg, upstream: dict[
         backbone.load_adapter(name, upstream["sft"], trainable=True)
     else:
         torch.manual_seed(cfg.seed)
-        backbone.add_adapter(name, cfg.adapter, trainable=True)
+        backbone.add_adapter(name, cfg.delta, trainable=True)
     backbone.activate(name)
     return backbone
 
