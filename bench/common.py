@@ -131,7 +131,7 @@ class Settings:
     grpo_num_generations: int = 8
     """G, responses per prompt (ours ``grpo.num_generations``, TRL ``num_generations``)."""
     grpo_epochs: int = 2
-    """Passes over each rollout, one update each (ours ``grpo.grpo_epochs`` with one minibatch, TRL
+    """Passes over each rollout, one update each (ours ``grpo.passes`` with one minibatch, TRL
     ``num_iterations``)."""
     grpo_beta: float = 0.0
     """KL weight: 0 on both sides, so neither runs a reference forward."""

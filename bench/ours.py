@@ -51,7 +51,7 @@ def overrides(stage: str, s: Settings) -> list[str]:
                      f"dpo.beta={s.dpo_beta}", "dpo.nll_weight=0", "dpo.eval_checker=false"]
     elif stage == "ppo":
         o += [f"ppo.data={data_for('ppo', s)}", f"ppo.max_steps={s.ppo_steps}", f"ppo.batch_size={s.batch_size}",
-                     f"ppo.mini_batch_size={s.ppo_mini_batch_size}", f"ppo.ppo_epochs={s.ppo_epochs}",
+                     f"ppo.mini_batch_size={s.ppo_mini_batch_size}", f"ppo.passes={s.ppo_epochs}",
                      f"ppo.max_prompt_length={s.max_prompt_length}", f"ppo.rollout.max_new_tokens={s.max_new_tokens}",
                      f"ppo.rollout.temperature={s.temperature}", "ppo.rollout.top_p=1.0",
                      f"ppo.kl_coef={s.kl_coef}", "ppo.kl_target=0", "ppo.warmup_ratio=0", "ppo.critic_init=rm",
@@ -62,10 +62,10 @@ def overrides(stage: str, s: Settings) -> list[str]:
         # embedded checker as the only reward (no reward model loaded), one minibatch per pass, DAPO token loss
         o += [f"grpo.data={data_for('grpo', s)}", f"grpo.max_steps={s.grpo_steps}",
               f"grpo.batch_size={s.grpo_batch_size}",
-              f"grpo.num_generations={s.grpo_num_generations}", f"grpo.grpo_epochs={s.grpo_epochs}",
+              f"grpo.num_generations={s.grpo_num_generations}", f"grpo.passes={s.grpo_epochs}",
               "grpo.mini_batch_size=0", f"grpo.max_prompt_length={s.max_prompt_length}",
               f"grpo.rollout.max_new_tokens={s.max_new_tokens}", f"grpo.rollout.temperature={s.temperature}",
-              "grpo.rollout.top_p=1.0", f"grpo.beta={s.grpo_beta}", "grpo.rm_weight=0", "grpo.rules.checker=1.0",
+              "grpo.rollout.top_p=1.0", f"grpo.kl_coef={s.grpo_beta}", "grpo.rm_weight=0", "grpo.rules.checker=1.0",
               "grpo.advantage=grpo", "grpo.loss_aggregation=token", "grpo.clip_low=0.2", "grpo.clip_high=0.28",
               "grpo.missing_eos_penalty=0", "grpo.resample_rounds=0", "grpo.warmup_ratio=0",
               "grpo.disable_dropout=true", "grpo.eval_checker=false",
@@ -196,7 +196,7 @@ def install_hooks(stage: str, timer: StepTimer, dims: dict, s: Settings, cfg=Non
 
         def rollout_batch(prompts, responses, pad_id):  # once per step, the rollout that trains
             timer.add(samples=len(prompts), **grpo_work(dims, [len(p) for p in prompts],
-                                                        [len(r) for r in responses], cfg.grpo_epochs, **flags))
+                                                        [len(r) for r in responses], cfg.passes, **flags))
             return orig(prompts, responses, pad_id)
 
         mod.rollout_batch = rollout_batch

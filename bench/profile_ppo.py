@@ -70,7 +70,7 @@ def child(s: Settings, steps: int) -> dict:
     import deltalign.rewards.composite as composite
     import deltalign.stages.ppo as ppo
     from deltalign.core import memory
-    from deltalign.data.sharing import share_prefixes
+    from deltalign.data.sharing import prefix_tree
     from ours import build_configs, prepare_ppo
 
     up = Path(s.extra["ppo_upstream"])
@@ -120,12 +120,12 @@ def child(s: Settings, steps: int) -> dict:
             separate_v = separate if cfgs["model"].gradient_checkpointing is True else 1.0
             # the scoring and training forwards as run: with share_prefixes, each shared token once (the rollout's
             # packing; with one minibatch per rollout, as here, every forward packs these same rows)
-            sh = share_prefixes(batch["input_ids"], batch["attention_mask"]) if cfg.share_prefixes else None
+            sh = prefix_tree(batch["input_ids"], batch["attention_mask"]) if cfg.share_prefixes else None
             run = ((lambda kind: tree_flops(dims, sh["position_ids"][sh["real"]].tolist(), kind)) if sh
                    else (lambda kind: seq_flops(dims, T, kind)))
             acc["generate"]["flops"] += seq_flops(dims, T, "fwd")
             acc["score"]["flops"] += (1 + separate) * run("fwd") + (1 + separate_v) * run("fwd_body")
-            acc["optimise"]["flops"] += cfg.ppo_epochs * (run("train") + run("train_body"))
+            acc["optimise"]["flops"] += cfg.passes * (run("train") + run("train_body"))
         return batch
 
     engine_mod.Engine.step, ppo.rollout_batch = step, rollout_batch

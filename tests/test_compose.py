@@ -324,7 +324,7 @@ def test_method_settings_are_range_checked(key, value):
 
 def test_stage_names_among_the_sources_are_its_upstream():
     cfg = compose.Config(sources=["sft", "runs/x/dpo", "./local", "grpo"])
-    assert cfg.upstream() == ["sft", "grpo"]
+    assert cfg.needs() == ["sft", "grpo"]
 
 
 def test_in_a_pipeline_a_stage_source_runs_first(tmp_path, deltas_dir, monkeypatch):
@@ -333,7 +333,7 @@ def test_in_a_pipeline_a_stage_source_runs_first(tmp_path, deltas_dir, monkeypat
 
     if "compose" not in graph.STAGES:  # until the graph lists the stage
         monkeypatch.setitem(graph.STAGES, "compose",
-                            graph.Stage("compose", "deltalign.stages.compose", needs=lambda c: c.upstream()))
+                            graph.Stage("compose", "deltalign.stages.compose", needs=lambda c: c.needs()))
     cfgs = configs.load(graph.sections(), "configs/tiny.yaml",
                         ["sft.max_steps=2", "sft.eval_checker=false", "compose.eval_data=",
                          f"compose.sources=[sft, {deltas_dir / 'a'}]", "compose.weights=[1.0, -1.0]"])

@@ -55,13 +55,13 @@ def test_doctor_time_of_an_online_rl_step_counts_every_pass():
 
     # PPO: the rollout (longer responses cost more), the scoring forwards, and each epoch's policy + critic training
     ppo = _seconds("ppo")
-    assert _seconds("ppo", ppo_epochs=4) > 1.5 * ppo
+    assert _seconds("ppo", passes=4) > 1.5 * ppo
     assert _seconds("ppo", rollout=GenerationConfig(max_new_tokens=96, temperature=1.0)) > 1.3 * ppo
     # a PPO step does more than an SFT step over the same number of rows and tokens (generation, scoring, 2 epochs)
     assert ppo > 3 * _seconds("sft", batch_size=12)
     # GRPO: each prompt has num_generations rows; passes over the rollout
     grpo = _seconds("grpo")
-    assert _seconds("grpo", grpo_epochs=4) > 1.5 * grpo
+    assert _seconds("grpo", passes=4) > 1.5 * grpo
 
 
 def test_doctor_time_of_a_pair_counts_its_shared_prompt_once():

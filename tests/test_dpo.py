@@ -74,7 +74,7 @@ def test_dpo_trains_only_the_policy_and_caches_reference(tmp_path, sft_dir):
     assert len(caches) == 1
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
-    assert len(train) == 3 and {"loss", "reward_chosen", "reward_rejected", "accuracy", "margin"} <= train[0].keys()
+    assert len(train) == 3 and {"loss", "chosen_reward", "rejected_reward", "accuracy", "margin"} <= train[0].keys()
     # a second run with the same reference and data reuses the cache (same key)
     cached = load_file(str(caches[0]))["logprobs"]
     bb = Backbone.load(ModelConfig(path="tiny"))
@@ -164,7 +164,7 @@ def test_other_losses_first_step(tmp_path, sft_dir, loss, first_loss):
     out, _ = _run(tmp_path, sft_dir, loss=loss, batch_size=1)
     row = _train_rows(out)[0]
     if first_loss is None:  # one pair per step: loss = -logsigmoid(r_c - r_r - gamma)
-        first_loss = math.log1p(math.exp(-(row["reward_chosen"] - row["reward_rejected"] - 0.5)))
+        first_loss = math.log1p(math.exp(-(row["chosen_reward"] - row["rejected_reward"] - 0.5)))
     assert row["loss"] == pytest.approx(first_loss, abs=1e-5)
     assert (out / "adapter_model.safetensors").exists()
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, tensor_storages
 from deltalign.sampling import rollout
 from deltalign.model.backbone import Backbone, ModelConfig
-from deltalign.data.sharing import share_prefixes
+from deltalign.data.sharing import prefix_tree
 from deltalign.sampling.generation import GenerationConfig
 from deltalign.stages import grpo
 
@@ -69,7 +69,7 @@ def test_one_backbone_holds_every_role_and_only_what_is_needed(upstream):
     # tensors alive before do not count: under pytest, a traceback kept from an import inside the fixture's
     # first add_adapter can hold the fixture's backbone (test_ppo's version fails when run on its own)
     before = tensor_storages()
-    bb, rm = grpo.load_roles(grpo.Config(**FAST, rm_weight=1.0, beta=0.1), TINY, upstream)
+    bb, rm = grpo.load_roles(grpo.Config(**FAST, rm_weight=1.0, kl_coef=0.1), TINY, upstream)
     assert sorted(bb.adapters) == ["grpo", "rm", "sft"] and bb.active == "grpo"
     assert sorted(bb.heads) == ["rm"] and rm.backbone is bb  # no critic
     embed = bb.causal_lm.get_input_embeddings().weight
@@ -94,7 +94,7 @@ def test_training_changes_only_the_policy(upstream, tmp_path, monkeypatch):
     monkeypatch.setattr(Backbone, "load", classmethod(spy))
     before = {k: _digest(v) for k, v in upstream.items()}
     out = tmp_path / "grpo"
-    cfg = grpo.Config(**dict(FAST, eval_checker=True, eval_limit=3), rm_weight=1.0, beta=0.05, grpo_epochs=2,
+    cfg = grpo.Config(**dict(FAST, eval_checker=True, eval_limit=3), rm_weight=1.0, kl_coef=0.05, passes=2,
                       mini_batch_size=4)
     report = grpo.run(cfg, TINY, out, dict(upstream))
 
@@ -143,7 +143,7 @@ def test_first_update_has_ratio_one_with_adapter_dropout_configured(upstream, tm
         return logprobs(*a, **k)
 
     monkeypatch.setattr(grpo, "policy_logprobs", counting)
-    one_step = dict(FAST, max_steps=1, grpo_epochs=2, rules={"grpo_rewards:vary": 1.0})
+    one_step = dict(FAST, max_steps=1, passes=2, rules={"grpo_rewards:vary": 1.0})
     for disable, expect_zero in ((True, True), (False, False)):
         calls.clear(), grad_free.clear()
         grpo.run(grpo.Config(**one_step, mini_batch_size=4, disable_dropout=disable), TINY,
@@ -182,7 +182,7 @@ def test_zero_variance_groups_are_counted_resampled_and_move_nothing(upstream, t
 @pytest.mark.parametrize("advantage,aggregation", [("rloo", "sequence"), ("dr_grpo", "constant")])
 def test_other_estimators_and_aggregations_train(upstream, tmp_path, user_rewards, advantage, aggregation):
     out = tmp_path / advantage
-    grpo.run(grpo.Config(**dict(FAST, max_steps=1, grpo_epochs=1, rules={"grpo_rewards:vary": 1.0}),
+    grpo.run(grpo.Config(**dict(FAST, max_steps=1, passes=1, rules={"grpo_rewards:vary": 1.0}),
                          advantage=advantage, loss_aggregation=aggregation), TINY, out, dict(upstream))
     (row,) = _train_rows(out)
     if aggregation == "sequence":  # ratio 1 and advantages summing to 0 per group: the mean of -A is 0
@@ -199,11 +199,11 @@ def test_length_sorted_forwards_give_the_update_of_one_forward(upstream, tmp_pat
     loss, statistics and trained adapter of one padded forward of all 8, over two passes (the first filling the
     old log-probs) and with a KL term (reference log-probs cut the same way); so do forwards of 3 packed with
     shared prefixes (share_prefixes: rows sorted by their tokens, each group's prompt computed once)."""
-    cfg = dict(FAST, max_steps=1, grpo_epochs=2, beta=0.1, loss_aggregation=aggregation,
+    cfg = dict(FAST, max_steps=1, passes=2, kl_coef=0.1, loss_aggregation=aggregation,
                rules={"grpo_rewards:vary": 1.0})
     outs = {}
     packs = []
-    monkeypatch.setattr(rollout, "share_prefixes", lambda *a, **k: packs.append(1) or share_prefixes(*a, **k))
+    monkeypatch.setattr(rollout, "prefix_tree", lambda *a, **k: packs.append(1) or prefix_tree(*a, **k))
     for fbs, share in ((0, False), (3, False), (3, True)):  # share: each forward packed with the group's prompt once
         outs[fbs, share] = tmp_path / f"fbs{fbs}-{share}"
         grpo.run(grpo.Config(**cfg, forward_batch_size=fbs, share_prefixes=share), TINY, outs[fbs, share],
@@ -235,7 +235,7 @@ grpo.run(grpo.Config(**{cfg}), ModelConfig(path="tiny"), Path(sys.argv[1]), {{"s
 
 
 def test_killed_grpo_resumes_to_the_same_adapter(upstream, tmp_path, user_rewards):
-    kw = dict(FAST, max_steps=4, checkpoint_every=1, beta=0.05, grpo_epochs=2, mini_batch_size=4,
+    kw = dict(FAST, max_steps=4, checkpoint_every=1, kl_coef=0.05, passes=2, mini_batch_size=4,
               resample_rounds=1, rules={"grpo_rewards:some": 1.0})
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     env = dict(os.environ, DELTALIGN_TEST_KILL_AT_STEP="2", PYTHONPATH=os.pathsep.join(sys.path))
@@ -281,7 +281,7 @@ def test_gspo_and_cispo_run_their_own_objective_over_two_passes(upstream, tmp_pa
     monkeypatch.setattr(grpo, "clipped_policy_loss", lambda *a, **k: token_calls.append(1) or token(*a, **k))
     extra = {"gspo": dict(importance_sampling="sequence"), "cispo": dict(loss="cispo")}[variant]
     out = tmp_path / variant
-    grpo.run(grpo.Config(**dict(FAST, max_steps=1, grpo_epochs=2, rules={"grpo_rewards:vary": 1.0}), **extra),
+    grpo.run(grpo.Config(**dict(FAST, max_steps=1, passes=2, rules={"grpo_rewards:vary": 1.0}), **extra),
              TINY, out, dict(upstream))
     assert len(calls) == 2 and not token_calls
     if variant == "gspo":
@@ -296,7 +296,7 @@ def test_gspo_and_cispo_run_their_own_objective_over_two_passes(upstream, tmp_pa
 def test_soft_overlong_penalty_and_masked_truncations(upstream, tmp_path, user_rewards):
     """With a flat reward of 0 the score is the overlong penalty alone: -1 for every response cut at the budget
     (the random tiny model rarely stops); masking the truncated responses leaves nothing to learn from them."""
-    base = dict(FAST, max_steps=1, grpo_epochs=1, rules={"grpo_rewards:flat": 1.0})
+    base = dict(FAST, max_steps=1, passes=1, rules={"grpo_rewards:flat": 1.0})
     out = tmp_path / "overlong"
     grpo.run(grpo.Config(**base, overlong_cache=3), TINY, out, dict(upstream))
     (row,) = _train_rows(out)

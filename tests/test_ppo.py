@@ -19,7 +19,7 @@ from deltalign.rewards.composite import CompositeReward
 from deltalign.stages import ppo
 
 TINY = ModelConfig(path="tiny")
-FAST = dict(batch_size=4, mini_batch_size=2, ppo_epochs=2, max_steps=2, log_every=1, checkpoint_every=0,
+FAST = dict(batch_size=4, mini_batch_size=2, passes=2, max_steps=2, log_every=1, checkpoint_every=0,
             eval_limit=4, rules={"checker": 1.0}, lr=1e-2, rollout=GenerationConfig(max_new_tokens=6, temperature=1.0),
             generation=GenerationConfig(max_new_tokens=6))
 
@@ -126,10 +126,10 @@ def test_shared_prefixes_train_like_padded_batches(upstream, tmp_path, monkeypat
     """share_prefixes packs every PPO forward (reference, old log-probs and values, the updates' policy and critic
     forwards, reward-model scores); the run trains as the padded one does."""
     from deltalign.sampling import rollout
-    from deltalign.data.sharing import share_prefixes
+    from deltalign.data.sharing import prefix_tree
 
     packs = []
-    monkeypatch.setattr(rollout, "share_prefixes", lambda *a, **k: packs.append(1) or share_prefixes(*a, **k))
+    monkeypatch.setattr(rollout, "prefix_tree", lambda *a, **k: packs.append(1) or prefix_tree(*a, **k))
     cfg = dict(FAST, max_steps=1, eval_limit=0, eval_checker=False)
     outs = {share: tmp_path / f"ppo-{share}" for share in (False, True)}
     for share, out in outs.items():
@@ -149,7 +149,7 @@ def test_first_update_has_ratio_one_with_adapter_dropout_configured(upstream, tm
     """The SFT adapter carries dropout 0.05. With disable_dropout (default) the old log-probs (taken after the
     reward model scored, which switches modes) and the first update's log-probs are one function: approx_kl and
     clipfrac are 0. With dropout left on they are not (the test can fail)."""
-    one_update = dict(FAST, ppo_epochs=1, mini_batch_size=4, max_steps=1, eval_limit=0, eval_checker=False)
+    one_update = dict(FAST, passes=1, mini_batch_size=4, max_steps=1, eval_limit=0, eval_checker=False)
     for disable, expect_zero in ((True, True), (False, False)):
         out = tmp_path / f"ppo-{disable}"
         ppo.run(ppo.Config(**one_update, disable_dropout=disable), TINY, out, dict(upstream))
@@ -175,12 +175,12 @@ def test_first_minibatch_keeps_the_critic_graph_only_where_checkpointing_makes_i
     calls = []
     critic_values = ppo.critic_values
 
-    def recording(model, batch, share=False):
+    def recording(model, batch, share_prefixes=False):
         calls.append((torch.is_grad_enabled(), batch["input_ids"].shape[0]))
-        return critic_values(model, batch, share)
+        return critic_values(model, batch, share_prefixes)
 
     monkeypatch.setattr(ppo, "critic_values", recording)
-    one_update = dict(FAST, ppo_epochs=1, mini_batch_size=4, max_steps=1, eval_limit=0, eval_checker=False)
+    one_update = dict(FAST, passes=1, mini_batch_size=4, max_steps=1, eval_limit=0, eval_checker=False)
     for checkpointing, expected in ((False, [(False, 4), (True, 4)]), (True, [(True, 4)])):
         calls.clear()
         out = tmp_path / f"ppo-{checkpointing}"

@@ -13,7 +13,7 @@ from deltalign.pipeline.graph import Pipeline, sections
 
 SETS = ["model.quantization=nf4", "sft.max_steps=3", "rm.max_steps=2", "dpo.max_steps=2", "ppo.max_steps=2",
         "sft.eval_checker=false", "dpo.eval_checker=false", "ppo.eval_checker=false", "rm.stats_pairs=8",
-        "ppo.batch_size=4", "ppo.mini_batch_size=4", "ppo.ppo_epochs=1"]
+        "ppo.batch_size=4", "ppo.mini_batch_size=4", "ppo.passes=1"]
 
 
 def test_the_chain_trains_on_a_4bit_base(tmp_path, monkeypatch):

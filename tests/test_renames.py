@@ -99,11 +99,14 @@ def test_an_old_run_config_still_loads(tmp_path, capsys):
     settings.NOTICED.clear()
     old = tmp_path / "config.yaml"
     old.write_text("include: " + str(ROOT / "configs/tiny.yaml") + "\nsft:\n  adapter: {r: 8}\n"
-                   "export:\n  adapter_only: false\n")
+                   "ppo:\n  critic_adapter: {r: 2}\n  ppo_epochs: 3\nexport:\n  adapter_only: false\n"
+                   "grpo:\n  beta: 0.02\n  grpo_epochs: 2\n")
     cfgs = settings.load(sections(), str(old))
-    assert cfgs["sft"].delta.r == 8 and cfgs["export"].copy_delta is False
+    assert cfgs["sft"].delta.r == 8 and cfgs["ppo"].critic_delta.r == 2 and cfgs["ppo"].passes == 3
+    assert cfgs["export"].copy_delta is False and cfgs["grpo"].kl_coef == 0.02 and cfgs["grpo"].passes == 2
     err = capsys.readouterr().err
-    assert "`sft.adapter` is now `sft.delta`" in err
+    assert "`sft.adapter` is now `sft.delta`" in err and "grpo.beta" not in err
+    assert "`ppo.ppo_epochs` is now `ppo.passes`" in err
     assert "`export.adapter_only` is now `export.copy_delta`" in err
 
 

@@ -23,7 +23,7 @@ from deltalign.stages import grpo, ppo
 FIXTURE = Path(__file__).parent / "golden" / "rl_metrics.json"
 RECORD = os.environ.get("DELTALIGN_RECORD_GOLDEN") == "1"
 ROLLOUT = dict(rollout=GenerationConfig(max_new_tokens=6, temperature=1.0), generation=GenerationConfig(max_new_tokens=6))
-PPO = dict(batch_size=4, mini_batch_size=2, ppo_epochs=2, max_steps=2, log_every=1, checkpoint_every=0,
+PPO = dict(batch_size=4, mini_batch_size=2, passes=2, max_steps=2, log_every=1, checkpoint_every=0,
            eval_checker=False, lr=1e-2, **ROLLOUT)
 # the reward model's scores vary within a group, so every variant trains (the checker alone gives all-equal groups)
 GRPO = dict(batch_size=2, num_generations=4, max_steps=2, log_every=1, checkpoint_every=0, lr=1e-2, rm_weight=1.0,
@@ -40,17 +40,17 @@ VARIANTS = {
     # dropout on: every row's old log-probs from separate forwards
     "ppo_dropout": (ppo, dict(PPO, disable_dropout=False, share_prefixes=False), {}),
     # one minibatch, one epoch, a fresh critic, rules only
-    "ppo_one_minibatch": (ppo, dict(PPO, mini_batch_size=4, ppo_epochs=1, rm_weight=0.0, critic_init="fresh",
+    "ppo_one_minibatch": (ppo, dict(PPO, mini_batch_size=4, passes=1, rm_weight=0.0, critic_init="fresh",
                                      rules={"checker": 1.0}), {}),
     # one minibatch, two passes: the first pass fills the old log-probs; beta 0: no reference forward
     "grpo_first_pass": (grpo, dict(GRPO), {}),
     # several minibatches: a separate no-grad forward; beta > 0: the reference forward; chunked forwards
-    "grpo_minibatches_beta": (grpo, dict(GRPO, mini_batch_size=4, beta=0.1, forward_batch_size=3), {}),
+    "grpo_minibatches_beta": (grpo, dict(GRPO, mini_batch_size=4, kl_coef=0.1, forward_batch_size=3), {}),
     # chunked, unshared forwards, sequence importance sampling (GSPO), per-sequence aggregation
     "grpo_sequence": (grpo, dict(GRPO, importance_sampling="sequence", loss_aggregation="sequence",
-                                 forward_batch_size=2, share_prefixes=False, grpo_epochs=3), {}),
+                                 forward_batch_size=2, share_prefixes=False, passes=3), {}),
     # cispo with the KL term, constant aggregation, rloo, overlong shaping, two minibatches of chunked forwards
-    "grpo_cispo": (grpo, dict(GRPO, loss="cispo", beta=0.05, loss_aggregation="constant", advantage="rloo",
+    "grpo_cispo": (grpo, dict(GRPO, loss="cispo", kl_coef=0.05, loss_aggregation="constant", advantage="rloo",
                               overlong_cache=2, missing_eos_penalty=0.5, mini_batch_size=4, forward_batch_size=3),
                    {}),
     # dynamic resampling of all-equal groups, truncated responses masked (all of them, at 6 new tokens)

@@ -7,12 +7,12 @@ import torch
 from deltalign.model.backbone import AdapterConfig
 from deltalign.model.labelled import labelled_hidden, response_logprobs
 from deltalign.data.batching import pad_batch, pair_batch, to_device
-from deltalign.data.sharing import share_prefixes
+from deltalign.data.sharing import prefix_tree
 
 
 def test_trie_layout_by_hand():
     b = pad_batch([[1, 2, 5], [1, 2, 3, 4], [7]], pad_id=0)
-    s = share_prefixes(b["input_ids"], b["attention_mask"])
+    s = prefix_tree(b["input_ids"], b["attention_mask"])
     # sorted: [1,2,3,4] < [1,2,5] < [7]; tokens 1,2 stored once
     assert s["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7]]
     assert s["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0]]
@@ -28,7 +28,7 @@ def test_trie_layout_by_hand():
 def test_budget_splits_into_rows_padded_with_self_attending_pads():
     seqs = [[i, i + 1, i + 2, i + 3] for i in range(10, 60, 10)]  # 5 rows, nothing shared
     b = pad_batch(seqs, pad_id=0)
-    s = share_prefixes(b["input_ids"], b["attention_mask"], budget=9)
+    s = prefix_tree(b["input_ids"], b["attention_mask"], budget=9)
     assert s["input_ids"].shape == (3, 8)
     assert s["real"].sum().item() == 20
     for r in range(3):  # every position attends at least to itself: no all-masked row in the attention
@@ -40,7 +40,7 @@ def test_budget_splits_into_rows_padded_with_self_attending_pads():
 def test_left_padding_is_refused():
     b = pad_batch([[1, 2, 3], [4]], pad_id=0, pad_side="left")
     with pytest.raises(ValueError, match="right-padded"):
-        share_prefixes(b["input_ids"], b["attention_mask"])
+        prefix_tree(b["input_ids"], b["attention_mask"])
 
 
 def _pairs(n=3):
@@ -56,14 +56,14 @@ def _pairs(n=3):
 
 def test_attention_runs_over_the_rows_where_that_is_cheaper():
     branches = pad_batch([[1, 2, 3] + [10 + i] * 6 for i in range(8)], pad_id=0)  # 8 rows of 9, 51 nodes
-    s = share_prefixes(branches["input_ids"], branches["attention_mask"])
+    s = prefix_tree(branches["input_ids"], branches["attention_mask"])
     assert "owner" in s  # 8 * 81 / 2 scores per layer over the rows, 51^2 over the packed row
     own = s["owner"][0]
     assert torch.equal(s["input_ids"][0], branches["input_ids"].flatten()[own])
     trunk = pad_batch([list(range(1, 40)) + [50 + i] for i in range(4)], pad_id=0)  # 4 rows of 40, 43 nodes
-    assert "owner" not in share_prefixes(trunk["input_ids"], trunk["attention_mask"])
-    assert "owner" not in share_prefixes(branches["input_ids"], branches["attention_mask"], attend="tree")
-    assert "owner" in share_prefixes(trunk["input_ids"], trunk["attention_mask"], attend="rows")
+    assert "owner" not in prefix_tree(trunk["input_ids"], trunk["attention_mask"])
+    assert "owner" not in prefix_tree(branches["input_ids"], branches["attention_mask"], attend="tree")
+    assert "owner" in prefix_tree(trunk["input_ids"], trunk["attention_mask"], attend="rows")
 
 
 DELTAS = {"lora": AdapterConfig(r=4, dropout=0.0), "prefix": AdapterConfig(method="prefix", prefix_length=3),
@@ -89,7 +89,7 @@ def test_shared_forward_matches_plain_values_and_gradients(tiny_backbone, method
             p.add_(torch.randn_like(p) * 0.1)
     bb.activate("policy")
     plain = pair_batch(_pairs(), pad_id=0)
-    shared = dict(plain, shared=share_prefixes(plain["input_ids"], plain["attention_mask"], attend=attend))
+    shared = dict(plain, shared=prefix_tree(plain["input_ids"], plain["attention_mask"], attend=attend))
     assert shared["shared"]["n_tokens"] < plain["n_tokens"]
 
     grads = []
@@ -120,7 +120,7 @@ def test_reward_head_reads_the_same_last_token(tiny_backbone):
     bb.add_head("rm")
     bb.activate("rm")
     plain = pair_batch(_pairs(4), pad_id=0)
-    s = share_prefixes(plain["input_ids"], plain["attention_mask"])
+    s = prefix_tree(plain["input_ids"], plain["attention_mask"])
     a = last_token_values(bb(plain["input_ids"], plain["attention_mask"], head="rm"), plain["attention_mask"])
     b = last_token_values(bb(plain["input_ids"], plain["attention_mask"], head="rm", shared=s),
                           plain["attention_mask"])
@@ -137,16 +137,16 @@ def test_prompt_learning_deltas_share_too(tiny_backbone):
 def test_a_batch_that_shares_little_runs_padded():
     """Packing has a cost of its own (the trie's gathers, attention over rows): a batch whose shared prefixes save
     less than MIN_SAVING of its tokens runs padded; pairs sharing their prompt run packed."""
-    from deltalign.data.sharing import MIN_SAVING, packed, saving
+    from deltalign.data.sharing import MIN_SAVING, with_prefix_tree, saving
 
     torch.manual_seed(0)
     rows = [[1, 2] + torch.randint(3, 90, (38,)).tolist() for _ in range(4)]  # 2 of 40 tokens shared
     little = pad_batch(rows, 0)
     assert saving(little["input_ids"], little["attention_mask"]) == pytest.approx(6 / 160)
-    assert "shared" not in packed(little, True)
+    assert "shared" not in with_prefix_tree(little, True)
     prompt = torch.randint(3, 90, (30,)).tolist()
     pairs = pad_batch([prompt + torch.randint(3, 90, (10,)).tolist() for _ in range(2)], 0)
     assert saving(pairs["input_ids"], pairs["attention_mask"]) == pytest.approx(30 / 80)
     assert 30 / 80 > MIN_SAVING
-    assert "shared" in packed(pairs, True)
-    assert "shared" not in packed(pad_batch([prompt, prompt[:10]], 0), False)
+    assert "shared" in with_prefix_tree(pairs, True)
+    assert "shared" not in with_prefix_tree(pad_batch([prompt, prompt[:10]], 0), False)

@@ -29,7 +29,7 @@ COMMON = ["--config", "configs/tiny.yaml",
           "--set", "dpo.eval_checker=false", "--set", "ppo.eval_limit=4", "--set", "grpo.eval_limit=4",
           "--set", "kto.eval_limit=4", "--set", "kto.eval_checker=false",
           # GRPO scored by the reward model (the checker gives the tiny model's bytes 0: no signal), with the KL term
-          "--set", "grpo.rm_weight=1.0", "--set", "grpo.rules.checker=0", "--set", "grpo.beta=0.05",
+          "--set", "grpo.rm_weight=1.0", "--set", "grpo.rules.checker=0", "--set", "grpo.kl_coef=0.05",
           "--set", "grpo.num_generations=2"]
 # 1 process x 2 micro-batches == 2 processes x 1. PPO and GRPO (a step is one rollout batch per process): the data is
 # 8 prompts, so every step rolls out all 8 -- one batch of 8 in one process, 4 + 4 in two; rollouts are seeded per
@@ -48,7 +48,7 @@ REL = {("grpo", "score"): 1e-4}
 # The other delta methods under ZeRO-2 and ZeRO-3, in mixed runs: each chain's policy method (sft -> dpo, ppo, grpo
 # copies) differs from its reward model's, and PPO's critic is a third method. The chains also carry the objectives
 # the main chain does not (issue 36): ORPO (dpo.loss: orpo, no reference) and GSPO (sequence-level ratios) in the
-# first, CISPO (capped importance weights) in the second; grpo_epochs 2, so their ratios move on the second pass.
+# first, CISPO (capped importance weights) in the second; passes 2, so their ratios move on the second pass.
 METHOD_CHAINS = {
     "prefix+ia3": (["sft", "rm", "dpo", "grpo"], {"sft": "prefix", "rm": "ia3", "dpo": "prefix", "grpo": "prefix"},
                    ["--set", "sft.delta.method=prefix", "--set", "rm.init=fresh", "--set", "rm.delta.method=ia3",
@@ -58,7 +58,7 @@ METHOD_CHAINS = {
                               "grpo": "prompt"},
                              ["--set", "sft.delta.method=prompt", "--set", "rm.init=fresh",
                               "--set", "rm.delta.method=bottleneck",
-                              "--set", "ppo.critic_init=fresh", "--set", "ppo.critic_adapter.method=ln",
+                              "--set", "ppo.critic_init=fresh", "--set", "ppo.critic_delta.method=ln",
                               "--set", "grpo.loss=cispo"]),
 }
 # Under ZeRO-2 the second chain runs only what CISPO needs (its dpo and ppo are the main chain's objectives)
@@ -187,7 +187,7 @@ def _probe(probe_dir: Path, argv: list[str]) -> int:
             if stage in bb.heads:
                 dump["head"] = {k: v.detach().clone() for k, v in bb.heads[stage].state_dict().items()}
             if "critic" in bb.heads:  # ppo's value model
-                dump["critic_adapter"] = delta_state("critic")
+                dump["critic_delta"] = delta_state("critic")
                 dump["critic_head"] = {k: v.detach().clone() for k, v in bb.heads["critic"].state_dict().items()}
             if stage in ("sft", "dpo", "ppo", "grpo"):  # greedy generation on every rank from the gathered weights
                 with bb.using(stage):
@@ -371,9 +371,9 @@ def test_saved_outputs_are_complete_equal_to_rank0_memory_and_load_in_peft(runs,
                 assert torch.equal(v, mem[key][k])
         if stage == "ppo":
             critic = load_file(str(run / "ppo" / "critic" / "adapter_model.safetensors"))
-            assert critic.keys() == mem["critic_adapter"].keys() and critic
+            assert critic.keys() == mem["critic_delta"].keys() and critic
             for k, v in critic.items():
-                assert v.numel() > 0 and torch.equal(v, mem["critic_adapter"][k]), k
+                assert v.numel() > 0 and torch.equal(v, mem["critic_delta"][k]), k
         model, _ = load_base(ModelConfig(path="tiny"))
         peft_model = PeftModel.from_pretrained(model, str(run / stage))
         loaded = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
@@ -546,7 +546,7 @@ def test_other_delta_methods_and_objectives_under_zero_match_one_process(method_
             assert conf["deltalign_method"] == methods[name], (name, conf)
             saved = load_file(str(folder / "adapter_model.safetensors"))
             reference = load_file(str(single / folder.relative_to(run) / "adapter_model.safetensors"))
-            held = mem["adapter" if name == stage else "critic_adapter"]
+            held = mem["adapter" if name == stage else "critic_delta"]
             assert saved.keys() == reference.keys() == held.keys() and saved, name
             for k, v in saved.items():
                 assert v.numel() > 0 and v.shape == reference[k].shape, (name, k, v.shape)

@@ -2,7 +2,7 @@
 
 A preference pair's chosen and rejected rows repeat the prompt; rows of any batch may repeat a system prompt. In a
 causal model a token's hidden state depends only on the tokens before it, so a shared prefix gives the same
-values in every row that holds it. :func:`share_prefixes` stores a right-padded batch as one trie of tokens per
+values in every row that holds it. :func:`deltalign.data.sharing.prefix_tree` stores a right-padded batch as one trie of tokens per
 packed row (depth-first order): each node is one token, attends to its ancestors and itself only (a tree attention
 mask), and has its depth as position id. The forward then runs on the packed rows, and ``rows``/``cols`` map every
 position of the original batch back to its node (:meth:`deltalign.model.backbone.Backbone.forward` gathers the hidden
@@ -71,7 +71,7 @@ def saving(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> float:
     return shared / total if total else 0.0
 
 
-def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, budget: int = BUDGET,
+def prefix_tree(input_ids: torch.Tensor, attention_mask: torch.Tensor, budget: int = BUDGET,
                    attend: str = "auto") -> dict:
     """The right-padded batch ``input_ids``/``attention_mask`` [B, T] as packed rows with shared prefixes stored once.
 
@@ -86,9 +86,9 @@ def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor, budget
     mask = attention_mask.bool()
     lengths = mask.sum(1)
     if (mask != (torch.arange(mask.shape[1]) < lengths.unsqueeze(1))).any():
-        raise ValueError("share_prefixes needs a right-padded batch (a row's tokens first, then its padding)")
+        raise ValueError("prefix_tree needs a right-padded batch (a row's tokens first, then its padding)")
     if (lengths == 0).any():
-        raise ValueError("share_prefixes got an empty row")
+        raise ValueError("prefix_tree got an empty row")
     ids = input_ids.tolist()
     seqs = [row[:n] for row, n in zip(ids, lengths.tolist())]
     order = sorted(range(len(seqs)), key=lambda i: seqs[i])
@@ -146,16 +146,16 @@ class PrefixSharing:
     same values up to float rounding from fewer tokens. Not with an attention implementation that takes no custom
     mask: there the batch runs padded, as with ``false``."""
 
-    def shares(self, backbone) -> bool:
+    def shares_prefixes(self, backbone) -> bool:
         """Whether this stage's batches run packed (``share_prefixes``, where the backbone allows it)."""
         return self.share_prefixes and backbone.can_share_prefixes()
 
 
-def packed(batch: dict, on: bool) -> dict:
+def with_prefix_tree(batch: dict, on: bool) -> dict:
     """``batch`` with its packed form under ``shared`` when ``on`` and packing saves at least :data:`MIN_SAVING` of
     its tokens (what :func:`deltalign.model.labelled.shared_of` and the forward read); the batch itself unchanged
     otherwise."""
     if on and saving(batch["input_ids"], batch["attention_mask"]) >= MIN_SAVING:
-        batch["shared"] = share_prefixes(batch["input_ids"], batch["attention_mask"])
+        batch["shared"] = prefix_tree(batch["input_ids"], batch["attention_mask"])
     return batch
 

@@ -1,6 +1,6 @@
 """Attention of packed rows with shared prefixes, computed over the batch's own rows.
 
-:func:`deltalign.data.sharing.share_prefixes` stores a batch as packed rows of distinct tokens; every linear layer
+:func:`deltalign.data.sharing.prefix_tree` stores a batch as packed rows of distinct tokens; every linear layer
 then runs once per distinct token. Attention over a packed row with the dense tree mask costs L^2 per layer for L
 nodes, almost all of it masked out when the row holds many branches (the bench's 8 PPO rollouts of ~100 tokens
 share little more than a system prompt: ~500 nodes, 250k scores per head and layer, of which ~40k are attended).
@@ -64,7 +64,7 @@ def install() -> None:
 
 
 def row_view(shared: dict, attn_implementation: str) -> dict:
-    """The keyword for a forward of packed rows: ``{"row_view": ...}`` when :func:`share_prefixes` chose per-row
+    """The keyword for a forward of packed rows: ``{"row_view": ...}`` when :func:`deltalign.data.sharing.prefix_tree` chose per-row
     attention for the batch (cheaper than the tree mask) and the model attends with sdpa, else nothing."""
     if "owner" not in shared or attn_implementation != "sdpa":
         return {}

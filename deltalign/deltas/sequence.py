@@ -109,7 +109,7 @@ def run(lm, delta, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: 
 
 
 def run_shared(lm, delta, shared: dict) -> torch.Tensor:
-    """Hidden states [R, L, H] of the packed rows of :func:`deltalign.data.sharing.share_prefixes` (tree attention
+    """Hidden states [R, L, H] of the packed rows of :func:`deltalign.data.sharing.prefix_tree` (tree attention
     mask or, where it chose so, attention over the batch's rows; depth positions) under ``delta``. A delta's
     virtual tokens are a prefix of every node: prompt tuning's soft prompt goes in front of each packed row (every
     node attends to it, positions count it), prefix tuning's keys/values go in as a cache every node attends to;

@@ -265,7 +265,7 @@ class Backbone(nn.Module):
     def forward(self, input_ids, attention_mask, head: str | None = None, shared: dict | None = None):
         """Last hidden states [B, T, H] of the active delta, aligned with ``input_ids`` whatever the method; with
         ``head``, that head's value per token [B, T]. ``shared``: the same batch packed by
-        :func:`deltalign.data.sharing.share_prefixes` -- the forward runs on that, and the result is gathered back
+        :func:`deltalign.data.sharing.prefix_tree` -- the forward runs on that, and the result is gathered back
         to the batch's shape."""
         if shared is None:
             hidden, _ = self.encode(input_ids, attention_mask)

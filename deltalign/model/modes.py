@@ -20,9 +20,9 @@ def train_without_dropout(module: nn.Module) -> nn.Module:
     return module
 
 
-def train_mode(module: nn.Module, dropout: bool = True) -> nn.Module:
-    """Training mode, with every dropout off unless ``dropout`` (a stage's ``disable_dropout`` setting)."""
-    return module.train() if dropout else train_without_dropout(module)
+def train_mode(module: nn.Module, disable_dropout: bool = False) -> nn.Module:
+    """Training mode; with ``disable_dropout`` (the stage setting of that name) every dropout off."""
+    return train_without_dropout(module) if disable_dropout else module.train()
 
 
 @contextlib.contextmanager

@@ -85,7 +85,7 @@ def check_target_modules(cfgs: dict, plan: list[str]) -> None:
     on the names in its weight index before any weights load. A tied ``lm_head`` (absent from the index) counts."""
     from deltalign.model.backbone import resolve_path
 
-    planned = [(f"{n}.{field}", a.target_modules) for n in plan for field in ("delta", "critic_adapter")
+    planned = [(f"{n}.{field}", a.target_modules) for n in plan for field in ("delta", "critic_delta")
                if getattr(a := getattr(cfgs[n], field, None), "method", "") in ("lora", "dora", "ia3")
                and a.target_modules != "all-linear"]
     if not planned:

@@ -74,10 +74,10 @@ def step_flops(name: str, cfg, facts: dict, length: float, checkpointing: bool |
               else rows * (length + new))
     if name == "ppo":  # reference + reward model; each epoch: policy and critic
         score = 2 * n + (2 * body if cfg.rm_weight > 0 else 0)
-        passes = cfg.ppo_epochs * train * (n + body)
+        passes = cfg.passes * train * (n + body)
     else:  # reference only with a KL term, reward model only when weighted
-        score = (2 * n if cfg.beta > 0 else 0) + (2 * body if cfg.rm_weight > 0 else 0)
-        passes = cfg.grpo_epochs * train * n
+        score = (2 * n if cfg.kl_coef > 0 else 0) + (2 * body if cfg.rm_weight > 0 else 0)
+        passes = cfg.passes * train * n
     return 2 * n * rows * length + (score + passes) * tokens, 2 * n * rows * new
 
 

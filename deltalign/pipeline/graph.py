@@ -68,8 +68,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("ppo", "deltalign.stages.ppo",
           needs=lambda c: ["sft"] + (["rm"] if c.rm_weight or c.critic_init == "rm" else [])),
     Stage("grpo", "deltalign.stages.grpo", needs=lambda c: ["sft"] + (["rm"] if c.rm_weight else [])),
-    Stage("compose", "deltalign.stages.compose", needs=lambda c: c.upstream()),
-    Stage("export", "deltalign.stages.export", needs=lambda c: c.upstream(),
+    Stage("compose", "deltalign.stages.compose", needs=lambda c: c.needs()),
+    Stage("export", "deltalign.stages.export", needs=lambda c: c.needs(),
           uses=("sft", "rm", "dpo", "kto", "ppo", "grpo", "compose"),
           hash_uses=True),
 ]}

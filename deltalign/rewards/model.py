@@ -20,7 +20,7 @@ from deltalign.core import verify
 from deltalign.model.backbone import Backbone, ModelConfig
 from deltalign.model.modes import eval_mode
 from deltalign.data.batching import length_grouped_batches, pad_batch
-from deltalign.data.sharing import share_prefixes
+from deltalign.data.sharing import prefix_tree
 from deltalign.data.formats import PrefExample
 from deltalign.data.tokenize import tokenize_pair
 
@@ -43,7 +43,7 @@ class RewardModel:
         self.backbone, self.name, self.stats = backbone, name, stats
         self.max_length = max_length  # None: score whole sequences; else cut responses as training did
         self.batch_size = batch_size
-        self.share = False  # score batches packed with shared prefixes (deltalign.data.sharing); a stage sets it
+        self.share_prefixes = False  # score batches packed with shared prefixes (deltalign.data.sharing); a stage sets it
 
     @classmethod
     def load(cls, backbone: Backbone, run_dir: str | Path, name: str = "rm", **kwargs) -> "RewardModel":
@@ -72,11 +72,11 @@ class RewardModel:
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Raw scores [B] of already tokenised ``prompt + response`` rows (any padding side; right-padded rows
-        run packed when ``share`` is on)."""
+        run packed when ``share_prefixes`` is on)."""
         bb = self.backbone
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         right = bool(attention_mask[:, 0].all())
-        kw = {"shared": share_prefixes(input_ids, attention_mask)} if self.share and right else {}
+        kw = {"shared": prefix_tree(input_ids, attention_mask)} if self.share_prefixes and right else {}
         # no adapter dropout: a score is a deterministic function of the text; each module's mode comes back
         with eval_mode(bb), bb.using(self.name):
             values = bb(input_ids, attention_mask, head=self.name, **kw)

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from deltalign.data.sharing import PrefixSharing, share_prefixes
+from deltalign.data.sharing import PrefixSharing, prefix_tree
 from deltalign.data.splits import Sources
 from deltalign.core.settings import setting
 
@@ -71,12 +71,12 @@ def rows_of(batch: dict, rows: torch.Tensor) -> dict:
     return {k: v[rows] for k, v in batch.items()}
 
 
-def length_chunks(batch: dict, rows: torch.Tensor, size: int, share: bool = False) -> list[tuple[torch.Tensor, dict]]:
+def length_chunks(batch: dict, rows: torch.Tensor, size: int, share_prefixes: bool = False) -> list[tuple[torch.Tensor, dict]]:
     """``rows`` of a :func:`rollout_batch` as forwards of at most ``size`` rows (0: one forward), the rows sorted by
-    length so that each forward pads only to its own longest row (``share``: sorted by their tokens instead, so
+    length so that each forward pads only to its own longest row (``share_prefixes``: sorted by their tokens instead, so
     that rows sharing a prompt run together): ``(rows, sub-batch)`` pairs, each sub-batch cut to its longest
     sequence and longest response (``positions`` clamped to the shorter rows)."""
-    if share:
+    if share_prefixes:
         seqs = [r[:n] for r, n in zip(batch["input_ids"][rows].tolist(), batch["attention_mask"][rows].sum(1).tolist())]
         ordered = rows[torch.tensor(sorted(range(len(seqs)), key=lambda i: seqs[i]), dtype=torch.long).to(rows.device)]
     else:
@@ -99,20 +99,20 @@ def at_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx)
 
 
-def forward(model, batch: dict, share: bool = False, **kw) -> torch.Tensor:
-    """The forward of a :func:`rollout_batch` (``share``: packed with shared prefixes, e.g. a group's prompt)."""
-    if share:
-        kw["shared"] = share_prefixes(batch["input_ids"], batch["attention_mask"])
+def forward(model, batch: dict, share_prefixes: bool = False, **kw) -> torch.Tensor:
+    """The forward of a :func:`rollout_batch` (``share_prefixes``: packed with shared prefixes, e.g. a group's prompt)."""
+    if share_prefixes:
+        kw["shared"] = prefix_tree(batch["input_ids"], batch["attention_mask"])
     return model(batch["input_ids"], batch["attention_mask"], **kw)
 
 
 def policy_logprobs(backbone, model, batch: dict, temperature: float, entropy: bool | str = False,
-                    share: bool = False):
+                    share_prefixes: bool = False):
     """Log-probs [B, R] of the response tokens under the active adapter at ``temperature``; with ``entropy``
     also the per-token entropy [B, R] of that distribution (``"grad"``: differentiable, for an entropy bonus;
-    otherwise detached, a metric that costs no backward pass over the vocabulary). ``share``: see
+    otherwise detached, a metric that costs no backward pass over the vocabulary). ``share_prefixes``: see
     :func:`forward`."""
-    hidden = at_positions(forward(model, batch, share), batch["positions"])
+    hidden = at_positions(forward(model, batch, share_prefixes), batch["positions"])
     out = backbone.lm_logprobs(hidden, batch["response_ids"], temperature, entropy=bool(entropy))
     if not entropy:
         return out

@@ -138,7 +138,7 @@ class Config(RowRules, TrainConfig):
         if self.method == "gates" and not self.data:
             raise ValueError("compose.data: method gates trains its gates on data; give SFT-shaped rows")
 
-    def upstream(self) -> list[str]:
+    def needs(self) -> list[str]:
         """The sources that are stages of this run (the graph runs them first and hashes them)."""
         return [s for s in self.sources if is_stage_name(s)]
 
@@ -245,8 +245,8 @@ def train_gates(cfg: Config, backbone, names: list[str], sources: list[composabl
     engine.log({"train_examples": len(train), "skipped": data.counts["skipped"], "dropped": data.counts["dropped"],
                 "trainable_params": backbone.trainable_numel(), "steps": n_steps, "sources": len(names)},
                kind="setup")
-    train_mode(model, dropout=False)
-    pads, share = PadCounter(), cfg.shares(backbone)
+    train_mode(model, disable_dropout=True)
+    pads, share = PadCounter(), cfg.shares_prefixes(backbone)
     engine.register_state("pads", pads.state_dict, pads.load_state_dict)
     for step, micro in engine.steps(batches):
         loss = train_step(engine, backbone, model, train, micro, pads, share)  # SFT's step: only the gates train
@@ -274,7 +274,7 @@ def evaluate(cfg: Config, backbone, policies: dict[str, str]) -> dict:
     for label, name in policies.items():
         with backbone.using(name):
             row = {"heldout_loss": heldout_loss(backbone, backbone, held.items, cfg.eval_batch_size, device,
-                                                cfg.shares(backbone)) if held.items else None}
+                                                cfg.shares_prefixes(backbone)) if held.items else None}
         if cfg.eval_checker and examples:
             row |= checker_row(backbone, examples, cfg.generation, name)
         report[label] = row

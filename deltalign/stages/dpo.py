@@ -27,7 +27,7 @@ from deltalign.model.backbone import AdapterConfig, ModelConfig
 from deltalign.model.labelled import response_logprobs
 from deltalign.model.modes import eval_mode, train_mode
 from deltalign.data.batching import length_grouped_batches, pair_batch, to_device
-from deltalign.data.sharing import packed
+from deltalign.data.sharing import with_prefix_tree
 from deltalign.data.splits import RowRules
 from deltalign.training.engine import Engine
 from deltalign.stages.skeleton import (REFERENCE, epoch_batches, evaluate_and_save, policy_and_reference,
@@ -127,14 +127,14 @@ def needs_reference(cfg: Config) -> bool:
 
 @torch.no_grad()
 def pair_logprobs(backbone, model, pairs: list[dict], batch_size: int, device, adapter: str | None,
-                  share: bool = False) -> torch.Tensor:
+                  share_prefixes: bool = False) -> torch.Tensor:
     """Summed response log-probs under ``adapter`` (None: adapters off) for every pair: [N, 2] (chosen, rejected);
-    ``share``: batches packed with shared prefixes."""
+    ``share_prefixes``: batches packed with shared prefixes."""
     out = torch.zeros(len(pairs), 2)
     with eval_mode(model), backbone.using(adapter):
         for idx in length_grouped_batches([len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs],
                                           batch_size, 0, 0, shuffle=False):
-            batch = packed(pair_batch([pairs[i] for i in idx], backbone.tokenizer.pad_token_id), share)
+            batch = with_prefix_tree(pair_batch([pairs[i] for i in idx], backbone.tokenizer.pad_token_id), share_prefixes)
             lp = response_logprobs(backbone, model, to_device(batch, device))
             out[idx] = lp.view(2, -1).T.cpu()
     return out
@@ -177,15 +177,15 @@ class ReferenceCache:
 
 def heldout_pairs(backbone, model, pairs: list[dict], cfg: Config, device) -> dict:
     """Implicit-reward accuracy and margin of the trained policy on held-out (tokenised) preference pairs."""
-    share = cfg.shares(backbone)
-    pol = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, NAME, share)
+    share_prefixes = cfg.shares_prefixes(backbone)
+    pol = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, NAME, share_prefixes)
     if cfg.reference == "none":  # ORPO / SimPO: the length-averaged log-probs' margin (their implicit reward)
         lengths = torch.tensor([[len(p["chosen_ids"]), len(p["rejected_ids"])] for p in pairs], dtype=pol.dtype)
         mean = pol / lengths
         margin = mean[:, 0] - mean[:, 1]
         return {"reward_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()),
                 "n": len(pairs)}
-    ref = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, reference_of(backbone), share)
+    ref = pair_logprobs(backbone, model, pairs, cfg.batch_size * 2, device, reference_of(backbone), share_prefixes)
     margin = cfg.beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
     return {"reward_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()), "n": len(pairs)}
 
@@ -196,7 +196,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     # 1. load: one backbone; the reference frozen, the policy a separate trainable copy
     backbone = policy_and_reference(model_cfg, NAME, cfg, upstream)
-    tok, share = backbone.tokenizer, cfg.shares(backbone)
+    tok, share_prefixes = backbone.tokenizer, cfg.shares_prefixes(backbone)
 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
     data, held = cfg.read(cfg.data, cfg.split, "pref", tok), cfg.read(cfg.eval_data, "test", "pref", tok)
@@ -217,17 +217,17 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         if not needs_reference(cfg):
             return torch.zeros(len(idx), 2)
         return cache.get(idx, lambda todo: pair_logprobs(backbone, model, [train[i] for i in todo], len(todo),
-                                                          engine.device, reference_of(backbone), share))
+                                                          engine.device, reference_of(backbone), share_prefixes))
 
     # 4. loop: the pair loss is a mean over the step's pairs; RPO's NLL a mean over the step's chosen tokens
-    train_mode(model, dropout=not cfg.disable_dropout)
+    train_mode(model, disable_dropout=cfg.disable_dropout)
     for step, micro in engine.steps(batches):
         total = engine.global_sum(sum(len(idx) for idx in micro))
         chosen_tokens = engine.global_sum(sum(len(train[i]["chosen_ids"]) for idx in micro for i in idx))
-        sums = {"loss": 0.0, "reward_chosen": 0.0, "reward_rejected": 0.0, "accuracy": 0.0}
+        sums = {"loss": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "accuracy": 0.0}
         nll_sum = 0.0
         for idx in micro:
-            mb = to_device(packed(pair_batch([train[i] for i in idx], tok.pad_token_id), share), engine.device)
+            mb = to_device(with_prefix_tree(pair_batch([train[i] for i in idx], tok.pad_token_id), share_prefixes), engine.device)
             ref = reference(idx)
             policy = response_logprobs(backbone, model, mb)
             ref = torch.cat([ref[:, 0], ref[:, 1]]).to(policy)
@@ -237,8 +237,8 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             engine.backward(loss.sum() + cfg.nll_weight * nll * (total / chosen_tokens), total)
             nll_sum += nll.item()
             sums["loss"] += loss.sum().item()
-            sums["reward_chosen"] += r_c.sum().item()
-            sums["reward_rejected"] += r_r.sum().item()
+            sums["chosen_reward"] += r_c.sum().item()
+            sums["rejected_reward"] += r_r.sum().item()
             sums["accuracy"] += (r_c > r_r).float().sum().item()
         local = total / engine.world
         metrics = {k: v / local for k, v in sums.items()} | {"nll_chosen": nll_sum / (chosen_tokens / engine.world)}
@@ -246,7 +246,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             metrics["odds_ratio_loss"] = metrics["loss"]
         metrics["loss"] += cfg.nll_weight * metrics["nll_chosen"]
         cache.save()
-        engine.step(metrics | {"margin": metrics["reward_chosen"] - metrics["reward_rejected"]})
+        engine.step(metrics | {"margin": metrics["chosen_reward"] - metrics["rejected_reward"]})
 
     # 5. evaluate the policy against its reference on held-out prompts, then save
     report: dict = {"data": {"train": data.counts, "eval": held.counts}}

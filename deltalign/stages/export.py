@@ -21,7 +21,7 @@ naming the base and a card saying how to load it with deltalign; the metrics say
 
 Each merge is checked in memory before saving: the exported model's logits (or scores), in the output dtype,
 against the adapter model's in float32, on a few chat prompts; the max abs difference goes into the metrics.
-Which stages are read: see ``Config.upstream``.
+Which stages are read: see ``Config.needs``.
 
 The command line has one front door for it: ``deltalign export`` is ``deltalign run export`` (its flags are
 ``export.*`` settings), and after the run, fresh or up to date, ``out`` (``--out``) gets a copy of the three
@@ -80,7 +80,7 @@ class Config:
     overwrite: bool = False
     """Allow replacing an existing ``out`` directory (without it, an existing one is an error)."""
 
-    def upstream(self) -> list[str]:
+    def needs(self) -> list[str]:
         """Stages the export needs (run first if missing, hashed): the named policy; none for ``auto``, which picks
         among whatever finished (passed as ``uses``). ``python -m deltalign export`` re-exports when any of those
         changed since the last export (the pipeline hashes them: ``Stage.hash_uses``)."""

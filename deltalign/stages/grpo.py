@@ -2,7 +2,7 @@
 
 * ``grpo`` the policy: a trainable copy of the SFT adapter (the sft folder is only read);
 * ``sft``  the reference: the SFT adapter itself, frozen -- never the bare base. Loaded only for the KL term
-           (``beta > 0``) and for the held-out report's KL to SFT; with ``beta = 0`` no reference forward runs;
+           (``kl_coef > 0``) and for the held-out report's KL to SFT; with ``kl_coef = 0`` no reference forward runs;
 * ``rm``   the reward model: the rm adapter + head, frozen, scores normalised with the rm stage's statistics;
            loaded only when ``rm_weight > 0``.
 There is no critic: the G responses sampled for a prompt are each other's baseline (Shao et al. 2024).
@@ -16,9 +16,9 @@ Each step (one rollout batch of prompts):
  3. advantages per group (``grpo``, ``dr_grpo`` or ``rloo``); a forward for the old log-probs only when a pass
     has several minibatches: with one, the first pass's training forward runs before any update, so its
     detached log-probs are the old ones (ratio 1 by construction) and later passes reuse them; reference
-    log-probs only when ``beta > 0``;
- 4. ``grpo_epochs`` passes over (shuffled) minibatches: clipped ratio loss with asymmetric clipping plus
-    ``beta`` x k3 KL, aggregated per token (DAPO), per sequence (GRPO) or over a constant (Dr. GRPO) of the
+    log-probs only when ``kl_coef > 0``;
+ 4. ``passes`` passes over (shuffled) minibatches: clipped ratio loss with asymmetric clipping plus
+    ``kl_coef`` x k3 KL, aggregated per token (DAPO), per sequence (GRPO) or over a constant (Dr. GRPO) of the
     global minibatch; one optimizer update each;
  5. log, checkpoint.
 
@@ -120,21 +120,21 @@ class Config(PromptData, TrainConfig):
     importance_sampling: Literal["token", "sequence"] = "token"
     """``token``: one ratio per token (GRPO); ``sequence``: one per response, exp of the mean token log-ratio,
     clipped two-sided per response (GSPO, Zheng et al. 2025; TRL ``importance_sampling_level="sequence"``), with
-    the paper's clip range as default (``clip_low`` 3e-4, ``clip_high`` 4e-4) and usually ``beta`` 0. Its ratio is
-    1 on a rollout's first pass: it matters from ``grpo_epochs >= 2`` or several minibatches."""
+    the paper's clip range as default (``clip_low`` 3e-4, ``clip_high`` 4e-4) and usually ``kl_coef`` 0. Its ratio is
+    1 on a rollout's first pass: it matters from ``passes >= 2`` or several minibatches."""
     cispo_max: float = setting(5.0, gt=0)
     """``loss: cispo``: the absolute cap on the importance weight (TRL's ``epsilon_high`` under cispo; ScaleRL
     recommends 5.0). Not ``clip_high``, which is the clip-loss's 1 + clip_high bound."""
-    beta: float = setting(0.0, ge=0)
-    """Weight of the per-token k3 KL to the SFT reference in the loss. 0 (TRL's default and DAPO/Dr. GRPO
-    practice): no reference forward at all; the clip keeps each update near the rollout policy."""
+    kl_coef: float = setting(0.0, ge=0, formerly="beta", keep_former=True)
+    """Weight of the per-token k3 KL to the SFT reference in the loss (``ppo.kl_coef``'s name; TRL's ``beta`` is
+    accepted too). 0 (TRL's default and DAPO/Dr. GRPO practice): no reference forward at all; the clip keeps each update near the rollout policy."""
     clip_low: float | None = setting(None, gt=0, lt=1)
     """Ratio clip below: 1 - clip_low. Unset: 0.2 (PPO's epsilon) per token, 3e-4 per sequence (GSPO)."""
     clip_high: float | None = setting(None, gt=0)
     """Ratio clip above: 1 + clip_high. Unset: 0.28 per token -- above clip_low, DAPO's clip-higher: rare tokens
     with positive advantage can grow further, which keeps entropy from collapsing -- and 4e-4 per sequence
     (GSPO). Matters only when a rollout feeds more than one update."""
-    grpo_epochs: int = setting(2, ge=1)
+    passes: int = setting(2, ge=1, formerly="grpo_epochs")
     """Passes over each rollout batch (the GRPO paper's mu; TRL's num_iterations, default 1). 2: on CPU,
     generation dominates a step, and a second pass learns more from it for one more training forward and
     backward (the first pass's log-probs are the old ones: no extra forward); 1 is purely on-policy."""
@@ -187,9 +187,9 @@ class Config(PromptData, TrainConfig):
 def policy_loss(cfg: Config, logprobs, old_logprobs, advantages, mask, ref_logprobs):
     """The configured objective's per-token loss and metrics (``loss``, ``importance_sampling``)."""
     if cfg.loss == "cispo":
-        return cispo_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.cispo_max, ref_logprobs, cfg.beta)
+        return cispo_policy_loss(logprobs, old_logprobs, advantages, mask, cfg.cispo_max, ref_logprobs, cfg.kl_coef)
     clipped = sequence_clipped_policy_loss if cfg.importance_sampling == "sequence" else clipped_policy_loss
-    return clipped(logprobs, old_logprobs, advantages, mask, cfg.clip_low, cfg.clip_high, ref_logprobs, cfg.beta)
+    return clipped(logprobs, old_logprobs, advantages, mask, cfg.clip_low, cfg.clip_high, ref_logprobs, cfg.kl_coef)
 
 
 def sample_seed(seed: int, step: int, prompt: int, sample: int) -> int:
@@ -208,7 +208,7 @@ def load_roles(cfg: Config, model_cfg: ModelConfig, upstream: dict[str, Path]) -
     """The one backbone with what the config needs: ``sft`` frozen (KL term or report), ``rm`` frozen
     (``rm_weight > 0``), and ``grpo`` trainable, activated last."""
     backbone = Backbone.load(model_cfg)
-    if cfg.beta > 0 or cfg.report:
+    if cfg.kl_coef > 0 or cfg.report:
         backbone.load_adapter(REFERENCE, upstream["sft"], trainable=False)
     rm = None
     if cfg.rm_weight > 0:
@@ -232,10 +232,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     backbone, rm = load_roles(cfg, model_cfg, upstream)
     reward = CompositeReward(rm, cfg.rm_weight, cfg.rules)
     advantages_of = ADVANTAGES[cfg.advantage]
-    tok, pack = backbone.tokenizer, cfg.shares(backbone)
+    tok, share_prefixes = backbone.tokenizer, cfg.shares_prefixes(backbone)
     stops = set(stop_token_ids(tok))
     if rm is not None:
-        rm.share = pack
+        rm.share_prefixes = share_prefixes
 
     # 2. data: prompts only; full batches (every process holds the same number of groups)
     data = load_prompts(cfg, tok, with_eval=cfg.report)
@@ -251,15 +251,15 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     fresh_old = n_mini > 1  # else the first pass's training forward (before any update) gives the old log-probs
     aggregate = {"token": token_loss_sum, "sequence": sequence_loss_sum,
                  "constant": lambda x, m: constant_loss_sum(x, m, cfg.rollout.max_new_tokens)}[cfg.loss_aggregation]
-    model = engine.prepare(backbone, engine.total_steps(len(batches(0))), updates_per_step=cfg.grpo_epochs * n_mini)
+    model = engine.prepare(backbone, engine.total_steps(len(batches(0))), updates_per_step=cfg.passes * n_mini)
     engine.log({"prompts": len(keep), "skipped": data["counts"]["train"]["skipped"],
                 "dropped": data["counts"]["train"]["dropped"], "steps": engine.n_steps,
-                "rollouts_per_step": n_rows, "updates_per_step": cfg.grpo_epochs * n_mini,
+                "rollouts_per_step": n_rows, "updates_per_step": cfg.passes * n_mini,
                 "old_logprobs": "forward" if fresh_old else "first pass",
                 "trainable_params": backbone.trainable_numel()}, kind="setup")
 
     # 3. loop: one rollout batch per step
-    train_mode(backbone, dropout=not cfg.disable_dropout)
+    train_mode(backbone, disable_dropout=cfg.disable_dropout)
     for step, micro in engine.steps(batches):
         idx = micro[0]
         t_gen = t_score = 0.0
@@ -310,7 +310,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             resampled += len(redo)
         responses = [r for g in groups for r in g]
 
-        # 3.3 advantages per group; old log-probs (only if needed) and reference log-probs (only if beta > 0)
+        # 3.3 advantages per group; old log-probs (only if needed) and reference log-probs (only if kl_coef > 0)
         t = time.time()
         adv = advantages_of(score).flatten()
         t_score += time.time() - t
@@ -327,10 +327,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         with torch.no_grad():
             if fresh_old:
                 with backbone.using(NAME):
-                    old_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature, share=pack)
-            if cfg.beta > 0:
+                    old_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature, share_prefixes=share_prefixes)
+            if cfg.kl_coef > 0:
                 with eval_mode(backbone), backbone.using(REFERENCE):
-                    ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature, share=pack)
+                    ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature, share_prefixes=share_prefixes)
         if old_lp is None:  # one minibatch: the first pass's forwards (before any update) fill it
             old_lp = torch.zeros_like(mask)
         release_free_memory()  # what generation and scoring freed, before the updates allocate theirs
@@ -340,28 +340,28 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         stats: dict[str, float] = {}
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         n_updates = 0
-        for epoch in range(cfg.grpo_epochs):
+        for epoch in range(cfg.passes):
             order = torch.randperm(n_rows, generator=gen) if n_mini > 1 else torch.arange(n_rows)
             for rows in order.split(mb_size):
                 m = mask[rows]
                 count = aggregate(torch.zeros_like(m), m)[1]
                 counts = torch.tensor([float(count), float(m.sum())], dtype=torch.float64, device=engine.device)
                 total, tokens = engine.all_sum(counts).tolist()
-                for part, sub in length_chunks(batch, rows, cfg.forward_batch_size, pack):
+                for part, sub in length_chunks(batch, rows, cfg.forward_batch_size, share_prefixes):
                     mc = sub["response_mask"]
                     R = mc.shape[1]
                     with backbone.using(NAME):
                         lp, ent = policy_logprobs(backbone, model, sub, cfg.rollout.temperature, entropy=True,
-                                                  share=pack)
+                                                  share_prefixes=share_prefixes)
                         if epoch == 0 and not fresh_old:  # one minibatch, first pass: no update yet
                             old_lp[part, :R] = lp.detach()
                         per_token, pg = policy_loss(cfg, lp, old_lp[part, :R], adv[part], mc,
                                                     None if ref_lp is None else ref_lp[part, :R])
                         loss_sum, _ = aggregate(per_token, mc)
                         engine.backward(loss_sum, max(total, 1.0))  # 0: every response masked
-                    share = float(mc.sum()) * engine.world / max(tokens, 1.0)  # over processes: the global mean
+                    weight = float(mc.sum()) * engine.world / max(tokens, 1.0)  # over processes: the global mean
                     for k, v in {**pg, "entropy": masked_mean(ent, mc)}.items():
-                        stats[k] = stats.get(k, 0.0) + v.item() * share
+                        stats[k] = stats.get(k, 0.0) + v.item() * weight
                     stats["policy_loss"] = (stats.get("policy_loss", 0.0)
                                             + loss_sum.item() * engine.world / max(total, 1.0))
                 upd = engine.update()

@@ -29,7 +29,7 @@ import torch
 
 from deltalign.model.backbone import AdapterConfig, ModelConfig
 from deltalign.data.batching import pad_batch, to_device
-from deltalign.data.sharing import packed
+from deltalign.data.sharing import with_prefix_tree
 from deltalign.data.splits import RowRules
 from deltalign.training.engine import Engine
 from deltalign.stages.skeleton import (REFERENCE, epoch_batches, evaluate_and_save, policy_and_reference,
@@ -109,7 +109,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
 
     # 1. load: one backbone; the reference frozen, the policy a separate trainable copy
     backbone = policy_and_reference(model_cfg, NAME, cfg, upstream)
-    tok, share = backbone.tokenizer, cfg.shares(backbone)
+    tok, share_prefixes = backbone.tokenizer, cfg.shares_prefixes(backbone)
     ref_name = REFERENCE if cfg.reference == "sft" else None
 
     # 2. data: unpaired rows (pairs split in two); held-out prompts follow the same rules
@@ -125,10 +125,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         batch = labelled_batch([train[i]["prompt_ids"] for i in idx],
                                [train[j]["completion_ids"] for j in completions_of], tok.pad_token_id, cfg.max_length)
         with backbone.using(adapter):
-            return response_logprobs(backbone, model, to_device(packed(batch, share), engine.device))
+            return response_logprobs(backbone, model, to_device(with_prefix_tree(batch, share_prefixes), engine.device))
 
     # 3. loop
-    train_mode(model, dropout=not cfg.disable_dropout)
+    train_mode(model, disable_dropout=cfg.disable_dropout)
     for step, micro in engine.steps(batches):
         # 3.1 the reference point over the whole step, every process: mismatched pairs, no gradient
         kl = torch.zeros(2, dtype=torch.float64, device=engine.device)

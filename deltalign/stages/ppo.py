@@ -18,7 +18,7 @@ Each step (one rollout batch of prompts), as in "The N Implementation Details of
     without gradients for every row (a second graph kept whole would cost as much memory as the first);
  4. per-token rewards: -kl_coef * (logp - ref_logp) on every response token, the score added on the last one;
     GAE advantages and returns; advantages whitened;
- 5. ``ppo_epochs`` passes over shuffled minibatches: clipped policy loss, clipped value loss, entropy bonus;
+ 5. ``passes`` passes over shuffled minibatches: clipped policy loss, clipped value loss, entropy bonus;
     one optimizer update per minibatch;
  6. update the KL coefficient (adaptive controller), log, checkpoint.
 
@@ -102,7 +102,7 @@ class Config(PromptData, TrainConfig):
     """Weight of the value loss (0.1: TRL)."""
     ent_coef: float = setting(0.0, ge=0)
     """Entropy bonus weight (0: TRL and OpenRLHF default; entropy is always logged)."""
-    ppo_epochs: int = setting(4, ge=1)
+    passes: int = setting(4, ge=1, formerly="ppo_epochs")
     """Passes over each rollout batch (4: TRL's num_ppo_epochs)."""
     mini_batch_size: int = setting(8, ge=2)
     """Responses per optimizer update within a rollout batch."""
@@ -110,7 +110,7 @@ class Config(PromptData, TrainConfig):
     """Normalise advantages over the rollout batch (TRL, OpenRLHF)."""
     critic_init: Literal["rm", "fresh"] = "rm"
     """``rm``: the critic starts as a copy of the reward adapter + head; ``fresh``: a new adapter and head."""
-    critic_adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    critic_delta: AdapterConfig = setting(factory=AdapterConfig, formerly="critic_adapter")
     """The critic's delta (``critic``), when ``critic_init: fresh``; with ``critic_init: rm`` it is a copy of the
     rm adapter and keeps that adapter's settings (these are then unused). The policy (``ppo``) is always a copy
     of the SFT adapter."""
@@ -139,9 +139,9 @@ class Config(PromptData, TrainConfig):
             raise ValueError("ppo has no reward: ppo.rm_weight is 0 and ppo.rules is empty")
 
 
-def critic_values(model, batch: dict, share: bool = False) -> torch.Tensor:
-    """Critic values [B, R] at the positions that predict each response token (``share``: rollout.forward)."""
-    return at_positions(forward(model, batch, share, head=CRITIC), batch["positions"])
+def critic_values(model, batch: dict, share_prefixes: bool = False) -> torch.Tensor:
+    """Critic values [B, R] at the positions that predict each response token (``share_prefixes``: rollout.forward)."""
+    return at_positions(forward(model, batch, share_prefixes, head=CRITIC), batch["positions"])
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -168,7 +168,7 @@ def load_roles(cfg: Config, model_cfg: ModelConfig, upstream: dict[str, Path]) -
                 head.proj.bias.sub_(mean).div_(std)
     else:
         torch.manual_seed(cfg.seed)
-        backbone.add_adapter(CRITIC, cfg.critic_adapter, trainable=True)
+        backbone.add_adapter(CRITIC, cfg.critic_delta, trainable=True)
         backbone.add_head(CRITIC, trainable=True)
     backbone.load_adapter(NAME, upstream["sft"], trainable=True)
     return backbone, rm
@@ -184,10 +184,10 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
               else FixedKLController(cfg.kl_coef))
     engine.register_state("kl_controller", kl_ctl.state_dict, kl_ctl.load_state_dict)
-    tok, pack = backbone.tokenizer, cfg.shares(backbone)
+    tok, share_prefixes = backbone.tokenizer, cfg.shares_prefixes(backbone)
     stops = set(stop_token_ids(tok))
     if rm is not None:
-        rm.share = pack
+        rm.share_prefixes = share_prefixes
 
     # 2. data: prompts only
     data = load_prompts(cfg, tok)
@@ -198,14 +198,14 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         return [[keep[j] for j in b] for b in order if len(b) >= cfg.mini_batch_size]
 
     n_mini = math.ceil(cfg.batch_size / cfg.mini_batch_size)
-    model = engine.prepare(backbone, engine.total_steps(len(batches(0))), updates_per_step=cfg.ppo_epochs * n_mini)
+    model = engine.prepare(backbone, engine.total_steps(len(batches(0))), updates_per_step=cfg.passes * n_mini)
     engine.log({"prompts": len(keep), "skipped": data["counts"]["train"]["skipped"],
                 "dropped": data["counts"]["train"]["dropped"], "steps": engine.n_steps,
                 "critic_init": cfg.critic_init, "trainable_params": backbone.trainable_numel()}, kind="setup")
 
     # 3. loop: one rollout batch per step
     # disable_dropout (default): old and new log-probs come from the same function; checkpointing stays on
-    train_mode(backbone, dropout=not cfg.disable_dropout)
+    train_mode(backbone, disable_dropout=cfg.disable_dropout)
     for step, micro in engine.steps(batches):
         idx = micro[0]
         # 3.1 rollout with the policy
@@ -227,7 +227,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         batch = engine.to_device(rollout_batch([prompt_ids[i] for i in idx], responses, tok.pad_token_id))
         mask = batch["response_mask"]
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        minibatches = [mb for _ in range(cfg.ppo_epochs)
+        minibatches = [mb for _ in range(cfg.passes)
                        for mb in torch.randperm(len(idx), generator=gen).split(cfg.mini_batch_size)]
         first = minibatches[0] if cfg.disable_dropout else minibatches[0][:0]  # with dropout: all separately
         rest = torch.ones(len(idx), dtype=torch.bool)
@@ -236,25 +236,25 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
         critic_rest = rest if critic_first else torch.ones_like(rest)
         with torch.no_grad():
             with backbone.using(REFERENCE):
-                ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature, share=pack)
+                ref_lp = policy_logprobs(backbone, model, batch, cfg.rollout.temperature, share_prefixes=share_prefixes)
             old_lp, old_v = torch.zeros_like(ref_lp), torch.zeros_like(ref_lp)
             if rest.any():
                 with backbone.using(NAME):
                     old_lp[rest] = policy_logprobs(backbone, model, rows_of(batch, rest), cfg.rollout.temperature,
-                                                   share=pack)
+                                                   share_prefixes=share_prefixes)
             if critic_rest.any():
                 with backbone.using(CRITIC):
-                    old_v[critic_rest] = critic_values(model, rows_of(batch, critic_rest), pack).to(old_v)
+                    old_v[critic_rest] = critic_values(model, rows_of(batch, critic_rest), share_prefixes).to(old_v)
         release_free_memory()  # what generation and scoring freed, before the updates allocate theirs
         first_out = first_v = None
         if len(first):  # the graphs are kept; each backward runs under its own adapter (checkpointing recomputes)
             with backbone.using(NAME):
                 first_out = policy_logprobs(backbone, model, rows_of(batch, first), cfg.rollout.temperature,
-                                            entropy="grad" if cfg.ent_coef else True, share=pack)
+                                            entropy="grad" if cfg.ent_coef else True, share_prefixes=share_prefixes)
             old_lp[first] = first_out[0].detach()
             if critic_first:
                 with backbone.using(CRITIC):
-                    first_v = critic_values(model, rows_of(batch, first), pack)
+                    first_v = critic_values(model, rows_of(batch, first), share_prefixes)
                 old_v[first] = first_v.detach().to(old_v)
             # each checkpointed layer keeps its small input alive in the middle of the heap where its larger
             # temporaries were freed, so the next layer's temporaries go further up: a forward over the rollout
@@ -278,23 +278,23 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
             # two backward passes, each under its own adapter: checkpointing recomputes with the active one
             with backbone.using(NAME):
                 lp, ent = first_out if first_out is not None else policy_logprobs(
-                    backbone, model, sub, cfg.rollout.temperature, entropy="grad" if cfg.ent_coef else True, share=pack)
+                    backbone, model, sub, cfg.rollout.temperature, entropy="grad" if cfg.ent_coef else True, share_prefixes=share_prefixes)
                 pg_loss, pg = ppo_policy_loss(lp, old_lp[mb], adv[mb], m, cfg.clip)
                 entropy = masked_mean(ent, m)
                 engine.backward((pg_loss - cfg.ent_coef * entropy) * n_tokens, total)
             release_free_memory()  # after every training pass (see 3.3)
             with backbone.using(CRITIC):
-                v = first_v if first_v is not None else critic_values(model, sub, pack)
+                v = first_v if first_v is not None else critic_values(model, sub, share_prefixes)
                 vf_loss, vf = ppo_value_loss(v, old_v[mb], returns[mb], m, cfg.value_clip)
                 engine.backward(cfg.vf_coef * vf_loss * n_tokens, total)
             release_free_memory()
             first_out = first_v = None
             upd = engine.update()
-            share = n_tokens * engine.world / max(total, 1.0)  # mean over processes == global token mean
+            weight = n_tokens * engine.world / max(total, 1.0)  # mean over processes == global token mean
             for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy,
                          "clipfrac": pg["clipfrac"], "approx_kl": pg["approx_kl"],
                          "value_clipfrac": vf["clipfrac"]}.items():
-                stats[k] = stats.get(k, 0.0) + v.item() * share
+                stats[k] = stats.get(k, 0.0) + v.item() * weight
             stats["grad_norm"] = stats.get("grad_norm", 0.0) + upd.get("grad_norm", 0.0)
 
         release_free_memory()  # and what the updates freed, before the next rollout

@@ -20,7 +20,7 @@ from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.model.labelled import shared_of
 from deltalign.model.modes import eval_mode, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pair_batch, to_device
-from deltalign.data.sharing import packed
+from deltalign.data.sharing import with_prefix_tree
 from deltalign.data.splits import RowRules
 from deltalign.training.engine import Engine
 from deltalign.stages.skeleton import epoch_batches, evaluate_and_save, measured_once
@@ -57,7 +57,7 @@ class Config(RowRules, TrainConfig):
 
 def batch_of(items: list[dict], idx: list[int], pad_id: int, device, share: bool = False) -> dict:
     b = pair_batch([items[i] for i in idx], pad_id)
-    return to_device(packed(b, share), device)
+    return to_device(with_prefix_tree(b, share), device)
 
 
 def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +109,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     else:
         backbone.add_adapter(NAME, cfg.delta, trainable=True)
     backbone.add_head(NAME, trainable=True)
-    pad, share = backbone.tokenizer.pad_token_id, cfg.shares(backbone)
+    pad, share = backbone.tokenizer.pad_token_id, cfg.shares_prefixes(backbone)
 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
     data = cfg.read(cfg.data, cfg.split, "pref", backbone.tokenizer)
@@ -138,7 +138,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                                            bool(held))}
 
     # 4. loop: chosen and rejected in one forward; per-pair loss summed, normalised over the step's pairs
-    train_mode(model, dropout=not cfg.disable_dropout)
+    train_mode(model, disable_dropout=cfg.disable_dropout)
     pads = PadCounter()
     engine.register_state("pads", pads.state_dict, pads.load_state_dict)
     for step, micro in engine.steps(batches):

@@ -16,7 +16,7 @@ from deltalign.model.backbone import AdapterConfig, Backbone, ModelConfig
 from deltalign.model.labelled import labelled_hidden
 from deltalign.model.modes import eval_mode, train_mode
 from deltalign.data.batching import PadCounter, length_grouped_batches, pad_batch, to_device
-from deltalign.data.sharing import packed
+from deltalign.data.sharing import with_prefix_tree
 from deltalign.data.splits import RowRules
 from deltalign.training.engine import Engine
 from deltalign.stages.skeleton import epoch_batches, evaluate_and_save, measured_once
@@ -52,7 +52,7 @@ class Config(RowRules, TrainConfig):
 
 def batch_of(items: list[dict], idx: list[int], pad_id: int, device, share: bool = False) -> dict:
     b = pad_batch([items[i]["input_ids"] for i in idx], pad_id, labels=[items[i]["labels"] for i in idx])
-    return to_device(packed(b, share), device)
+    return to_device(with_prefix_tree(b, share), device)
 
 
 def token_loss(backbone, model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -100,7 +100,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
     torch.manual_seed(cfg.seed)
     backbone.add_adapter(NAME, cfg.delta, trainable=True)
     tok = backbone.tokenizer
-    share = cfg.shares(backbone)
+    share = cfg.shares_prefixes(backbone)
 
     # 2. data: held-out rows follow the same max_length / truncation / bad_rows rules as training rows
     kind = "sft" if cfg.loss_on == "last" else "sft_all"
@@ -133,7 +133,7 @@ def run(cfg: Config, model_cfg: ModelConfig, out_dir: Path, upstream: dict[str, 
                                          forwards)}
 
     # 4. loop
-    train_mode(model, dropout=not cfg.disable_dropout)
+    train_mode(model, disable_dropout=cfg.disable_dropout)
     pads = PadCounter()
     engine.register_state("pads", pads.state_dict, pads.load_state_dict)
     for step, micro in engine.steps(batches):
