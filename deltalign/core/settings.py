@@ -277,8 +277,8 @@ def hashed_dict(obj):
     renamed setting is hashed under its former name (``setting(formerly=...)``), so a run directory made before
     the rename stays up to date, whichever name the config uses."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.metadata.get("formerly") or f.name: hashed_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if f.init and f.metadata.get("hashed", True)}
+        return {f.metadata.get("formerly") or f.name: hashed_dict(getattr(obj, f.name))
+                for f in dataclasses.fields(obj) if f.init and f.metadata.get("hashed", True)}
     if isinstance(obj, dict):
         return {str(k): hashed_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -309,7 +309,7 @@ def _read(path: Path, chain: tuple = ()) -> list[tuple[str, dict]]:
 
 
 def _override(sections: dict[str, type], item: str) -> dict:
-    """``"sft.delta.r=8"`` -> ``{"sft": {"adapter": {"r": 8}}}``. The value is YAML, except that a plain ``str``
+    """``"sft.delta.r=8"`` -> ``{"sft": {"delta": {"r": 8}}}``. The value is YAML, except that a plain ``str``
     field keeps the raw text (so ``run.name=0123`` or ``=yes`` stay strings; ``null`` still means None)."""
     key, sep, raw = item.partition("=")
     parts = key.strip().split(".")
